@@ -1,0 +1,62 @@
+# Lepton pipelines. Read top to bottom: setup, the two main commands, then the tools.
+#   make run    set everything up and run the whole pipeline once (Airflow → DVC → MLflow)
+#   make test   set everything up and run the tests (what CI runs)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup run test test-fast lint format mlflow-ui airflow dvc-push bench render clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+setup: $(STAMP)  ## create .venv from the pinned lock file (once; again when the lock changes)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: setup  ## run the pipeline once through Airflow (`airflow dags test`) and print a summary
+	$(BIN)/lepton run
+
+test: setup  ## lint, registry/dvc.yaml sync, then every test (unit, data, model, DAG, end-to-end)
+	$(BIN)/ruff check .
+	$(BIN)/lepton dvc render --check
+	$(BIN)/python -m pytest -q; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
+
+test-fast: setup  ## unit tests only (no whole-pipeline runs)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup  ## format the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+render: setup  ## regenerate dvc.yaml from pipelines/registry.py
+	$(BIN)/lepton dvc render
+
+mlflow-ui: setup  ## MLflow UI on the workspace store (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+airflow: setup  ## Airflow scheduler + UI (airflow standalone) with this DAG on its schedule
+	$(BIN)/lepton airflow standalone
+
+dvc-push: setup  ## store data and models in the DVC remote configured in .dvc/config
+	$(BIN)/dvc push
+
+bench: setup  ## time each stage on the default params; JSON in benchmarks/results/
+	$(BIN)/python benchmarks/stages.py
+
+clean:  ## remove pipeline outputs and local stores (keeps .venv)
+	rm -rf data/raw data/compressed data/partitions models reports .lepton .airflow mlflow.db mlartifacts dvc.lock

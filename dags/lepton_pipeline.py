@@ -1,0 +1,46 @@
+"""
+### Lepton pipeline
+
+ingest → compress → partition → pretrain → federate → quantum → optimize → evaluate → register
+
+One task per stage of `pipelines/registry.py`. Each task runs `dvc repro --single-item <stage>`
+in the workspace, so a scheduled run skips, in seconds, every stage whose inputs, code and
+params did not change. Settings come from the `runtime:` section of `params.yaml`:
+schedule, retries, and `executor: local | docker` (GPU stages in a DockerOperator).
+
+Tasks run one at a time (`max_active_tasks=1`): DVC holds a lock on the workspace while it
+reproduces a stage. The MLflow parent run of a DAG run is tagged with its run id.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import DAG
+
+from pipelines.orchestration import DAG_ID, dag_settings, make_stage_task
+from pipelines.registry import STAGES, upstream_of
+
+settings = dag_settings()
+
+with DAG(
+    dag_id=DAG_ID,
+    description="Ingest → pretrain → federate → quantum → optimize → evaluate → register",
+    schedule=settings.runtime.schedule,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    max_active_tasks=1,
+    tags=["lepton", "ml", "federated", "dvc", "mlflow"],
+    doc_md=__doc__,
+    default_args={
+        "owner": "lepton",
+        "retries": settings.runtime.retries,
+        "retry_delay": settings.retry_delay,
+        "retry_exponential_backoff": True,
+    },
+) as dag:
+    tasks = {stage.name: make_stage_task(stage, settings) for stage in STAGES}
+    for stage in STAGES:
+        for upstream in upstream_of(stage.name):
+            tasks[upstream] >> tasks[stage.name]

@@ -1,0 +1,307 @@
+"""The ``lepton`` command: run the pipeline, one stage, or the tooling around them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from importlib import import_module
+from pathlib import Path
+
+import typer
+
+from pipelines.errors import LeptonError
+
+app = typer.Typer(
+    help="Lepton pipelines: ingest → compress → partition → pretrain → federate → quantum → "
+    "optimize → evaluate → register, through Airflow, DVC and MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+stage_app = typer.Typer(help="Run or list single stages.", no_args_is_help=True)
+dvc_app = typer.Typer(help="DVC helpers.", no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
+app.add_typer(dvc_app, name="dvc")
+
+log = logging.getLogger("lepton")
+MARK = "[lepton]"
+
+
+def _root() -> Path:
+    return Path(os.environ.get("LEPTON_WORKSPACE") or Path.cwd()).resolve()
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "lightning", "pytorch_lightning", "lightning.pytorch", "qiskit"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def run_stage(name: str, root: Path, overrides: list[str] | None = None) -> dict[str, float]:
+    """Validate params, run stage ``name`` under its MLflow child run, return its metrics."""
+    from pipelines import tracking
+    from pipelines.config import load_params
+    from pipelines.io import Paths
+    from pipelines.registry import get_stage
+
+    stage = get_stage(name)
+    params = load_params(root / "params.yaml", overrides)
+    module = import_module(stage.entry_point.split(":")[0])
+    with tracking.stage_run(name, root, params.common.mlflow_experiment) as tracker:
+        section = getattr(params, name).model_dump(mode="json")
+        tracker.log_params({"common": params.common.model_dump(mode="json"), name: section})
+        metrics = module.run(params, Paths(root), tracker)
+        tracker.log_metrics(metrics)
+    return metrics
+
+
+@stage_app.command("run")
+def stage_run(
+    name: str = typer.Argument(..., help="Stage name, as in `lepton stage list`."),
+    set_: list[str] = typer.Option([], "--set", help="Override a param: section.key=value."),
+) -> None:
+    """Run one stage now (this is the command dvc.yaml runs for each stage)."""
+    from pipelines import runlog, tracking
+    from pipelines.registry import STAGE_NAMES
+
+    _setup_logging()
+    if name not in STAGE_NAMES:
+        _fail(f"unknown stage '{name}'; known stages: {', '.join(STAGE_NAMES)}", 2)
+    root = _root()
+    key = tracking.pipeline_run_key()
+    os.environ["LEPTON_PIPELINE_RUN"] = key
+    log.info("%s stage %s started (pipeline run %s)", MARK, name, key)
+    start = time.perf_counter()
+    try:
+        metrics = run_stage(name, root, set_)
+    except LeptonError as exc:
+        seconds = time.perf_counter() - start
+        runlog.append_record(
+            root, key, {"stage": name, "status": "failed", "seconds": seconds, "error": str(exc)}
+        )
+        log.error("%s stage %s failed after %.1f s", MARK, name, seconds)
+        _fail(str(exc))
+    except Exception as exc:
+        seconds = time.perf_counter() - start
+        runlog.append_record(
+            root, key, {"stage": name, "status": "failed", "seconds": seconds, "error": repr(exc)}
+        )
+        raise
+    seconds = time.perf_counter() - start
+    runlog.append_record(root, key, {"stage": name, "status": "ran", "seconds": seconds})
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
+    log.info("%s stage %s done in %.1f s: %s", MARK, name, seconds, shown)
+
+
+@stage_app.command("list")
+def stage_list() -> None:
+    """List the stages in pipeline order with their upstream stages."""
+    from pipelines.registry import STAGES, upstream_of
+    from pipelines.runlog import format_table
+
+    rows = [
+        (
+            s.name,
+            ", ".join(upstream_of(s.name)) or "-",
+            "yes" if s.needs_gpu else "no",
+            s.description,
+        )
+        for s in STAGES
+    ]
+    typer.echo(format_table(rows, ("stage", "upstream", "gpu", "what it does")))
+
+
+@dvc_app.command("render")
+def dvc_render(
+    check: bool = typer.Option(False, "--check", help="Only check that dvc.yaml is up to date."),
+) -> None:
+    """Write dvc.yaml from pipelines/registry.py (or check it is current)."""
+    from pipelines.dvc_render import render_dvc_yaml, write_dvc_yaml
+
+    root = _root()
+    if check:
+        current = (root / "dvc.yaml").read_text() if (root / "dvc.yaml").is_file() else ""
+        if current != render_dvc_yaml():
+            _fail("dvc.yaml differs from the registry; run `lepton dvc render`")
+        typer.echo("dvc.yaml is up to date")
+        return
+    typer.echo(f"wrote {write_dvc_yaml(root)}")
+
+
+@app.command("params")
+def params_check(
+    set_: list[str] = typer.Option([], "--set", help="Override a param: section.key=value."),
+) -> None:
+    """Validate params.yaml (with overrides) and print the resolved values."""
+    from pipelines.config import load_params
+
+    try:
+        params = load_params(_root() / "params.yaml", set_)
+    except LeptonError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(params.model_dump(mode="json"), indent=2))
+
+
+def write_overrides(path: Path, overrides: list[str]) -> None:
+    """Write validated ``section.key=value`` overrides into params.yaml, keeping comments."""
+    from ruamel.yaml import YAML
+
+    from pipelines.config import parse_override
+
+    yaml = YAML()
+    data = yaml.load(path.read_text())
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+        node[keys[-1]] = value
+    with path.open("w") as handle:
+        yaml.dump(data, handle)
+
+
+def airflow_command(args: list[str], root: Path) -> list[str]:
+    """Argv for the workspace's airflow executable."""
+    return [str(Path(sys.executable).parent / "airflow"), *args]
+
+
+def _airflow_env(root: Path) -> dict[str, str]:
+    from pipelines.orchestration import airflow_env
+
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, **airflow_env(root), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+
+
+def ensure_airflow_db(root: Path) -> None:
+    """Create or upgrade Airflow's SQLite metadata database in ``.airflow/``."""
+    env = _airflow_env(root)
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        airflow_command(["db", "migrate"], root), env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        _fail("airflow db migrate failed (output above)")
+
+
+def stream(argv: list[str], env: dict[str, str], cwd: Path, log_file: Path) -> int:
+    """Run ``argv``; keep its full output in ``log_file``, echo pipeline progress lines."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as sink:
+        process = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            sink.write(line)
+            if MARK in line or "error:" in line or "Stage '" in line:
+                text = line.rstrip()
+                typer.echo(text[text.find(MARK) :] if MARK in text else text)
+        return process.wait()
+
+
+@app.command("run")
+def run_pipeline(
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Write section.key=value into params.yaml, then run (like `dvc exp run -S`).",
+    ),
+    via: str = typer.Option(
+        "airflow", help="airflow: `airflow dags test` of the DAG; dvc: `dvc repro`."
+    ),
+) -> None:
+    """Run the whole pipeline once and print a table of what each stage did."""
+    from pipelines import runlog
+    from pipelines.config import load_params
+
+    root = _root()
+    try:
+        load_params(root / "params.yaml", set_)
+    except LeptonError as exc:
+        _fail(str(exc))
+    if set_:
+        write_overrides(root / "params.yaml", set_)
+        typer.echo(f"params.yaml updated: {', '.join(set_)}")
+    if via not in ("airflow", "dvc"):
+        _fail("--via must be 'airflow' or 'dvc'", 2)
+    key = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    env = _airflow_env(root)
+    env["LEPTON_PIPELINE_RUN"] = key
+    log_file = root / ".lepton" / "logs" / f"{key}.log"
+    start = time.perf_counter()
+    if via == "airflow":
+        typer.echo("Preparing Airflow metadata (SQLite in .airflow/) ...")
+        ensure_airflow_db(root)
+        typer.echo(f"Running DAG lepton_pipeline once (pipeline run {key}); full log: {log_file}")
+        conf = json.dumps({"pipeline_run": key})
+        argv = airflow_command(["dags", "test", "lepton_pipeline", "-c", conf], root)
+    else:
+        typer.echo(f"Running `dvc repro` (pipeline run {key}); full log: {log_file}")
+        argv = [str(Path(sys.executable).parent / "dvc"), "repro"]
+    code = stream(argv, env, root, log_file)
+    rows = runlog.summary_rows(root, key)
+    typer.echo("")
+    typer.echo(runlog.format_table(rows, ("stage", "status", "duration", "headline metric")))
+    typer.echo(f"\nwall time {time.perf_counter() - start:.0f} s")
+    failed = [r[0] for r in rows if r[1] == "failed"]
+    if failed and code == 0:
+        code = 1  # airflow dags test may exit 0 although a task failed
+    if code != 0:
+        _fail(
+            f"pipeline run {key} failed (stages: {', '.join(failed) or 'see log'}); log: {log_file}"
+        )
+    typer.echo(
+        "\nLook further:\n"
+        "  make mlflow-ui        MLflow UI: parent run with a child per stage, registered model\n"
+        "  dvc metrics show      every stage's metrics;  dvc plots show  for the plots\n"
+        "  make airflow          Airflow scheduler + UI (airflow standalone) with this DAG\n"
+    )
+
+
+@app.command("summary")
+def summary(key: str = typer.Option("", help="Pipeline run key; default: the latest.")) -> None:
+    """Print the stage table of a pipeline run."""
+    from pipelines import runlog
+
+    root = _root()
+    key = key or runlog.latest_key(root) or ""
+    if not key:
+        _fail("no pipeline run recorded yet in .lepton/runs/")
+    typer.echo(f"pipeline run {key}")
+    typer.echo(
+        runlog.format_table(
+            runlog.summary_rows(root, key), ("stage", "status", "duration", "headline metric")
+        )
+    )
+
+
+@app.command(
+    "airflow",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def airflow_passthrough(ctx: typer.Context) -> None:
+    """Run an airflow command against the workspace (`lepton airflow standalone`)."""
+    root = _root()
+    env = _airflow_env(root)
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    raise typer.Exit(subprocess.call(airflow_command(list(ctx.args), root), env=env, cwd=root))
+
+
+def main() -> None:
+    """Entry point of the ``lepton`` console script."""
+    app()

@@ -1,0 +1,203 @@
+"""params.yaml, read once into frozen, validated models.
+
+Every section is a pydantic model with ``extra="forbid"`` and bounds on each number, so a
+typo or an out-of-range value fails before any stage runs, naming the key.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import ConfigError
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommonParams(_Section):
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mlflow_experiment: str = Field("lepton", min_length=1)
+
+
+class RuntimeParams(_Section):
+    executor: Literal["local", "docker"] = "local"
+    schedule: str | None = "@daily"
+    retries: int = Field(2, ge=0, le=10)
+    retry_delay_seconds: int = Field(30, ge=0, le=3600)
+    docker_image: str = Field("lepton-pipelines:latest", min_length=1)
+    docker_gpus: int = Field(-1, ge=-1, le=64)
+    docker_network_mode: str = "bridge"
+
+
+class IngestParams(_Section):
+    source: Literal["digits", "parquet", "csv", "npz", "idx", "images"] = "digits"
+    path: str | None = None
+    labels_path: str | None = None
+    label_column: str = Field("label", min_length=1)
+    image_shape: (
+        tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]] | None
+    ) = None
+    num_classes: int | None = Field(None, ge=2, le=100_000)
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> IngestParams:
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"ingest.path is required when ingest.source is '{self.source}'")
+        if self.source == "idx" and not self.labels_path:
+            raise ValueError("ingest.labels_path is required when ingest.source is 'idx'")
+        return self
+
+
+class CompressParams(_Section):
+    compression_level: int = Field(9, ge=1, le=22)
+    byte_stream_split: bool = False
+    use_dictionary: bool = False
+    row_group_size: int = Field(65536, ge=64, le=10_000_000)
+    quantize_uint8: bool = False
+    pca_components: int = Field(0, ge=0, le=4096)
+
+
+class PartitionParams(_Section):
+    test_fraction: Fraction = 0.2
+    val_fraction: Fraction = 0.1
+    labeled_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    num_clients: int = Field(5, ge=1, le=1000)
+    skew: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0.0, le=1000.0)
+    min_client_rows: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _splits_leave_training_rows(self) -> PartitionParams:
+        if self.test_fraction + self.val_fraction >= 0.9:
+            raise ValueError("partition.test_fraction + partition.val_fraction must be below 0.9")
+        return self
+
+
+class PretrainParams(_Section):
+    embedding_dim: int = Field(128, ge=4, le=4096)
+    projection_dim: int = Field(64, ge=2, le=4096)
+    epochs: int = Field(60, ge=1, le=10_000)
+    batch_size: int = Field(256, ge=4, le=65536)
+    learning_rate: float = Field(0.002, gt=0.0, le=10.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    temperature: float = Field(0.2, gt=0.0, le=10.0)
+    knn_k: int = Field(10, ge=1, le=1000)
+
+
+class FederateParams(_Section):
+    rounds: int = Field(12, ge=1, le=10_000)
+    local_epochs: int = Field(2, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=65536)
+    learning_rate: float = Field(0.002, gt=0.0, le=10.0)
+    client_fraction: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class QuantumParams(_Section):
+    n_qubits: int = Field(4, ge=1, le=12)
+    reps: int = Field(2, ge=1, le=10)
+    entanglement: Literal["linear", "full", "circular"] = "linear"
+    train_samples: int = Field(96, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    epochs: int = Field(1, ge=1, le=1000)
+    learning_rate: float = Field(0.05, gt=0.0, le=10.0)
+
+
+class OptimizeParams(_Section):
+    onnx_opset: int = Field(17, ge=13, le=23)
+    latency_batch_sizes: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = (1, 256)
+    latency_repeats: int = Field(30, ge=1, le=10_000)
+
+
+class EvaluateParams(_Section):
+    max_int8_drop: float = Field(0.02, ge=0.0, le=1.0)
+
+
+class RegisterParams(_Section):
+    model_name: str = Field("lepton-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    accuracy_floor: float = Field(0.95, ge=0.0, le=1.0)
+    max_regression: float = Field(0.0, ge=0.0, le=1.0)
+
+
+with warnings.catch_warnings():
+    # BaseModel's metaclass has an ABC ``register``; the stage named register needs the field.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class Params(_Section):
+        """All of params.yaml."""
+
+        common: CommonParams = CommonParams()
+        runtime: RuntimeParams = RuntimeParams()
+        ingest: IngestParams = IngestParams()
+        compress: CompressParams = CompressParams()
+        partition: PartitionParams = PartitionParams()
+        pretrain: PretrainParams = PretrainParams()
+        federate: FederateParams = FederateParams()
+        quantum: QuantumParams = QuantumParams()
+        optimize: OptimizeParams = OptimizeParams()
+        evaluate: EvaluateParams = EvaluateParams()
+        register: RegisterParams = RegisterParams()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``section.key=value`` override set."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return merged
+
+
+def validate_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping; a ConfigError names the file and the first bad keys."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            message = err["msg"].removeprefix("Value error, ")
+            shown = f"{key}: {message}"
+            if (
+                "input" in err
+                and err["type"] != "extra_forbidden"
+                and not isinstance(err["input"], dict)
+            ):
+                shown += f" (got {err['input']!r})"
+            problems.append(shown)
+        raise ConfigError(f"{source}: invalid params: " + "; ".join(problems)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (plus overrides) into a validated, frozen :class:`Params`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return validate_params(apply_overrides(raw, overrides or []), source=str(path))

@@ -1,0 +1,356 @@
+"""Loaders, one per ``ingest.source`` kind; each returns a validated :class:`ImageTable`.
+
+Every loader takes ``(params, root)``: relative paths in ``params`` are relative to the
+workspace ``root``. Pixels keep their scale (0..16 for digits, 0..255 for images and IDX):
+the partition stage normalizes. Flat feature rows become images of ``ingest.image_shape``,
+or of the square root of their width. ``num_classes`` is ``ingest.num_classes`` when set,
+else what the file says (the contract's schema metadata, the number of class folders), else
+the largest label + 1.
+
+Sources:
+- ``digits``: scikit-learn's bundled 8x8 digits (no network).
+- ``parquet``: our image-table contract (list column ``image``), or a wide table: the
+  label column ``ingest.label_column`` plus one numeric column per pixel.
+- ``csv``: a header line, the label column and one column per pixel.
+- ``npz``: arrays ``x`` (n, h, w) or (n, d) and ``y`` (n,).
+- ``idx``: MNIST IDX image and label files, optionally gzipped.
+- ``images``: a folder with one sub-folder per class (classes are the sorted folder names)
+  of equally sized images, read as grayscale.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.config import IngestParams
+from pipelines.data.validate import (
+    check_file,
+    first_true,
+    labels_to_int64,
+    numeric_column_values,
+    rows_to_images,
+    validate_columns,
+    validate_table,
+)
+from pipelines.errors import DataError
+from pipelines.io import CLASSES_KEY, IMAGE_COLUMN, SHAPE_KEY, ImageTable
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+MAX_CLASSES = 100_000  # the bound on ingest.num_classes
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def resolve(path: str | Path, root: Path) -> Path:
+    """``path`` as given when absolute, else relative to the workspace ``root``."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def source_paths(p: IngestParams, root: Path) -> list[Path]:
+    """The files or folder a source reads (empty for ``digits``)."""
+    if p.source == "digits":
+        return []
+    paths = [resolve(p.path, root)]
+    if p.source == "idx":
+        paths.append(resolve(p.labels_path, root))
+    return paths
+
+
+def _finish(
+    images: np.ndarray,
+    labels: np.ndarray,
+    p: IngestParams,
+    file: str,
+    num_classes: int | None = None,
+    fields: tuple[str, str] = ("image", "label"),
+) -> ImageTable:
+    if len(images) != len(labels):
+        raise DataError(file, f"{len(images)} images but {len(labels)} labels", field=fields[1])
+    if len(labels) == 0:
+        raise DataError(file, "no rows (the table is empty)")
+    classes = p.num_classes or num_classes
+    if classes is None:
+        classes = max(int(labels.max()) + 1, 0)
+        if classes > MAX_CLASSES:
+            raise DataError(
+                file,
+                f"largest label {classes - 1} implies {classes} classes; set ingest.num_classes",
+                field=fields[1],
+                row=int(labels.argmax()),
+            )
+    table = ImageTable(np.ascontiguousarray(images, dtype=np.float32), labels, int(classes))
+    validate_table(table, file, p.num_classes, image_field=fields[0], label_field=fields[1])
+    return table
+
+
+def load_digits(p: IngestParams, root: Path) -> ImageTable:
+    """scikit-learn's bundled digits: 1797 images of 8x8 pixels in 0..16, ten classes."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    data = sklearn_digits()
+    return _finish(data.images, data.target.astype(np.int64), p, "sklearn digits", 10)
+
+
+def load_parquet(p: IngestParams, root: Path) -> ImageTable:
+    """A Parquet file: the image-table contract, or a label column plus pixel columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = check_file(resolve(p.path, root))
+    file = str(path)
+    try:
+        arrow = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            file, f"not a readable Parquet file (truncated or corrupt?): {exc}"
+        ) from None
+    if arrow.num_rows == 0:
+        raise DataError(file, "no rows (the table is empty)")
+    if IMAGE_COLUMN in arrow.column_names and _is_list(arrow.schema.field(IMAGE_COLUMN).type):
+        return _contract_parquet(arrow, p, file)
+    features, labels = validate_columns(arrow, file, p.label_column)
+    return _finish(rows_to_images(features, p.image_shape, file), labels, p, file)
+
+
+def _is_list(kind) -> bool:
+    import pyarrow as pa
+
+    return (
+        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    )
+
+
+def _contract_parquet(arrow, p: IngestParams, file: str) -> ImageTable:
+    import pyarrow.compute as pc
+
+    if p.label_column not in arrow.column_names:
+        raise DataError(file, "label column missing; set ingest.label_column", field=p.label_column)
+    labels = labels_to_int64(
+        numeric_column_values(arrow.column(p.label_column), file, p.label_column),
+        file,
+        field=p.label_column,
+    )
+    column = arrow.column(IMAGE_COLUMN).combine_chunks()
+    if column.null_count:
+        row = first_true(pc.is_null(column).to_numpy(zero_copy_only=False))
+        raise DataError(file, "missing image", field=IMAGE_COLUMN, row=row)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    row = first_true(lengths != lengths[0])
+    if row is not None:
+        raise DataError(
+            file,
+            f"row has {lengths[row]} values, row 0 has {lengths[0]} (rows of different lengths)",
+            field=IMAGE_COLUMN,
+            row=row,
+        )
+    width = int(lengths[0])
+    values = column.flatten()
+    if values.null_count:
+        index = first_true(pc.is_null(values).to_numpy(zero_copy_only=False))
+        raise DataError(
+            file, f"missing value at pixel {index % width}", field=IMAGE_COLUMN, row=index // width
+        )
+    features = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
+    features = features.reshape(len(labels), width)
+    metadata = arrow.schema.metadata or {}
+    shape = p.image_shape
+    if shape is None and SHAPE_KEY in metadata:
+        shape = tuple(json.loads(metadata[SHAPE_KEY]))
+    classes = int(metadata[CLASSES_KEY]) if CLASSES_KEY in metadata else None
+    return _finish(rows_to_images(features, shape, file), labels, p, file, classes)
+
+
+def load_csv(p: IngestParams, root: Path) -> ImageTable:
+    """A CSV file with a header line: the label column plus one column per pixel."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    path = check_file(resolve(p.path, root))
+    file = str(path)
+    ragged: list = []
+
+    def on_invalid_row(row) -> str:
+        ragged.append(row)
+        return "skip"
+
+    try:
+        arrow = pcsv.read_csv(
+            path,
+            read_options=pcsv.ReadOptions(use_threads=False),
+            parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid_row),
+        )
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise DataError(file, f"not a readable CSV file: {exc}") from None
+    if ragged:
+        bad = ragged[0]
+        line = bad.number
+        raise DataError(
+            file,
+            f"expected {bad.expected_columns} columns, got {bad.actual_columns}"
+            + (f" (line {line})" if line is not None else "")
+            + " (rows of different lengths)",
+            row=line - 2 if line is not None else None,
+        )
+    if arrow.num_rows == 0:
+        raise DataError(file, "no rows (only a header line?)")
+    features, labels = validate_columns(arrow, file, p.label_column, line_offset=2)
+    return _finish(rows_to_images(features, p.image_shape, file), labels, p, file)
+
+
+def load_npz(p: IngestParams, root: Path) -> ImageTable:
+    """An ``.npz`` file with ``x`` (n, h, w) or (n, d) and integer labels ``y`` (n,)."""
+    import zipfile
+
+    path = check_file(resolve(p.path, root))
+    file = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in ("x", "y") if key not in archive.files]
+            if missing:
+                raise DataError(
+                    file, f"array missing (arrays: {', '.join(archive.files)})", field=missing[0]
+                )
+            x, y = archive["x"], archive["y"]
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(file, f"not a readable .npz file: {exc}") from None
+    if x.dtype.kind not in "biuf":
+        raise DataError(file, f"must hold numbers, got dtype {x.dtype}", field="x")
+    if x.ndim == 2:
+        images = rows_to_images(x.astype(np.float32), p.image_shape, file, field="x")
+    elif x.ndim == 3:
+        images = x.astype(np.float32)
+        if p.image_shape is not None and tuple(p.image_shape) != images.shape[1:]:
+            raise DataError(
+                file,
+                f"images are {list(images.shape[1:])}, ingest.image_shape says "
+                f"{list(p.image_shape)}",
+                field="x",
+            )
+    else:
+        raise DataError(file, f"must be (n, h, w) or (n, d), got shape {x.shape}", field="x")
+    labels = labels_to_int64(y, file, field="y")
+    return _finish(images, labels, p, file, fields=("x", "y"))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped); the header is checked against the file size."""
+    file = str(check_file(path))
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(file, f"not a readable gzip file: {exc}") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in IDX_DTYPES:
+        raise DataError(file, "not an IDX file (bad magic number)", field="header")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(file, f"IDX header is cut short ({ndim} dimensions)", field="header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = math.prod(dims) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            file,
+            f"header says {list(dims)} ({expected} bytes of data), the file holds "
+            f"{len(raw) - header} (truncated or padded)",
+            field="header",
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def load_idx(p: IngestParams, root: Path) -> ImageTable:
+    """MNIST IDX files: images ``path`` (n, h, w) and labels ``labels_path`` (n,)."""
+    images_path = resolve(p.path, root)
+    labels_path = resolve(p.labels_path, root)
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim == 2:
+        images = rows_to_images(images.astype(np.float32), p.image_shape, str(images_path))
+    elif images.ndim != 3:
+        raise DataError(
+            str(images_path), f"images must be (n, h, w), got {list(images.shape)}", field="header"
+        )
+    if labels.ndim != 1:
+        raise DataError(
+            str(labels_path), f"labels must be (n,), got {list(labels.shape)}", field="header"
+        )
+    if len(labels) != len(images):
+        raise DataError(
+            str(labels_path),
+            f"{len(labels)} labels but {images_path.name} holds {len(images)} images",
+            field="count",
+        )
+    return _finish(images, labels_to_int64(labels, str(labels_path)), p, str(images_path))
+
+
+def class_folders(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` in sorted order: their names are the classes."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def load_images(p: IngestParams, root: Path) -> ImageTable:
+    """A class-per-folder tree of images, all the same size, read as grayscale."""
+    from PIL import Image
+
+    folder = resolve(p.path, root)
+    if not folder.is_dir():
+        raise DataError(str(folder), "folder not found (expected one sub-folder per class)")
+    classes = class_folders(folder)
+    if not classes:
+        raise DataError(str(folder), "no class sub-folders")
+    files = [
+        (path, label)
+        for label, class_dir in enumerate(classes)
+        for path in sorted(class_dir.iterdir())
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise DataError(str(folder), f"no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    pixels, first = [], None
+    for row, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("L"), dtype=np.float32)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(str(path), f"unreadable image: {exc}", field="image", row=row) from None
+        if first is None:
+            first = (path, array.shape)
+        elif array.shape != first[1]:
+            raise DataError(
+                str(path),
+                f"image is {array.shape[1]}x{array.shape[0]} (width x height), "
+                f"{first[0].name} is {first[1][1]}x{first[1][0]}; all must be the same size",
+                field="image",
+                row=row,
+            )
+        pixels.append(array)
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    return _finish(np.stack(pixels), labels, p, str(folder), len(classes))
+
+
+LOADERS: dict[str, Callable[[IngestParams, Path], ImageTable]] = {
+    "digits": load_digits,
+    "parquet": load_parquet,
+    "csv": load_csv,
+    "npz": load_npz,
+    "idx": load_idx,
+    "images": load_images,
+}
+
+
+def load_source(p: IngestParams, root: Path) -> ImageTable:
+    """Load and validate the source ``ingest.source`` names."""
+    return LOADERS[p.source](p, root)

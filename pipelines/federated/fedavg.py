@@ -1,0 +1,285 @@
+"""FedAvg (McMahan et al., 2017), simulated in one process.
+
+:func:`train_client` is the one client step (a Lightning fit on the client's shard); it is
+shared by every runtime, this in-process loop and future ones such as Flower.
+:func:`fedavg` is the server's aggregation, :func:`run_federation` the round loop.
+
+Before the first round the new linear head can be set from federated class means of the
+pretrained features (FedNCM, Legate et al., 2023): each client sends per-class sums of its
+unit-normalised embeddings and class counts (:func:`client_class_statistics`), the server
+turns them into a nearest-class-mean head (:func:`class_mean_head`). The model then starts
+from the probe's accuracy instead of a random head, which non-IID clients otherwise pull
+apart in the first rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.config import FederateParams
+from pipelines.io import ImageTable
+from pipelines.models.encoder import Classifier, build_classifier, to_tensor
+
+StateDict = dict[str, torch.Tensor]
+RoundHook = Callable[[int, dict[str, float]], None]
+
+# Client learning rate follows a cosine from federate.learning_rate down to this fraction of
+# it over the rounds: late rounds then move the global model less, which damps the
+# round-to-round swings that non-IID clients cause (digits, Dirichlet 0.5, 12 rounds, three
+# seeds: test accuracy 0.93-0.95 with a constant rate, 0.96-0.97 with the decay).
+FINAL_LR_FRACTION = 0.1
+
+# Logit scale of the class-mean head (see class_mean_head). Larger scales let the first local
+# steps overfit the clients' skewed labels (tried 2, 5, 10, 20 on digits).
+HEAD_INIT_SCALE = 5.0
+
+
+def fedavg(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> StateDict:
+    """Weighted average of state dicts (weights: the clients' sample counts).
+
+    Floating-point tensors are averaged (in float64, cast back to their dtype); integer
+    buffers (counters such as BatchNorm's ``num_batches_tracked``) cannot be averaged and are
+    copied from the first state.
+    """
+    if not states:
+        raise ValueError("fedavg needs at least one state dict")
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} state dicts but {len(weights)} weights")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+    keys = list(states[0])
+    for index, state in enumerate(states[1:], start=1):
+        if set(state) != set(keys):
+            raise ValueError(f"state dict {index} has other keys than state dict 0")
+    total = float(sum(weights))
+    averaged: StateDict = {}
+    for key in keys:
+        first = states[0][key]
+        if first.is_floating_point():
+            acc = torch.zeros(first.shape, dtype=torch.float64)
+            for state, weight in zip(states, weights, strict=True):
+                acc += state[key].detach().cpu().double() * (weight / total)
+            averaged[key] = acc.to(first.dtype)
+        else:
+            averaged[key] = first.detach().cpu().clone()
+    return averaged
+
+
+def client_seed(seed: int, round_index: int, client_index: int) -> int:
+    """A seed for one client in one round, derived from the run's seed."""
+    return int(np.random.SeedSequence([seed, round_index, client_index]).generate_state(1)[0])
+
+
+def train_client(
+    global_state: Mapping[str, torch.Tensor],
+    client_table: ImageTable,
+    params: FederateParams,
+    seed: int,
+    device: str = "auto",
+    *,
+    model_config: dict[str, Any],
+) -> tuple[StateDict, int, float]:
+    """One client's local update: a Lightning fit of the global model on its shard.
+
+    Builds the classifier from ``model_config``, loads ``global_state``, trains it for
+    ``params.local_epochs`` epochs (Adam, ``params.learning_rate``, batches of
+    ``params.batch_size`` shuffled with ``seed``) and returns ``(state on CPU, number of
+    samples, mean training loss of the last local epoch)``. An empty shard returns the
+    global state unchanged, 0 samples and a NaN loss.
+    """
+    from pipelines.models.systems import ClassifierSystem, batch_loader, make_trainer
+
+    if len(client_table) == 0:
+        return {k: v.detach().cpu().clone() for k, v in global_state.items()}, 0, math.nan
+    model = build_classifier(model_config)
+    model.load_state_dict(global_state)
+    system = ClassifierSystem(model, learning_rate=params.learning_rate)
+    loader = batch_loader(
+        to_tensor(client_table.images),
+        torch.from_numpy(np.ascontiguousarray(client_table.labels, dtype=np.int64)),
+        batch_size=params.batch_size,
+        shuffle=True,
+        seed=seed,
+    )
+    trainer = make_trainer(params.local_epochs, device)
+    trainer.fit(system, loader)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return state, len(client_table), system.history[-1]
+
+
+def client_class_statistics(
+    global_state: Mapping[str, torch.Tensor],
+    client_table: ImageTable,
+    device: str = "auto",
+    *,
+    model_config: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Client side of the class-mean head: what one client shares about its features.
+
+    Returns ``sums`` ``(num_classes, d)``: per-class sums of unit-normalised embeddings,
+    ``counts`` ``(num_classes,)``: rows per class, ``norm_sum``: sum of embedding norms.
+    """
+    from pipelines.models.probes import extract_features
+    from pipelines.models.systems import resolve_accelerator
+
+    model = build_classifier(model_config)
+    model.load_state_dict(global_state)
+    num_classes = int(model_config["num_classes"])
+    embedding_dim = model.encoder.embedding_dim
+    sums = torch.zeros(num_classes, embedding_dim, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    if len(client_table) == 0:
+        return {"sums": sums, "counts": counts, "norm_sum": torch.zeros((), dtype=torch.float64)}
+    features = torch.from_numpy(
+        extract_features(model.encoder, client_table.images, device=resolve_accelerator(device))
+    ).double()
+    norms = features.norm(dim=1)
+    labels = torch.from_numpy(np.asarray(client_table.labels, dtype=np.int64))
+    sums.index_add_(0, labels, features / norms.clamp_min(1e-12)[:, None])
+    counts += torch.bincount(labels, minlength=num_classes).double()
+    return {"sums": sums, "counts": counts, "norm_sum": norms.sum()}
+
+
+def class_mean_head(
+    statistics: list[Mapping[str, torch.Tensor]], scale: float = HEAD_INIT_SCALE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Server side: ``(weight, bias, present)`` of a nearest-class-mean head from the clients'
+    :func:`client_class_statistics`.
+
+    With ``m_c`` the mean unit embedding of class ``c`` and ``g`` the mean of the class
+    means, the head computes ``scale * d_c · (u - g)`` for a unit embedding ``u``, where
+    ``d_c`` is the unit direction of ``m_c - g`` (the head reads raw embeddings, so the
+    weights are divided by their mean norm). Centring keeps the rows apart even when all
+    embeddings share one direction, as a weak encoder's do, so cross-entropy still sends
+    useful gradients into the encoder. ``present`` marks the classes some client holds;
+    the other rows are zero.
+    """
+    sums = sum(s["sums"] for s in statistics)
+    counts = sum(s["counts"] for s in statistics)
+    if float(counts.sum()) == 0:
+        raise ValueError("no client holds any labeled row")
+    mean_norm = max(float(sum(s["norm_sum"] for s in statistics)) / float(counts.sum()), 1e-12)
+    present = counts > 0
+    means = sums[present] / counts[present, None]
+    centre = means.mean(dim=0)
+    offsets = means - centre
+    directions = offsets / offsets.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    weight = torch.zeros_like(sums)
+    bias = torch.zeros(len(sums), dtype=sums.dtype)
+    weight[present] = directions * scale / mean_norm
+    bias[present] = -(directions @ centre) * scale
+    return weight.float(), bias.float(), present
+
+
+def init_head_from_class_means(
+    model_config: dict[str, Any],
+    state: Mapping[str, torch.Tensor],
+    clients: list[ImageTable],
+    device: str = "auto",
+) -> StateDict:
+    """``state`` with its head set from federated class means (one pass over each client).
+
+    Classes no client holds keep their initial weights and get a zero bias.
+    """
+    statistics = [
+        client_class_statistics(state, client, device, model_config=model_config)
+        for client in clients
+    ]
+    weight, bias, present = class_mean_head(statistics)
+    new_state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    head_weight, head_bias = new_state["head.weight"], new_state["head.bias"]
+    head_weight[present] = weight[present].to(head_weight.dtype)
+    head_bias.copy_(bias.to(head_bias.dtype))
+    return new_state
+
+
+def sample_clients(num_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
+    """``max(1, round(fraction * num_clients))`` distinct client indices, sorted."""
+    count = min(num_clients, max(1, round(fraction * num_clients)))
+    return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
+
+
+def round_learning_rate(params: FederateParams, round_index: int) -> float:
+    """Client learning rate in round ``round_index`` (1-based): a cosine from
+    ``params.learning_rate`` in round 1 to ``FINAL_LR_FRACTION`` of it in the last round."""
+    progress = (round_index - 1) / max(params.rounds - 1, 1)
+    factor = FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+    return params.learning_rate * factor
+
+
+def evaluate_accuracy(model: Classifier, table: ImageTable, device: str = "auto") -> float:
+    """Accuracy of ``model`` on ``table``."""
+    from pipelines.models.probes import predict_logits
+    from pipelines.models.systems import resolve_accelerator
+
+    logits = predict_logits(model, table.images, device=resolve_accelerator(device))
+    return float((logits.argmax(1) == table.labels).mean())
+
+
+def run_federation(
+    model_config: dict[str, Any],
+    initial_state: Mapping[str, torch.Tensor],
+    clients: list[ImageTable],
+    val: ImageTable,
+    params: FederateParams,
+    seed: int,
+    device: str = "auto",
+    on_round: RoundHook | None = None,
+) -> tuple[Classifier, list[dict[str, float]]]:
+    """FedAvg for ``params.rounds`` rounds; returns the final model (eval mode) and history.
+
+    Each round samples ``params.client_fraction`` of the clients (seeded by ``seed``), trains
+    each with :func:`train_client` (learning rate from :func:`round_learning_rate`), averages
+    their states weighted by sample count and scores the result on ``val``. History rows:
+    ``round, val_accuracy, train_loss`` (sample-weighted mean over the round's clients),
+    ``clients`` and ``samples`` (rows trained on, times local epochs). ``on_round(round, row)``
+    is called after each round.
+    """
+    if not clients:
+        raise ValueError("federation needs at least one client")
+    rng = np.random.default_rng(seed)
+    state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
+    model = build_classifier(model_config)
+    history: list[dict[str, float]] = []
+    for round_index in range(1, params.rounds + 1):
+        chosen = sample_clients(len(clients), params.client_fraction, rng)
+        round_params = params.model_copy(
+            update={"learning_rate": round_learning_rate(params, round_index)}
+        )
+        updates, sizes, losses = [], [], []
+        for index in chosen:
+            update, size, loss = train_client(
+                state,
+                clients[index],
+                round_params,
+                client_seed(seed, round_index, index),
+                device,
+                model_config=model_config,
+            )
+            updates.append(update)
+            sizes.append(size)
+            losses.append(loss)
+        if sum(sizes) > 0:
+            state = fedavg(updates, sizes)
+        model.load_state_dict(state)
+        trained = [(n, loss) for n, loss in zip(sizes, losses, strict=True) if n > 0]
+        row = {
+            "round": round_index,
+            "val_accuracy": evaluate_accuracy(model, val, device),
+            "train_loss": (
+                sum(n * loss for n, loss in trained) / sum(n for n, _ in trained)
+                if trained
+                else math.nan
+            ),
+            "clients": len(chosen),
+            "samples": sum(sizes) * params.local_epochs,
+        }
+        history.append(row)
+        if on_round is not None:
+            on_round(round_index, row)
+    return model.eval(), history

@@ -1,0 +1,222 @@
+"""Lightning "systems": thin LightningModules that train the plain models of ``encoder.py``.
+
+- :class:`SimCLRSystem`: encoder + projection head, two augmented views per image, NT-Xent.
+- :class:`ClassifierSystem`: cross-entropy training of a :class:`Classifier` (a federated
+  client's local fit).
+
+Both keep the mean training loss of every epoch in ``history`` and may call an
+``on_epoch_end(epoch, loss)`` function (progress lines, MLflow). :func:`make_trainer` builds
+the quiet, cheap Trainer every fit uses; :func:`batch_loader` a fast loader over in-memory
+tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
+
+from pipelines.errors import ConfigError
+from pipelines.models.augment import AugmentConfig, augment
+from pipelines.models.encoder import Classifier, Encoder, ProjectionHead
+from pipelines.models.losses import NTXentLoss
+
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    import pytorch_lightning as pl
+
+EpochHook = Callable[[int, float], None]
+
+_LIGHTNING_LOGGERS = (
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "lightning_fabric",
+    "pytorch_lightning",
+)
+
+
+def resolve_accelerator(device: str) -> str:
+    """'cuda' or 'cpu' for ``common.device`` ('auto' picks CUDA when one is present)."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("common.device is 'cuda' but no CUDA device is available")
+        return "cuda"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    raise ConfigError(f"common.device must be auto, cpu or cuda, got '{device}'")
+
+
+def _quiet_lightning() -> None:
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # in-memory tensors: worker processes would only add start-up time
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # raised inside Lightning's own pytree helper on every fit with torch >= 2.10
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def make_trainer(
+    max_epochs: int, device: str = "auto", callbacks: list | None = None
+) -> pl.Trainer:
+    """A quiet single-device Trainer: no progress bar, logger, checkpoints or model summary.
+
+    ``device`` is ``common.device``. Deterministic algorithms are switched on for CPU, where
+    they cost nothing; on CUDA some backward kernels have no deterministic version.
+    """
+    _quiet_lightning()
+    accelerator = resolve_accelerator(device)
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=accelerator == "cpu",
+        callbacks=callbacks or [],
+    )
+
+
+def batch_loader(
+    *tensors: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0
+) -> DataLoader:
+    """Batches of in-memory tensors, one indexing operation per batch (no per-row collate).
+
+    Shuffling uses its own generator seeded with ``seed``; the last batch may be smaller.
+    """
+    dataset = TensorDataset(*tensors)
+    order = (
+        RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        if shuffle
+        else SequentialSampler(dataset)
+    )
+    sampler = BatchSampler(order, batch_size=batch_size, drop_last=False)
+    return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+
+class _EpochLossSystem(pl.LightningModule):
+    """Keeps the sample-weighted mean training loss of each epoch in ``history``."""
+
+    def __init__(self, on_epoch_end: EpochHook | None = None):
+        super().__init__()
+        self.history: list[float] = []
+        self._on_epoch_end = on_epoch_end
+        self._loss_sum: torch.Tensor | None = None
+        self._count = 0
+
+    def _track(self, loss: torch.Tensor, batch_size: int) -> None:
+        detached = loss.detach() * batch_size
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._count += batch_size
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum, self._count = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._loss_sum is None:
+            return
+        mean = float(self._loss_sum.item() / max(self._count, 1))
+        self.history.append(mean)
+        if self._on_epoch_end is not None:
+            self._on_epoch_end(len(self.history), mean)
+
+
+class SimCLRSystem(_EpochLossSystem):
+    """SimCLR: two augmented views of each image, encoder → projection head → NT-Xent.
+
+    AdamW with a cosine learning-rate decay over the Trainer's ``max_epochs``. The
+    augmentation generator is seeded with ``seed`` on the training device at fit start.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        head: ProjectionHead,
+        temperature: float = 0.2,
+        learning_rate: float = 2e-3,
+        weight_decay: float = 1e-4,
+        augment_config: AugmentConfig = AugmentConfig(),
+        seed: int = 0,
+        on_epoch_end: EpochHook | None = None,
+    ):
+        super().__init__(on_epoch_end)
+        self.encoder = encoder
+        self.head = head
+        self.criterion = NTXentLoss(temperature)
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.augment_config = augment_config
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def on_fit_start(self) -> None:
+        self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        (images,) = batch
+        views = torch.cat(
+            [
+                augment(images, self._generator, self.augment_config),
+                augment(images, self._generator, self.augment_config),
+            ]
+        )
+        z1, z2 = self.head(self.encoder(views)).chunk(2)
+        loss = self.criterion(z1, z2)
+        self._track(loss, len(images))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "epoch"},
+        }
+
+
+class ClassifierSystem(_EpochLossSystem):
+    """Cross-entropy training of a :class:`Classifier` with Adam (constant learning rate)."""
+
+    def __init__(
+        self,
+        classifier: Classifier | nn.Module,
+        learning_rate: float = 2e-3,
+        weight_decay: float = 0.0,
+        on_epoch_end: EpochHook | None = None,
+    ):
+        super().__init__(on_epoch_end)
+        self.classifier = classifier
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self.classifier(images), labels)
+        self._track(loss, len(images))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(
+            self.classifier.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )

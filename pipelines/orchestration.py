@@ -1,0 +1,125 @@
+"""Airflow wiring: the environment for a workspace and one operator per stage.
+
+Imported by the DAG file at parse time, so it imports nothing heavy: Airflow operators are
+imported inside the functions that build them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from pipelines.config import RuntimeParams, load_params
+from pipelines.registry import Stage
+
+DAG_ID = "lepton_pipeline"
+PIPELINE_RUN_TEMPLATE = "{{ (dag_run.conf or {}).get('pipeline_run') or run_id }}"
+
+
+def workspace_root() -> Path:
+    """The workspace: ``$LEPTON_WORKSPACE``, else the folder above ``dags/`` and ``pipelines/``."""
+    if env := os.environ.get("LEPTON_WORKSPACE"):
+        return Path(env).resolve()
+    return Path(__file__).resolve().parent.parent
+
+
+def airflow_env(root: Path) -> dict[str, str]:
+    """Environment that points Airflow at the workspace: SQLite metadata in ``.airflow/``."""
+    home = root / ".airflow"
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        "LEPTON_WORKSPACE": str(root),
+    }
+
+
+@dataclass(frozen=True)
+class DagSettings:
+    """What the DAG needs from params.yaml's ``runtime`` section and the workspace."""
+
+    root: Path
+    runtime: RuntimeParams
+
+    @property
+    def retry_delay(self) -> timedelta:
+        return timedelta(seconds=self.runtime.retry_delay_seconds)
+
+
+def dag_settings(root: Path | None = None) -> DagSettings:
+    """Read and validate params.yaml of the workspace for the DAG."""
+    root = root or workspace_root()
+    return DagSettings(root=root, runtime=load_params(root / "params.yaml").runtime)
+
+
+def stage_command(stage: Stage, dvc: str = "dvc") -> str:
+    """The one command every runtime uses for a stage: DVC skips it when nothing changed."""
+    return f"{dvc} repro --single-item {stage.name}"
+
+
+def task_environment(root: Path) -> dict[str, str]:
+    """Variables every stage task gets: the pipeline run key and the workspace."""
+    return {
+        "LEPTON_PIPELINE_RUN": PIPELINE_RUN_TEMPLATE,
+        "LEPTON_WORKSPACE": str(root),
+        "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
+        "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def make_local_task(stage: Stage, settings: DagSettings):
+    """A BashOperator running the stage's DVC command in the workspace."""
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**task_environment(settings.root), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    return BashOperator(
+        task_id=stage.name,
+        bash_command=stage_command(stage, dvc=str(Path(bin_dir) / "dvc")),
+        cwd=str(settings.root),
+        env=env,
+        append_env=True,
+        execution_timeout=timedelta(minutes=stage.timeout_minutes),
+        doc_md=stage.description,
+    )
+
+
+def make_docker_task(stage: Stage, settings: DagSettings):
+    """A DockerOperator running the same command in the GPU image, workspace bind-mounted.
+
+    The workspace is mounted at the same path as on the host so that paths recorded by
+    MLflow and DVC mean the same thing inside and outside the container.
+    """
+    from airflow.providers.docker.operators.docker import DockerOperator
+    from docker.types import DeviceRequest, Mount
+
+    runtime = settings.runtime
+    root = str(settings.root)
+    return DockerOperator(
+        task_id=stage.name,
+        image=runtime.docker_image,
+        command=["bash", "-c", stage_command(stage)],
+        working_dir=root,
+        mounts=[Mount(source=root, target=root, type="bind")],
+        device_requests=[DeviceRequest(count=runtime.docker_gpus, capabilities=[["gpu"]])],
+        environment=task_environment(settings.root),
+        network_mode=runtime.docker_network_mode,
+        auto_remove="success",
+        mount_tmp_dir=False,
+        execution_timeout=timedelta(minutes=stage.timeout_minutes),
+        doc_md=stage.description,
+    )
+
+
+def make_stage_task(stage: Stage, settings: DagSettings):
+    """DockerOperator for GPU stages when ``runtime.executor`` is docker, else BashOperator."""
+    if settings.runtime.executor == "docker" and stage.needs_gpu:
+        return make_docker_task(stage, settings)
+    return make_local_task(stage, settings)

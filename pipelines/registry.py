@@ -1,0 +1,190 @@
+"""The single list of pipeline stages.
+
+Everything else is derived from it: ``dvc.yaml`` (``lepton dvc render``), the Airflow DAG
+(one task per stage), and ``lepton stage run NAME``. Keep this module free of heavy
+imports: the Airflow DAG processor imports it on every parse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A file DVC can plot: an image, or a CSV drawn as ``y`` against ``x``."""
+
+    path: str
+    x: str | None = None
+    y: str | None = None
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: its name is the module, params section, DVC stage and task id."""
+
+    name: str
+    description: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    metrics: tuple[str, ...]
+    plots: tuple[Plot, ...] = ()
+    headline: str = ""
+    code: tuple[str, ...] = ()
+    needs_gpu: bool = False
+    timeout_minutes: int = 30
+
+    @property
+    def entry_point(self) -> str:
+        """Dotted path of the function that runs the stage: ``module:function``."""
+        return f"pipelines.stages.{self.name}:run"
+
+    @property
+    def params_sections(self) -> tuple[str, ...]:
+        """params.yaml sections the stage reads: ``common`` and its own."""
+        return ("common", self.name)
+
+    @property
+    def source_file(self) -> str:
+        """The stage's own module, a dependency of the stage."""
+        return f"pipelines/stages/{self.name}.py"
+
+    @property
+    def all_deps(self) -> tuple[str, ...]:
+        """Code and data dependencies, as DVC sees them."""
+        return (self.source_file, *self.code, *self.deps)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="ingest",
+        description="Read digits or user files, validate, write one Parquet table.",
+        deps=(),
+        outs=("data/raw",),
+        metrics=("reports/ingest.json",),
+        headline="rows",
+        code=("pipelines/data",),
+        timeout_minutes=20,
+    ),
+    Stage(
+        name="compress",
+        description="zstd Parquet with optional uint8 / PCA; ratio, MB/s and reconstruction error.",
+        deps=("data/raw",),
+        outs=("data/compressed",),
+        metrics=("reports/compress.json",),
+        headline="compression_ratio",
+        code=("pipelines/data",),
+        timeout_minutes=20,
+    ),
+    Stage(
+        name="partition",
+        description="Test / val splits, unlabeled pool, labeled fraction, K client shards.",
+        deps=("data/compressed",),
+        outs=("data/partitions",),
+        metrics=("reports/partition.json",),
+        plots=(Plot("data/partitions/client_labels.png"),),
+        headline="labeled_rows",
+        code=("pipelines/data",),
+        timeout_minutes=20,
+    ),
+    Stage(
+        name="pretrain",
+        description="SimCLR (NT-Xent) pretraining of the encoder; kNN and linear probes.",
+        deps=("data/partitions",),
+        outs=("models/pretrain",),
+        metrics=("reports/pretrain.json",),
+        plots=(
+            Plot("models/pretrain/history.csv", x="epoch", y="train_loss", title="SimCLR loss"),
+        ),
+        headline="val_knn_accuracy",
+        code=("pipelines/models",),
+        needs_gpu=True,
+        timeout_minutes=120,
+    ),
+    Stage(
+        name="federate",
+        description="FedAvg fine-tuning over the K clients from the pretrained encoder.",
+        deps=("data/partitions", "models/pretrain"),
+        outs=("models/federate",),
+        metrics=("reports/federate.json",),
+        plots=(
+            Plot(
+                "models/federate/rounds.csv",
+                x="round",
+                y="val_accuracy",
+                title="FedAvg val accuracy",
+            ),
+        ),
+        headline="val_accuracy",
+        code=("pipelines/models", "pipelines/federated"),
+        needs_gpu=True,
+        timeout_minutes=180,
+    ),
+    Stage(
+        name="quantum",
+        description="Hybrid quantum-classical head (qiskit) beside a classical head of equal size.",
+        deps=("data/partitions", "models/federate"),
+        outs=("models/quantum",),
+        metrics=("reports/quantum.json",),
+        headline="hybrid_test_accuracy",
+        code=("pipelines/models", "pipelines/quantum"),
+        needs_gpu=True,
+        timeout_minutes=120,
+    ),
+    Stage(
+        name="optimize",
+        description="ONNX export and int8 dynamic quantization, re-scored in onnxruntime.",
+        deps=("data/partitions", "models/federate"),
+        outs=("models/optimize",),
+        metrics=("reports/optimize.json",),
+        headline="int8_size_ratio",
+        code=("pipelines/models",),
+        timeout_minutes=30,
+    ),
+    Stage(
+        name="evaluate",
+        description="Every model variant on the test set: accuracy, macro-F1, per-client, plots.",
+        deps=("data/partitions", "models/federate", "models/quantum", "models/optimize"),
+        outs=("reports/evaluate",),
+        metrics=("reports/metrics.json",),
+        plots=(Plot("reports/evaluate"),),
+        headline="test_accuracy",
+        code=("pipelines/models", "pipelines/quantum"),
+        timeout_minutes=30,
+    ),
+    Stage(
+        name="register",
+        description="Register the model in MLflow: alias candidate; champion if gates pass.",
+        deps=("reports/metrics.json", "models/optimize"),
+        outs=(),
+        metrics=("reports/register.json",),
+        headline="version",
+        timeout_minutes=15,
+    ),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    """Return the stage called ``name``; the error lists the known names."""
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown stage '{name}'; known stages: {', '.join(STAGE_NAMES)}")
+
+
+def upstream_of(name: str) -> tuple[str, ...]:
+    """Names of the stages whose outputs ``name`` reads (its direct upstream)."""
+    stage = get_stage(name)
+    producers = []
+    for other in STAGES:
+        produced = (*other.outs, *other.metrics)
+        if other.name != name and any(
+            dep == out or dep.startswith(out.rstrip("/") + "/")
+            for dep in stage.deps
+            for out in produced
+        ):
+            producers.append(other.name)
+    return tuple(producers)

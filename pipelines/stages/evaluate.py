@@ -1,0 +1,252 @@
+"""Every model variant on the test set: accuracy, macro-F1, per-client accuracy, plots.
+
+Variants: the federated torch model, its ONNX fp32 and int8 exports (scored in onnxruntime),
+and the quantum stage's hybrid head beside its classical head of equal size. Per-client
+accuracy is the accuracy a client would see on its own label mix: the test set's per-class
+recall weighted by the client's label histogram.
+
+The deployable variant (the one ``register`` logs) is chosen here: int8 when its val
+accuracy is within ``evaluate.max_int8_drop`` of fp32 ONNX, else fp32 ONNX.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.config import EvaluateParams, Params
+from pipelines.io import Paths, atomic_outputs, read_image_table, read_json, write_json
+from pipelines.tracking import StageTracker
+
+log = logging.getLogger(__name__)
+
+DEPLOYABLE = ("onnx_fp32", "onnx_int8")
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts ``[true, predicted]``."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def macro_f1(matrix: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 (classes absent from both sides count as 0)."""
+    tp = np.diag(matrix).astype(float)
+    precision = np.divide(tp, matrix.sum(0), out=np.zeros_like(tp), where=matrix.sum(0) > 0)
+    recall = np.divide(tp, matrix.sum(1), out=np.zeros_like(tp), where=matrix.sum(1) > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(f1.mean())
+
+
+def per_client_accuracy(matrix: np.ndarray, histograms: dict[str, np.ndarray]) -> dict[str, float]:
+    """Accuracy on each client's label mix: per-class recall weighted by its histogram."""
+    support = matrix.sum(1)
+    recall = np.divide(np.diag(matrix), support, out=np.zeros(len(matrix)), where=support > 0)
+    return {name: float((hist / hist.sum()) @ recall) for name, hist in histograms.items()}
+
+
+def score(
+    labels: np.ndarray, logits: np.ndarray, num_classes: int, histograms: dict[str, np.ndarray]
+) -> tuple[dict, np.ndarray]:
+    """Metrics of one variant on one split, and its confusion matrix."""
+    predictions = logits.argmax(1)
+    matrix = confusion_matrix(labels, predictions, num_classes)
+    metrics = {
+        "accuracy": float((predictions == labels).mean()),
+        "macro_f1": macro_f1(matrix),
+        "per_client_accuracy": per_client_accuracy(matrix, histograms),
+    }
+    return metrics, matrix
+
+
+def choose_deployable(variants: dict[str, dict], p: EvaluateParams) -> str:
+    """int8 ONNX when its val accuracy drop against fp32 ONNX is within bounds, else fp32."""
+    drop = variants["onnx_fp32"]["val_accuracy"] - variants["onnx_int8"]["val_accuracy"]
+    return "onnx_int8" if drop <= p.max_int8_drop else "onnx_fp32"
+
+
+def plot_confusion(matrix: np.ndarray, title: str, path: Path) -> None:
+    """Save a confusion-matrix heat map with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=110)
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticks(range(len(matrix)))
+    ax.set_yticks(range(len(matrix)))
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > threshold else "black",
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_per_client(variants: dict[str, dict], path: Path) -> None:
+    """Grouped bars: per-client test accuracy of each variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(variants)
+    clients = list(next(iter(variants.values()))["per_client_accuracy"])
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6, len(clients) * 1.2), 4), dpi=110)
+    for k, name in enumerate(names):
+        values = [variants[name]["per_client_accuracy"][c] for c in clients]
+        ax.bar(np.arange(len(clients)) + k * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(clients)) + 0.4 - width / 2, clients, rotation=30)
+    ax.set(
+        ylabel="test accuracy on the client's label mix",
+        ylim=(0, 1.02),
+        title="Per-client accuracy",
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def variant_predictors(paths: Paths) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """name → function from images ``(n, h, w)`` to logits, for every model variant."""
+    import torch
+
+    from pipelines.models.encoder import load_classifier
+    from pipelines.quantum.hybrid import load_heads
+    from pipelines.stages.optimize import onnx_logits, onnx_session, torch_logits
+
+    classifier = load_classifier(paths.model_dir("federate"))
+    optimized = paths.model_dir("optimize")
+    fp32 = onnx_session(optimized / "model.onnx")
+    int8 = onnx_session(optimized / "model.int8.onnx")
+
+    def features(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return classifier.encoder(torch.from_numpy(images[:, None].astype(np.float32))).numpy()
+
+    predictors: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "federated": lambda x: torch_logits(classifier, x),
+        "onnx_fp32": lambda x: onnx_logits(fp32, x),
+        "onnx_int8": lambda x: onnx_logits(int8, x),
+    }
+    for name, head in load_heads(paths.model_dir("quantum")).items():
+        predictors[f"quantum_{name}"] = lambda x, head=head: head(features(x))
+    return predictors
+
+
+def client_histograms(paths: Paths, num_classes: int) -> dict[str, np.ndarray]:
+    """Label histogram of every client shard."""
+    histograms = {}
+    for shard in sorted((paths.partitions / "clients").glob("*.parquet")):
+        labels = read_image_table(shard).labels
+        histograms[shard.stem] = np.bincount(labels, minlength=num_classes).astype(float)
+    return histograms
+
+
+def run(params: Params, paths: Paths, tracker: StageTracker) -> dict:
+    """Score every variant on val and test; write plots and reports/metrics.json."""
+    test = read_image_table(paths.partitions / "test.parquet")
+    val = read_image_table(paths.partitions / "val.parquet")
+    histograms = client_histograms(paths, test.num_classes)
+    variants: dict[str, dict] = {}
+    matrices: dict[str, np.ndarray] = {}
+    for name, predict in variant_predictors(paths).items():
+        test_metrics, matrix = score(
+            test.labels, predict(test.images), test.num_classes, histograms
+        )
+        val_metrics, _ = score(val.labels, predict(val.images), val.num_classes, histograms)
+        variants[name] = {
+            "test_accuracy": test_metrics["accuracy"],
+            "test_macro_f1": test_metrics["macro_f1"],
+            "val_accuracy": val_metrics["accuracy"],
+            "per_client_accuracy": test_metrics["per_client_accuracy"],
+        }
+        matrices[name] = matrix
+        log.info(
+            "%-18s test accuracy %.4f, macro-F1 %.4f",
+            name,
+            test_metrics["accuracy"],
+            test_metrics["macro_f1"],
+        )
+
+    chosen = choose_deployable(variants, params.evaluate)
+    size = read_json(paths.report("optimize"))
+    metrics = {
+        "chosen_variant": chosen,
+        "test_accuracy": variants[chosen]["test_accuracy"],
+        "test_macro_f1": variants[chosen]["test_macro_f1"],
+        "val_accuracy": variants[chosen]["val_accuracy"],
+        "int8_accuracy_drop": variants["onnx_fp32"]["test_accuracy"]
+        - variants["onnx_int8"]["test_accuracy"],
+        "int8_size_ratio": size.get("int8_size_ratio"),
+        "variants": variants,
+    }
+    out = paths.evaluate
+    with atomic_outputs(dirs=[out], files=[paths.report("evaluate")]) as staged:
+        for name, matrix in matrices.items():
+            accuracy = variants[name]["test_accuracy"]
+            plot_confusion(
+                matrix,
+                f"{name}: test accuracy {accuracy:.3f}",
+                staged.path(out) / f"confusion_{name}.png",
+            )
+        plot_per_client(variants, staged.path(out) / "per_client_accuracy.png")
+        with (staged.path(out) / "variants.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["variant", "test_accuracy", "test_macro_f1", "val_accuracy"])
+            for name, v in variants.items():
+                writer.writerow(
+                    [
+                        name,
+                        f"{v['test_accuracy']:.6f}",
+                        f"{v['test_macro_f1']:.6f}",
+                        f"{v['val_accuracy']:.6f}",
+                    ]
+                )
+        write_json(staged.path(paths.report("evaluate")), metrics)
+
+    flat = {
+        f"{name}.{key}": value
+        for name, v in variants.items()
+        for key, value in v.items()
+        if isinstance(value, float)
+    }
+    tracker.log_metrics(
+        {
+            **flat,
+            "test_accuracy": metrics["test_accuracy"],
+            "test_macro_f1": metrics["test_macro_f1"],
+        }
+    )
+    tracker.set_tags({"lepton.chosen_variant": chosen})
+    tracker.log_artifact(out, "evaluate")
+    tracker.log_dataset(
+        "test", paths.partitions / "test.parquet", _content_digest(test), "evaluation"
+    )
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def _content_digest(table) -> str:
+    from pipelines.io import content_sha256
+
+    return content_sha256(table)

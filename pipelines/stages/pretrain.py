@@ -1,0 +1,167 @@
+"""Self-supervised pretraining of the encoder (SimCLR, NT-Xent) on the unlabeled pool.
+
+Reads ``data/partitions/unlabeled.parquet`` (its labels are never used), trains
+:class:`~pipelines.models.encoder.Encoder` + projection head with two augmented views per
+image, and scores the encoder with a cosine kNN and a linear probe, both fitted on the
+features of the labeled client shards (their union) and scored on val. Writes
+``models/pretrain/encoder.{safetensors,json}``, ``history.csv`` (epoch, train_loss) and
+``reports/pretrain.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipelines.config import Params, PretrainParams
+from pipelines.errors import DataError
+from pipelines.io import (
+    ImageTable,
+    Paths,
+    atomic_outputs,
+    content_sha256,
+    read_image_table,
+    save_weights,
+    write_json,
+)
+from pipelines.tracking import StageTracker
+
+if TYPE_CHECKING:
+    from pipelines.models.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+
+def pretrain(
+    unlabeled: ImageTable,
+    p: PretrainParams,
+    seed: int,
+    device: str = "auto",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[Encoder, list[float]]:
+    """SimCLR-pretrain a fresh encoder on ``unlabeled.images``; returns ``(encoder, losses)``.
+
+    ``losses`` holds the mean NT-Xent of each epoch; ``on_epoch(epoch, loss)`` is called
+    after each. The encoder comes back on CPU in eval mode.
+    """
+    from pipelines.models.encoder import Encoder, ProjectionHead, to_tensor
+    from pipelines.models.systems import SimCLRSystem, batch_loader, make_trainer, pl
+
+    if len(unlabeled) == 0:
+        raise ValueError("the unlabeled pool is empty")
+    pl.seed_everything(seed, verbose=False)
+    encoder = Encoder(embedding_dim=p.embedding_dim)
+    head = ProjectionHead(p.embedding_dim, p.projection_dim)
+    system = SimCLRSystem(
+        encoder,
+        head,
+        temperature=p.temperature,
+        learning_rate=p.learning_rate,
+        weight_decay=p.weight_decay,
+        seed=seed,
+        on_epoch_end=on_epoch,
+    )
+    loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
+    make_trainer(p.epochs, device).fit(system, loader)
+    return encoder.cpu().eval(), list(system.history)
+
+
+def probe_encoder(
+    encoder: Encoder, labeled: ImageTable, val: ImageTable, k: int, device: str = "auto"
+) -> dict[str, float]:
+    """``val_knn_accuracy`` and ``val_linear_probe_accuracy`` of ``encoder``'s features,
+    probes fitted on ``labeled``."""
+    from pipelines.models.probes import extract_features, knn_accuracy, linear_probe_accuracy
+    from pipelines.models.systems import resolve_accelerator
+
+    accelerator = resolve_accelerator(device)
+    train_feats = extract_features(encoder, labeled.images, device=accelerator)
+    val_feats = extract_features(encoder, val.images, device=accelerator)
+    return {
+        "val_knn_accuracy": knn_accuracy(train_feats, labeled.labels, val_feats, val.labels, k),
+        "val_linear_probe_accuracy": linear_probe_accuracy(
+            train_feats, labeled.labels, val_feats, val.labels
+        ),
+    }
+
+
+def read_clients(partitions: Path) -> list[tuple[Path, ImageTable]]:
+    """Every client shard ``clients/client_*.parquet``, in name order."""
+    shards = sorted((partitions / "clients").glob("client_*.parquet"))
+    if not shards:
+        raise DataError(str(partitions / "clients"), "no client shards (has partition run?)")
+    return [(path, read_image_table(path)) for path in shards]
+
+
+def concat_tables(tables: list[ImageTable]) -> ImageTable:
+    """Rows of all ``tables`` in order, as one table."""
+    return ImageTable(
+        np.concatenate([t.images for t in tables]),
+        np.concatenate([t.labels for t in tables]),
+        max(t.num_classes for t in tables),
+    )
+
+
+def write_history(path: Path, losses: list[float]) -> None:
+    """``epoch,train_loss`` CSV, one row per epoch."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "train_loss"])
+        for epoch, loss in enumerate(losses, start=1):
+            writer.writerow([epoch, f"{loss:.6f}"])
+
+
+def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
+    """Pretrain on the unlabeled pool, probe on val; write models/pretrain and its report."""
+    p = params.pretrain
+    unlabeled_path = paths.partitions / "unlabeled.parquet"
+    val_path = paths.partitions / "val.parquet"
+    unlabeled = read_image_table(unlabeled_path)
+    val = read_image_table(val_path)
+    labeled = concat_tables([table for _, table in read_clients(paths.partitions)])
+    tracker.log_dataset("unlabeled", unlabeled_path, content_sha256(unlabeled), "training")
+    tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(labeled), "probe")
+    tracker.log_dataset("val", val_path, content_sha256(val), "validation")
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        tracker.log_metrics({"epoch_train_loss": loss}, step=epoch)
+        log.info("epoch %d/%d train_loss=%.4f", epoch, p.epochs, loss)
+
+    log.info(
+        "SimCLR on %d unlabeled images %s, %d epochs",
+        len(unlabeled),
+        unlabeled.image_shape,
+        p.epochs,
+    )
+    start = time.perf_counter()
+    encoder, losses = pretrain(unlabeled, p, params.common.seed, params.common.device, on_epoch)
+    seconds = time.perf_counter() - start
+    probes = probe_encoder(encoder, labeled, val, p.knn_k, params.common.device)
+    metrics = {
+        "train_loss": losses[-1],
+        **probes,
+        "epochs": p.epochs,
+        "seconds": seconds,
+        "samples_per_s": p.epochs * len(unlabeled) / seconds,
+    }
+    log.info(
+        "val kNN accuracy %.4f, linear probe %.4f (%.1f s)",
+        probes["val_knn_accuracy"],
+        probes["val_linear_probe_accuracy"],
+        seconds,
+    )
+
+    out = paths.model_dir("pretrain")
+    with atomic_outputs(dirs=[out], files=[paths.report("pretrain")]) as staged:
+        save_weights(encoder, staged.path(out), encoder.config, name="encoder")
+        write_history(staged.path(out) / "history.csv", losses)
+        write_json(staged.path(paths.report("pretrain")), metrics)
+    tracker.log_metrics(metrics)
+    tracker.log_artifact(out, "pretrain")
+    return metrics

@@ -1,0 +1,123 @@
+"""Register the chosen model in the MLflow model registry and apply the promotion gates.
+
+The chosen ONNX variant (see ``evaluate``) is logged with its signature and an input
+example, registered as a new version of ``register.model_name`` and given the alias
+``candidate``. It becomes ``champion`` only if every gate passes:
+
+- accuracy floor: test accuracy >= ``register.accuracy_floor``;
+- no regression: test accuracy >= the current champion's - ``register.max_regression``.
+
+The version carries tags that lead back to the data: pipeline run, git commit, dvc.lock hash,
+and the content hash of the ingested data.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from pipelines.config import Params, RegisterParams
+from pipelines.io import Paths, read_image_table, read_json, write_json
+from pipelines.tracking import StageTracker, lineage_tags, pipeline_run_key, tracking_uri
+
+log = logging.getLogger(__name__)
+
+VARIANT_FILES = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
+
+
+def evaluate_gates(
+    test_accuracy: float, champion_accuracy: float | None, p: RegisterParams
+) -> dict[str, bool]:
+    """Which promotion gates pass for a model of ``test_accuracy``."""
+    return {
+        "accuracy_floor": test_accuracy >= p.accuracy_floor,
+        "no_regression": champion_accuracy is None
+        or test_accuracy >= champion_accuracy - p.max_regression,
+    }
+
+
+def current_champion(client, name: str) -> tuple[str | None, float | None]:
+    """(version, test accuracy) of the model's ``champion`` alias, if there is one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None, None
+    accuracy = version.tags.get("test_accuracy")
+    return version.version, float(accuracy) if accuracy is not None else None
+
+
+def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
+    """Log + register the chosen ONNX model; alias candidate, champion if the gates pass."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    p = params.register
+    metrics = read_json(paths.report("evaluate"))
+    variant = metrics["chosen_variant"]
+    model_path = paths.model_dir("optimize") / VARIANT_FILES[variant]
+    test_accuracy = float(metrics["test_accuracy"])
+
+    from pipelines.stages.optimize import onnx_logits, onnx_session
+
+    example = read_image_table(paths.partitions / "test.parquet").images[:2]
+    example_input = example[:, None].astype(np.float32)
+    example_output = onnx_logits(onnx_session(model_path), example)
+    signature = infer_signature(example_input, example_output)
+
+    client = tracker.client
+    champion_version, champion_accuracy = current_champion(client, p.model_name)
+    gates = evaluate_gates(test_accuracy, champion_accuracy, p)
+
+    mlflow.set_tracking_uri(tracking_uri(paths.root))
+    mlflow.set_registry_uri(tracking_uri(paths.root))
+    with mlflow.start_run(run_id=tracker.run_id):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(model_path)),
+            name="model",
+            signature=signature,
+            input_example=example_input,
+            registered_model_name=p.model_name,
+            await_registration_for=60,
+        )
+    version = str(info.registered_model_version)
+    raw_manifest = read_json(paths.raw / "manifest.json")
+    tags = {
+        "test_accuracy": f"{test_accuracy:.6f}",
+        "variant": variant,
+        "lepton.pipeline_run": pipeline_run_key(),
+        "lepton.run_id": tracker.run_id,
+        "lepton.data_sha256": raw_manifest.get("content_sha256", "unknown"),
+        **lineage_tags(paths.root),
+        **{f"gate.{name}": str(ok).lower() for name, ok in gates.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(p.model_name, version, key, value)
+    client.set_registered_model_alias(p.model_name, "candidate", version)
+    promoted = all(gates.values())
+    if promoted:
+        client.set_registered_model_alias(p.model_name, "champion", version)
+        log.info("version %s is the new champion (test accuracy %.4f)", version, test_accuracy)
+    else:
+        failed = [name for name, ok in gates.items() if not ok]
+        log.warning("version %s stays candidate: gates failed: %s", version, ", ".join(failed))
+
+    result = {
+        "version": int(version),
+        "promoted": int(promoted),
+        "test_accuracy": test_accuracy,
+        "previous_champion_version": int(champion_version) if champion_version else 0,
+        **{f"gate_{name}": int(ok) for name, ok in gates.items()},
+    }
+    report = {**result, "model_name": p.model_name, "variant": variant, "model_uri": info.model_uri}
+    tmp = paths.report("register").with_suffix(".json.tmp")
+    write_json(tmp, report)
+    tmp.replace(paths.report("register"))
+    tracker.set_tags(
+        {"lepton.registered_version": version, "lepton.promoted": str(promoted).lower()}
+    )
+    tracker.set_tags({"lepton.registered_model": f"{p.model_name}/{version}"}, on_parent=True)
+    return {k: float(v) for k, v in result.items()}

@@ -1,0 +1,220 @@
+"""The one place that talks to MLflow.
+
+Layout: one pipeline run is one MLflow parent run, tagged ``lepton.pipeline_run`` with a key
+that all its stages share; each stage is a nested child run with its params, metrics,
+datasets and artifacts. The key is, in order: ``$LEPTON_PIPELINE_RUN`` (set by the Airflow
+DAG to the dag run id, and by ``lepton run``), the enclosing ``dvc repro`` process (so one
+``dvc repro`` is one parent run), or a fresh key for a lone ``lepton stage run``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+PIPELINE_TAG = "lepton.pipeline_run"
+KIND_TAG = "lepton.kind"
+
+
+def tracking_uri(root: Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the workspace's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def artifact_root(root: Path) -> str:
+    """Where new experiments keep artifacts: ``./mlartifacts`` in the workspace."""
+    return (root / "mlartifacts").resolve().as_uri()
+
+
+def client(root: Path):
+    """An MlflowClient on the workspace store (quiet about its own migrations)."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=tracking_uri(root), registry_uri=tracking_uri(root))
+
+
+def experiment_id(mlflow_client, name: str, root: Path) -> str:
+    """Id of experiment ``name``, created with the workspace artifact root if missing."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_root(root))
+    except Exception:  # created meanwhile by another process
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def pipeline_run_key() -> str:
+    """The key that groups stage runs into one pipeline run (see module docstring)."""
+    if key := os.environ.get("LEPTON_PIPELINE_RUN"):
+        return key
+    try:
+        import psutil
+
+        process = psutil.Process().parent()
+        while process is not None:
+            args = process.cmdline()
+            names = [Path(a).name for a in args]
+            if "dvc" in names and any(cmd in names for cmd in ("repro", "exp")):
+                return f"dvc-{process.pid}-{int(process.create_time())}"
+            process = process.parent()
+    except Exception:  # noqa: BLE001 - no process info: fall back to a fresh key
+        pass
+    return f"standalone-{uuid.uuid4().hex[:12]}"
+
+
+def git_commit(root: Path) -> str:
+    """HEAD of the workspace's git repository, or 'unknown'."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dvc_lock_sha256(root: Path) -> str:
+    """sha256 of dvc.lock as it stands (the data versions the run used), or 'none'."""
+    lock = root / "dvc.lock"
+    return hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
+
+
+def lineage_tags(root: Path) -> dict[str, str]:
+    """Tags that lead from a run back to code and data."""
+    tags = {"lepton.git_commit": git_commit(root), "lepton.dvc_lock_sha256": dvc_lock_sha256(root)}
+    if dag_run := os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"):
+        tags["airflow.dag_run_id"] = dag_run
+    if dag := os.environ.get("AIRFLOW_CTX_DAG_ID"):
+        tags["airflow.dag_id"] = dag
+    return tags
+
+
+def find_or_create_parent(mlflow_client, exp_id: str, key: str, root: Path) -> str:
+    """Run id of the pipeline's parent run for ``key``, creating it on first use."""
+    found = mlflow_client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{PIPELINE_TAG}` = '{key}' and tags.`{KIND_TAG}` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = mlflow_client.create_run(
+        exp_id,
+        run_name=f"pipeline {key}",
+        tags={PIPELINE_TAG: key, KIND_TAG: "pipeline", **lineage_tags(root)},
+    )
+    return run.info.run_id
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)[:6000]
+
+
+class StageTracker:
+    """Logs one stage's params, metrics, datasets and artifacts to its child run."""
+
+    def __init__(self, mlflow_client, run_id: str, parent_run_id: str, root: Path):
+        self.client = mlflow_client
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.root = root
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log a (nested) params mapping, flattened to ``section.key``."""
+        from mlflow.entities import Param
+
+        flat: dict[str, str] = {}
+        _flatten("", params, flat)
+        items = [Param(k, v) for k, v in flat.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Log numeric metrics in one call (non-numbers are ignored)."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), stamp, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder to the child run's artifacts."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, name: str, path: str | Path, digest: str, context: str) -> None:
+        """Record a dataset input with its content hash as digest (``log_input``)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        source = resolve_dataset_source(Path(path).resolve().as_uri())
+        dataset = MetaDataset(source=source, name=name, digest=digest[:36])
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [tag])]
+        )
+
+    def set_tags(self, tags: dict[str, str], on_parent: bool = False) -> None:
+        """Set tags on the child run (or on the pipeline's parent run)."""
+        target = self.parent_run_id if on_parent else self.run_id
+        for key, value in tags.items():
+            self.client.set_tag(target, key, str(value))
+
+
+@contextmanager
+def stage_run(stage: str, root: Path, experiment: str) -> Iterator[StageTracker]:
+    """Open the child run of ``stage`` under the pipeline's parent run.
+
+    The parent run is (re)marked RUNNING while the stage runs and ends with the stage's
+    status, so the MLflow UI shows whether the last stage of the pipeline run succeeded.
+    """
+    mlflow_client = client(root)
+    exp_id = experiment_id(mlflow_client, experiment, root)
+    key = pipeline_run_key()
+    parent_id = find_or_create_parent(mlflow_client, exp_id, key, root)
+    mlflow_client.update_run(parent_id, status="RUNNING")
+    child = mlflow_client.create_run(
+        exp_id,
+        run_name=stage,
+        tags={
+            "mlflow.parentRunId": parent_id,
+            PIPELINE_TAG: key,
+            KIND_TAG: "stage",
+            "lepton.stage": stage,
+            **lineage_tags(root),
+        },
+    )
+    tracker = StageTracker(mlflow_client, child.info.run_id, parent_id, root)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        mlflow_client.set_terminated(child.info.run_id, status=status)
+        mlflow_client.set_tag(parent_id, "lepton.dvc_lock_sha256", dvc_lock_sha256(root))
+        mlflow_client.set_terminated(parent_id, status=status)

@@ -1,0 +1,135 @@
+"""FedAvg aggregation on hand-made state dicts, client sampling, round learning rates,
+the class-mean head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.config import FederateParams
+from pipelines.federated.fedavg import (
+    FINAL_LR_FRACTION,
+    class_mean_head,
+    fedavg,
+    init_head_from_class_means,
+    round_learning_rate,
+    sample_clients,
+)
+
+
+def test_weighted_average_is_exact() -> None:
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([4.0])}
+    averaged = fedavg([a, b], [1, 3])
+    assert torch.equal(averaged["w"], torch.tensor([2.5, 5.0]))
+    assert torch.equal(averaged["b"], torch.tensor([3.0]))
+
+
+def test_weights_are_sample_counts_not_fractions() -> None:
+    a = {"w": torch.tensor([0.0])}
+    b = {"w": torch.tensor([10.0])}
+    assert fedavg([a, b], [10, 30])["w"].item() == pytest.approx(7.5)
+    assert fedavg([a, b], [0.25, 0.75])["w"].item() == pytest.approx(7.5)
+
+
+def test_dtypes_kept_and_integer_buffers_copied_from_first() -> None:
+    a = {"w": torch.tensor([1.0], dtype=torch.float64), "steps": torch.tensor(5)}
+    b = {"w": torch.tensor([2.0], dtype=torch.float64), "steps": torch.tensor(7)}
+    averaged = fedavg([a, b], [1, 1])
+    assert averaged["w"].dtype == torch.float64
+    assert averaged["steps"].dtype == torch.int64 and averaged["steps"].item() == 5
+    averaged["steps"] += 1
+    assert a["steps"].item() == 5  # a copy, not the first client's tensor
+
+
+def test_identical_clients_give_the_same_state() -> None:
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "conv.weight": torch.randn(4, 1, 3, 3, generator=generator),
+        "fc.bias": torch.randn(10, generator=generator),
+    }
+    averaged = fedavg([state, state, state], [13, 1, 250])
+    for key, value in state.items():
+        torch.testing.assert_close(averaged[key], value)
+
+
+def test_single_client_is_returned_unchanged() -> None:
+    state = {"w": torch.tensor([1.5, -2.0])}
+    assert torch.equal(fedavg([state], [42])["w"], state["w"])
+
+
+def test_rejects_bad_input() -> None:
+    a = {"w": torch.zeros(2)}
+    with pytest.raises(ValueError):
+        fedavg([], [])
+    with pytest.raises(ValueError):
+        fedavg([a, a], [1])
+    with pytest.raises(ValueError):
+        fedavg([a, a], [0, 0])
+    with pytest.raises(ValueError):
+        fedavg([a, {"v": torch.zeros(2)}], [1, 1])
+
+
+def test_sample_clients_fraction_distinct_and_seeded() -> None:
+    chosen = sample_clients(10, 0.3, np.random.default_rng(0))
+    assert len(chosen) == 3 and len(set(chosen)) == 3 and chosen == sorted(chosen)
+    assert chosen == sample_clients(10, 0.3, np.random.default_rng(0))
+    assert sample_clients(10, 0.01, np.random.default_rng(0)).__len__() == 1
+    assert sample_clients(5, 1.0, np.random.default_rng(0)) == [0, 1, 2, 3, 4]
+
+
+def test_round_learning_rate_decays_from_full_to_floor() -> None:
+    p = FederateParams(rounds=10, learning_rate=0.01)
+    rates = [round_learning_rate(p, r) for r in range(1, 11)]
+    assert rates[0] == pytest.approx(0.01)
+    assert rates[-1] == pytest.approx(0.01 * FINAL_LR_FRACTION)
+    assert all(x > y for x, y in zip(rates, rates[1:], strict=False))
+    assert round_learning_rate(FederateParams(rounds=1, learning_rate=0.01), 1) == 0.01
+
+
+def test_class_mean_head_by_hand() -> None:
+    # two clients, 3 classes in 2-d; class 2 held by nobody; mean embedding norm 12 / 3 = 4
+    first = {
+        "sums": torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64),
+        "counts": torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64),
+        "norm_sum": torch.tensor(8.0, dtype=torch.float64),
+    }
+    second = {
+        "sums": torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64),
+        "counts": torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64),
+        "norm_sum": torch.tensor(4.0, dtype=torch.float64),
+    }
+    weight, bias, present = class_mean_head([first, second], scale=4.0)
+    assert present.tolist() == [True, True, False]
+    # class means (1, 0) and (0, 1), centre (0.5, 0.5): directions ±(1, -1)/sqrt(2)
+    half = 0.5**0.5
+    torch.testing.assert_close(weight[0], torch.tensor([half, -half]))  # * 4 / 4
+    torch.testing.assert_close(weight[1], torch.tensor([-half, half]))
+    torch.testing.assert_close(bias[:2], torch.zeros(2))  # the centre is orthogonal to both
+    assert torch.equal(weight[2], torch.zeros(2)) and bias[2] == 0
+    # a unit embedding at class 0's mean scores scale * |m_0 - g| = 4 * sqrt(0.5) for class 0
+    logits = weight @ torch.tensor([4.0, 0.0]) + bias
+    assert logits[0].item() == pytest.approx(4 * half) and logits[1] < 0
+
+
+def test_head_from_class_means_classifies_separable_clients() -> None:
+    from pipelines.io import ImageTable
+    from pipelines.models.encoder import Classifier, Encoder
+    from pipelines.models.probes import predict_logits
+
+    # class 0 bright top half, class 1 bright bottom half; each client holds one class
+    rng = np.random.default_rng(0)
+    images = rng.random((40, 6, 6), dtype=np.float32) * 0.2
+    labels = np.repeat([0, 1], 20)
+    images[:20, :3] += 0.8
+    images[20:, 3:] += 0.8
+    table = ImageTable(images.clip(0, 1), labels, 2)
+    torch.manual_seed(0)
+    model = Classifier(Encoder(embedding_dim=16), 2)
+    clients = [table.subset(np.arange(20)), table.subset(np.arange(20, 40))]
+    state = init_head_from_class_means(model.config, model.state_dict(), clients, "cpu")
+    assert not torch.equal(state["head.weight"], model.state_dict()["head.weight"])
+    assert torch.equal(state["encoder.fc.weight"], model.state_dict()["encoder.fc.weight"])
+    model.load_state_dict(state)
+    assert (predict_logits(model, images).argmax(1) == labels).mean() == 1.0

@@ -1,0 +1,120 @@
+"""DAG integrity: it imports cleanly and cheaply, and its graph is the registry's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import RuntimeParams
+from pipelines.dvc_render import render_dvc_yaml
+from pipelines.orchestration import DagSettings, make_stage_task
+from pipelines.registry import STAGE_NAMES, STAGES, get_stage, upstream_of
+from tests.conftest import REPO, make_workspace
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory) -> Path:
+    from pipelines.orchestration import airflow_env
+
+    home = tmp_path_factory.mktemp("airflow")
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in airflow_env(home).items() if k != "LEPTON_WORKSPACE"})
+    yield home
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def load_dag(root: Path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    previous = os.environ.get("LEPTON_WORKSPACE")
+    os.environ["LEPTON_WORKSPACE"] = str(root)
+    try:
+        bag = DagBag(dag_folder=str(root / "dags"))
+    finally:
+        if previous is None:
+            os.environ.pop("LEPTON_WORKSPACE", None)
+        else:
+            os.environ["LEPTON_WORKSPACE"] = previous
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.dags["lepton_pipeline"]
+
+
+def test_dag_tasks_and_edges_equal_the_registry(airflow_home):
+    dag = load_dag(REPO)
+    assert sorted(dag.task_ids) == sorted(STAGE_NAMES)
+    for stage in STAGES:
+        task = dag.get_task(stage.name)
+        assert task.upstream_task_ids == set(upstream_of(stage.name)), stage.name
+
+
+def test_every_task_has_retries_timeout_and_the_dvc_command(airflow_home):
+    dag = load_dag(REPO)
+    for task in dag.tasks:
+        assert task.retries >= 1, task.task_id
+        assert task.retry_exponential_backoff
+        assert task.execution_timeout is not None and task.execution_timeout.total_seconds() > 0
+        assert task.bash_command.endswith(f"dvc repro --single-item {task.task_id}")
+        assert task.cwd == str(REPO)
+        assert "LEPTON_PIPELINE_RUN" in task.env
+
+
+def test_dag_settings(airflow_home):
+    dag = load_dag(REPO)
+    assert dag.max_active_runs == 1
+    assert dag.max_active_tasks == 1
+    assert dag.catchup is False
+    assert "lepton" in dag.tags
+    assert dag.doc_md and "dvc repro" in dag.doc_md
+
+
+def test_docker_executor_makes_gpu_stages_docker_operators(airflow_home, tmp_path):
+    root = make_workspace(
+        tmp_path / "ws", {"runtime": {"executor": "docker", "docker_image": "lepton:test"}}
+    )
+    dag = load_dag(root)
+    for stage in STAGES:
+        task = dag.get_task(stage.name)
+        if stage.needs_gpu:
+            assert type(task).__name__ == "DockerOperator", stage.name
+            assert task.image == "lepton:test"
+            assert task.command == ["bash", "-c", f"dvc repro --single-item {stage.name}"]
+        else:
+            assert type(task).__name__ == "BashOperator", stage.name
+
+
+def test_docker_operator_arguments_mount_workspace_and_request_gpus(airflow_home, tmp_path):
+    settings = DagSettings(root=tmp_path, runtime=RuntimeParams(executor="docker", docker_gpus=2))
+    task = make_stage_task(get_stage("federate"), settings)
+    assert [(m["Source"], m["Target"], m["Type"]) for m in task.mounts] == [
+        (str(tmp_path), str(tmp_path), "bind")
+    ]
+    assert task.working_dir == str(tmp_path)
+    [request] = task.device_requests
+    assert request["Count"] == 2 and request["Capabilities"] == [["gpu"]]
+    assert task.environment["LEPTON_WORKSPACE"] == str(tmp_path)
+    assert "pipeline_run" in task.environment["LEPTON_PIPELINE_RUN"]
+    assert task.auto_remove == "success"
+
+
+def test_cpu_stage_stays_local_with_docker_executor(airflow_home, tmp_path):
+    settings = DagSettings(root=tmp_path, runtime=RuntimeParams(executor="docker"))
+    assert type(make_stage_task(get_stage("ingest"), settings)).__name__ == "BashOperator"
+
+
+def test_dag_file_imports_nothing_heavy():
+    code = (
+        "import sys, runpy; runpy.run_path('dags/lepton_pipeline.py');"
+        "heavy = [m for m in ('torch', 'lightning', 'pytorch_lightning', 'mlflow', 'qiskit',"
+        " 'sklearn') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_committed_dvc_yaml_matches_the_registry():
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml()
