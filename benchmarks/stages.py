@@ -41,23 +41,27 @@ ROWS_KEY = {
 
 
 def measure(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, float, float, str]:
-    """(exit code, seconds, peak RSS MiB of the process tree, stderr tail) of one command."""
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    root = psutil.Process(process.pid)
-    peak = 0
-    while process.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    seconds = time.perf_counter() - start
-    _, err = process.communicate()
-    return process.returncode, seconds, peak / 2**20, err[-2000:]
+    """(exit code, seconds, peak RSS MiB of the process tree, output tail) of one command.
+
+    The command's output goes to a temporary file, not a pipe: a stage logs more than a pipe
+    buffer holds, and nobody reads the pipe while the process tree is being sampled.
+    """
+    with tempfile.TemporaryFile(mode="w+") as output:
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=output, stderr=output, text=True)
+        root = psutil.Process(process.pid)
+        peak = 0
+        while process.poll() is None:
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        output.seek(0)
+        tail = output.read()[-2000:]
+    return process.returncode, seconds, peak / 2**20, tail
 
 
 def main() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -198,6 +199,26 @@ def ensure_airflow_db(root: Path) -> None:
         _fail("airflow db migrate failed (output above)")
 
 
+AIRFLOW_SUFFIX = re.compile(r"\s+\[airflow\.[^\]]*\]\s+loc=\S+\s*$")
+STAGE_LOG = re.compile(r"\b(?:INFO|WARNING|ERROR) pipelines\.stages\.(\w+): (.*)$")
+
+
+def progress_line(line: str) -> str | None:
+    """What the terminal shows of one line of a pipeline run's log, or None to hide it.
+
+    Shown: stage start / end marks, a stage's own progress (epochs, rounds), DVC's stage
+    lines and errors; Airflow's prefix and ``[logger] loc=file:line`` suffix are dropped.
+    """
+    text = AIRFLOW_SUFFIX.sub("", line.rstrip())
+    if MARK in text:
+        return text[text.find(MARK) :]
+    if found := STAGE_LOG.search(text):
+        return f"  {found.group(1)}: {found.group(2)}"
+    if "error:" in text or "Stage '" in text:
+        return text
+    return None
+
+
 def stream(argv: list[str], env: dict[str, str], cwd: Path, log_file: Path) -> int:
     """Run ``argv``; keep its full output in ``log_file``, echo pipeline progress lines."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -208,9 +229,10 @@ def stream(argv: list[str], env: dict[str, str], cwd: Path, log_file: Path) -> i
         assert process.stdout is not None
         for line in process.stdout:
             sink.write(line)
-            if MARK in line or "error:" in line or "Stage '" in line:
-                text = line.rstrip()
-                typer.echo(text[text.find(MARK) :] if MARK in text else text)
+            sink.flush()
+            shown = progress_line(line)
+            if shown is not None:
+                typer.echo(shown)
         return process.wait()
 
 
