@@ -25,7 +25,10 @@ settings = dag_settings()
 
 with DAG(
     dag_id=DAG_ID,
-    description="Ingest → pretrain → federate → quantum → optimize → evaluate → register",
+    description=(
+        "ingest → compress → partition → pretrain → federate → quantum → optimize → evaluate"
+        " → register"
+    ),
     schedule=settings.runtime.schedule,
     start_date=datetime(2026, 1, 1),
     catchup=False,

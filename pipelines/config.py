@@ -146,6 +146,15 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = EvaluateParams()
         register: RegisterParams = RegisterParams()
 
+        @model_validator(mode="after")
+        def _qubits_fit_the_embedding(self) -> Params:
+            if self.quantum.n_qubits > self.pretrain.embedding_dim:
+                raise ValueError(
+                    f"quantum.n_qubits ({self.quantum.n_qubits}) must not exceed "
+                    f"pretrain.embedding_dim ({self.pretrain.embedding_dim})"
+                )
+            return self
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``section.key=value`` into a key path and a YAML-parsed value."""

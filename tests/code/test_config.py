@@ -37,6 +37,11 @@ def test_bad_params_name_the_key(override, key):
     assert "params.yaml" in str(caught.value)
 
 
+def test_more_qubits_than_embedding_dimensions_is_refused():
+    with pytest.raises(ConfigError, match="quantum.n_qubits .6. must not exceed"):
+        load_params(REPO / "params.yaml", ["pretrain.embedding_dim=5", "quantum.n_qubits=6"])
+
+
 def test_source_without_path_is_refused():
     with pytest.raises(ConfigError, match="ingest.path is required"):
         load_params(REPO / "params.yaml", ["ingest.source=csv"])
