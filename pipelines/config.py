@@ -102,13 +102,18 @@ class FederateParams(_Section):
 
 
 class QuantumParams(_Section):
-    n_qubits: int = Field(4, ge=1, le=12)
+    n_qubits: int = Field(4, ge=1, le=20)
     reps: int = Field(2, ge=1, le=10)
     entanglement: Literal["linear", "full", "circular"] = "linear"
-    train_samples: int = Field(96, ge=1, le=100_000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    epochs: int = Field(1, ge=1, le=1000)
-    learning_rate: float = Field(0.05, gt=0.0, le=10.0)
+    backend: Literal["torch", "qiskit-ml", "reference", "aer"] = "torch"
+    train_samples: int | None = Field(None, ge=1, le=10_000_000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    epochs: int = Field(80, ge=1, le=10_000)
+    learning_rate: float = Field(0.01, gt=0.0, le=10.0)
+    score_on_aer: bool = True
+    aer_shots: int | None = Field(1024, ge=1, le=10_000_000)
+    aer_depolarizing_1q: float = Field(0.001, ge=0.0, le=0.75)
+    aer_depolarizing_2q: float = Field(0.01, ge=0.0, le=0.9375)
 
 
 class OptimizeParams(_Section):

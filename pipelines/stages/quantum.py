@@ -1,28 +1,29 @@
 """Hybrid quantum-classical head on the federated encoder's features, beside a classical twin.
 
 Reads the federated classifier (``models/federate``) and the partitions: the union of the
-client shards is the training set, ``val.parquet`` and ``test.parquet`` are scored. The
-encoder's embeddings (computed on CPU, as the evaluate stage computes them) are mapped to
-``n_qubits`` angles by a fixed PCA + scaling fitted on all training features. Then
-``quantum.train_samples`` training rows are drawn (stratified, seeded) and two heads are
-trained on exactly those rows, in the same order, for the same steps:
+client shards is the training set, ``val.parquet`` and ``test.parquet`` are scored. Both
+heads read the encoder's embeddings (computed on CPU, as the evaluate stage computes them)
+through a learned ``Linear(d, n_qubits)`` input map that starts at the same PCA-to-angles
+map, and train on the same rows (``quantum.train_samples``, stratified and seeded; null =
+all), in the same order, for the same steps:
 
-- ``hybrid``: a qiskit circuit (ZZ feature map + ``real_amplitudes``) read out as ``<Z_i>``
-  through qiskit-machine-learning's ``EstimatorQNN`` (exact statevector) + linear layer;
+- ``hybrid``: the angles drive a qiskit circuit (ZZ feature map + ``real_amplitudes``) read
+  out as ``<Z_i>``, then a linear layer; simulated on ``quantum.backend`` (default
+  ``torch``: batched exact statevector in torch, see :mod:`pipelines.quantum.backends`);
 - ``classical``: a classical block with exactly as many trainable numbers as the circuit's
-  weights + the same linear layer.
+  weights, then the same linear layer.
 
-The report states both accuracies side by side; it claims nothing beyond them.
+The report states both accuracies side by side; it claims nothing beyond them. With
+``quantum.score_on_aer`` the trained hybrid head is also scored on qiskit-aer with shot
+noise and depolarizing noise (``hybrid_aer_*`` metrics), as hardware would see it.
 
-``circuit_evaluations`` counts circuits the estimator simulated during training: one per
-(sample, observable) in a forward pass, and in the backward pass one per (sample,
-observable, weight, ±π/2 shift), so a step on ``b`` rows costs
-``b · n_qubits · (1 + 2 · n_weights)``. ``score_circuit_evaluations`` counts the forward
-passes on val and test (``rows · n_qubits``).
+``circuit_evaluations`` counts circuit results computed in training (one per row and
+observable; with parameter shift, every shifted circuit too; the torch backend's backward
+is autograd and adds none). ``samples_per_s`` is training rows × epochs per second of
+hybrid training.
 
-Writes ``models/quantum/{hybrid,classical}.{safetensors,json}``, ``angle_encoder.safetensors``,
-``circuit.qpy`` (the trained circuit, weights bound), ``history.csv`` and
-``reports/quantum.json``.
+Writes ``models/quantum/{hybrid,classical}.{safetensors,json}``, ``circuit.qpy`` (the trained
+circuit, ansatz weights bound), ``history.csv`` and ``reports/quantum.json``.
 """
 
 from __future__ import annotations
@@ -102,13 +103,15 @@ def train_quantum_heads(
     params: QuantumParams,
     seed: int,
     num_classes: int | None = None,
+    device: str = "cpu",
 ) -> QuantumResult:
-    """Fit the angle encoder, train the hybrid and classical heads alike, score both.
+    """Train the hybrid and classical heads alike on the same rows, score both.
 
-    The encoder is fitted on all training features; both heads train on the same
-    ``params.train_samples`` stratified rows with the same seed (same init draws, same
-    batches). Pure apart from logging; features are ``(n, d)`` arrays.
+    The input maps start from a PCA fitted on all training features; both heads train on
+    the same ``params.train_samples`` stratified rows (all when null) with the same seed
+    (same init draws, same batches). Pure apart from logging; features are ``(n, d)``.
     """
+    from pipelines.quantum.backends import resolve_device
     from pipelines.quantum.circuits import circuit_stats
     from pipelines.quantum.hybrid import (
         AngleEncoder,
@@ -119,54 +122,54 @@ def train_quantum_heads(
         train_head,
     )
 
+    train_features = np.asarray(train_features, dtype=np.float32)
     train_labels = np.asarray(train_labels, dtype=np.int64)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), val_labels.max(), test_labels.max())) + 1
+    torch_device = resolve_device(device) if params.backend == "torch" else None
     encoder = AngleEncoder.fit(train_features, params.n_qubits)
-    index = stratified_subsample(train_labels, params.train_samples, seed)
-    angles = encoder.transform(np.asarray(train_features)[index])
-    labels = train_labels[index]
-    head_args = (params.n_qubits, params.reps, params.entanglement, num_classes, seed)
-    hybrid = HybridHead(*head_args)
-    classical = ClassicalHead(*head_args)
+    size = params.train_samples or len(train_labels)
+    index = stratified_subsample(train_labels, size, seed)
+    rows, labels = train_features[index], train_labels[index]
+    shape = (train_features.shape[1], params.n_qubits, params.reps, params.entanglement)
+    hybrid = HybridHead(*shape, num_classes, seed, backend=params.backend, device=torch_device)
+    classical = ClassicalHead(*shape, num_classes, seed, device=torch_device)
+    for head in (hybrid, classical):
+        head.set_input_map(encoder)
     stats = circuit_stats(hybrid.circuit, hybrid.weight_params)
     sizes = {"hybrid": count_trainable(hybrid), "classical": count_trainable(classical)}
     if sizes["hybrid"] != sizes["classical"]:
         raise AssertionError(f"heads differ in trainable parameters: {sizes}")
     log.info(
         "%d training rows of %d, %d qubits, circuit depth %d, %d circuit weights, "
-        "%d trainable parameters per head",
+        "%d trainable parameters per head, backend %s on %s",
         len(index),
         len(train_labels),
         params.n_qubits,
         stats["depth"],
         stats["n_weights"],
         sizes["hybrid"],
+        params.backend,
+        torch_device or "cpu",
     )
 
     started = time.perf_counter()
-    history = train_head(hybrid, angles, labels, params, seed)
+    history = train_head(hybrid, rows, labels, params, seed)
     hybrid_seconds = time.perf_counter() - started
     train_evaluations = hybrid.circuit_evaluations
     started = time.perf_counter()
-    history += train_head(classical, angles, labels, params, seed)
+    history += train_head(classical, rows, labels, params, seed)
     classical_seconds = time.perf_counter() - started
 
-    batch = params.batch_size
     started = time.perf_counter()
-    val_angles, test_angles = encoder.transform(val_features), encoder.transform(test_features)
     metrics: dict[str, float] = {
-        "hybrid_val_accuracy": accuracy(predict_logits(hybrid, val_angles, batch), val_labels),
-        "hybrid_test_accuracy": accuracy(predict_logits(hybrid, test_angles, batch), test_labels),
+        "hybrid_val_accuracy": accuracy(predict_logits(hybrid, val_features), val_labels),
+        "hybrid_test_accuracy": accuracy(predict_logits(hybrid, test_features), test_labels),
     }
     score_seconds = time.perf_counter() - started
     metrics |= {
-        "classical_val_accuracy": accuracy(
-            predict_logits(classical, val_angles, batch), val_labels
-        ),
-        "classical_test_accuracy": accuracy(
-            predict_logits(classical, test_angles, batch), test_labels
-        ),
+        "classical_val_accuracy": accuracy(predict_logits(classical, val_features), val_labels),
+        "classical_test_accuracy": accuracy(predict_logits(classical, test_features), test_labels),
         "trainable_params_hybrid": sizes["hybrid"],
         "trainable_params_classical": sizes["classical"],
         "n_qubits": params.n_qubits,
@@ -186,13 +189,48 @@ def train_quantum_heads(
     return QuantumResult(encoder, hybrid, classical, history, metrics, stats, index)
 
 
+def score_on_aer(
+    directory: Path,
+    params: QuantumParams,
+    seed: int,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> dict[str, float]:
+    """Accuracy of the saved hybrid head on qiskit-aer (shots and noise from ``params``).
+
+    ``splits`` maps a split name to ``(features, labels)``; returns ``hybrid_aer_<split>_
+    accuracy`` per split, the seconds it took and the circuit results Aer computed.
+    """
+    from pipelines.quantum.backends import AerSettings
+    from pipelines.quantum.hybrid import load_head, predict_logits
+
+    settings = AerSettings(
+        shots=params.aer_shots,
+        depolarizing_1q=params.aer_depolarizing_1q,
+        depolarizing_2q=params.aer_depolarizing_2q,
+        seed=seed,
+    )
+    head = load_head(directory, "hybrid", backend="aer", aer=settings)
+    started = time.perf_counter()
+    metrics = {
+        f"hybrid_aer_{split}_accuracy": accuracy(predict_logits(head, features), labels)
+        for split, (features, labels) in splits.items()
+    }
+    metrics["aer_score_seconds"] = time.perf_counter() - started
+    metrics["aer_circuit_evaluations"] = head.circuit_evaluations
+    return metrics
+
+
 def epoch_losses(history: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """``{epoch: {"<head>_train_loss": mean loss of its steps}}`` from the step history."""
+    """``{epoch: {"epoch_<head>_train_loss": mean loss of its steps}}`` from the step history.
+
+    Named apart from the report's ``<head>_train_loss`` (the last step's loss), so MLflow
+    holds one meaning per key.
+    """
     sums: dict[int, dict[str, list[float]]] = {}
     for row in history:
         sums.setdefault(int(row["epoch"]), {}).setdefault(row["head"], []).append(row["loss"])
     return {
-        epoch: {f"{head}_train_loss": float(np.mean(losses)) for head, losses in heads.items()}
+        epoch: {f"epoch_{head}_train_loss": float(np.mean(loss)) for head, loss in heads.items()}
         for epoch, heads in sums.items()
     }
 
@@ -252,16 +290,19 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     test = read_image_table(paths.partitions / "test.parquet")
     num_classes = max(train.num_classes, val.num_classes, test.num_classes)
     log.info("features of %d train, %d val, %d test images", len(train), len(val), len(test))
+    val_features = encoder_features(classifier.encoder, val.images)
+    test_features = encoder_features(classifier.encoder, test.images)
     result = train_quantum_heads(
         encoder_features(classifier.encoder, train.images),
         train.labels,
-        encoder_features(classifier.encoder, val.images),
+        val_features,
         val.labels,
-        encoder_features(classifier.encoder, test.images),
+        test_features,
         test.labels,
         p,
         seed,
         num_classes,
+        params.common.device,
     )
     metrics = result.metrics
     log.info(
@@ -278,8 +319,23 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
 
     out = paths.model_dir("quantum")
     with atomic_outputs(dirs=[out], files=[paths.report("quantum")]) as staged:
-        save_heads(staged.path(out), result.encoder, result.hybrid, result.classical)
+        save_heads(staged.path(out), result.hybrid, result.classical)
         write_history(staged.path(out) / "history.csv", result.history)
+        if p.score_on_aer:
+            log.info(
+                "scoring the hybrid head on qiskit-aer (shots %s, depolarizing %g / %g)",
+                p.aer_shots,
+                p.aer_depolarizing_1q,
+                p.aer_depolarizing_2q,
+            )
+            splits = {"val": (val_features, val.labels), "test": (test_features, test.labels)}
+            metrics |= score_on_aer(staged.path(out), p, seed, splits)
+            log.info(
+                "on aer: val accuracy %.4f, test accuracy %.4f (%.1f s)",
+                metrics["hybrid_aer_val_accuracy"],
+                metrics["hybrid_aer_test_accuracy"],
+                metrics["aer_score_seconds"],
+            )
         write_json(staged.path(paths.report("quantum")), metrics)
         with (staged.path(out) / "circuit.qpy").open("rb") as handle:
             (reloaded,) = qpy.load(handle)
@@ -289,6 +345,6 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     # The CLI logs params.quantum and the returned metrics; add what only this stage knows.
     tracker.log_params({"circuit": result.circuit_stats, "train_rows": len(result.train_index)})
     for epoch, losses in sorted(epoch_losses(result.history).items()):
-        tracker.log_metrics(losses, step=epoch)
+        tracker.log_metrics(losses, step=epoch + 1)
     tracker.log_artifact(out, "quantum")
     return metrics
