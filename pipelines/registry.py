@@ -165,13 +165,15 @@ STAGES: tuple[Stage, ...] = (
         deps=(
             "reports/metrics.json",
             "models/optimize",
+            "models/federate",
+            "models/quantum",
             "data/partitions/test.parquet",
             "data/raw/manifest.json",
         ),
         outs=(),
         metrics=("reports/register.json",),
         headline="version",
-        code=("pipelines/stages/optimize.py",),
+        code=("pipelines/stages/optimize.py", "pipelines/models", "pipelines/quantum"),
         timeout_minutes=15,
     ),
 )

@@ -5,8 +5,10 @@ and the quantum stage's hybrid head beside its classical head of equal size. Per
 accuracy is the accuracy a client would see on its own label mix: the test set's per-class
 recall weighted by the client's label histogram.
 
-The deployable variant (the one ``register`` logs) is chosen here: int8 when its val
-accuracy is within ``evaluate.max_int8_drop`` of fp32 ONNX, else fp32 ONNX.
+The deployable variant (the one ``register`` logs) is chosen here on the val set: int8 when
+its val accuracy is within ``evaluate.max_int8_drop`` of fp32 ONNX, else fp32 ONNX; the
+quantum stage's hybrid head replaces that choice only when its val accuracy beats every
+other variant's, its classical twin's included (ties go to the classical models).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pipelines.tracking import StageTracker
 
 log = logging.getLogger(__name__)
 
-DEPLOYABLE = ("onnx_fp32", "onnx_int8")
+DEPLOYABLE = ("onnx_fp32", "onnx_int8", "quantum_hybrid")
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -66,9 +68,21 @@ def score(
 
 
 def choose_deployable(variants: dict[str, dict], p: EvaluateParams) -> str:
-    """int8 ONNX when its val accuracy drop against fp32 ONNX is within bounds, else fp32."""
+    """The variant ``register`` logs, chosen on val accuracy (see the module docstring).
+
+    int8 ONNX when its drop against fp32 ONNX is within ``p.max_int8_drop``, else fp32;
+    ``quantum_hybrid`` only when it is strictly better on val than every other variant.
+    """
     drop = variants["onnx_fp32"]["val_accuracy"] - variants["onnx_int8"]["val_accuracy"]
-    return "onnx_int8" if drop <= p.max_int8_drop else "onnx_fp32"
+    chosen = "onnx_int8" if drop <= p.max_int8_drop else "onnx_fp32"
+    hybrid = variants.get("quantum_hybrid")
+    if hybrid is not None and all(
+        hybrid["val_accuracy"] > v["val_accuracy"]
+        for name, v in variants.items()
+        if name != "quantum_hybrid"
+    ):
+        return "quantum_hybrid"
+    return chosen
 
 
 def plot_confusion(matrix: np.ndarray, title: str, path: Path) -> None:

@@ -1,8 +1,10 @@
 """Register the chosen model in the MLflow model registry and apply the promotion gates.
 
-The chosen ONNX variant (see ``evaluate``) is logged with its signature and an input
-example, registered as a new version of ``register.model_name`` and given the alias
-``candidate``. It becomes ``champion`` only if every gate passes:
+The chosen variant (see ``evaluate``) is logged with its signature and an input example:
+an ONNX file, or, when the quantum stage's hybrid head won on val, an MLflow model from code
+(:mod:`pipelines.quantum.pyfunc_model`) carrying the encoder's and head's safetensors. It is
+registered as a new version of ``register.model_name`` and given the alias ``candidate``.
+It becomes ``champion`` only if every gate passes:
 
 - accuracy floor: test accuracy >= ``register.accuracy_floor``;
 - no regression: test accuracy >= the current champion's - ``register.max_regression``.
@@ -49,24 +51,66 @@ def current_champion(client, name: str) -> tuple[str | None, float | None]:
     return version.version, float(accuracy) if accuracy is not None else None
 
 
-def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
-    """Log + register the chosen ONNX model; alias candidate, champion if the gates pass."""
+def log_onnx_model(paths: Paths, variant: str, example_input: np.ndarray, model_name: str):
+    """Log and register the ONNX file of ``variant`` in the active run; returns its info."""
     import mlflow
     import onnx
     from mlflow.models import infer_signature
 
+    from pipelines.stages.optimize import onnx_logits, onnx_session
+
+    model_path = paths.model_dir("optimize") / VARIANT_FILES[variant]
+    example_output = onnx_logits(onnx_session(model_path), example_input[:, 0])
+    return mlflow.onnx.log_model(
+        onnx.load(str(model_path)),
+        name="model",
+        signature=infer_signature(example_input, example_output),
+        input_example=example_input,
+        registered_model_name=model_name,
+        await_registration_for=60,
+    )
+
+
+def log_hybrid_model(paths: Paths, example_input: np.ndarray, model_name: str):
+    """Log and register encoder + hybrid head as an MLflow model from code (no pickle)."""
+    from pathlib import Path
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from pipelines.models.encoder import load_classifier
+    from pipelines.quantum import pyfunc_model
+    from pipelines.quantum.hybrid import load_head
+
+    encoder = load_classifier(paths.model_dir("federate")).encoder.eval()
+    head = load_head(paths.model_dir("quantum"), "hybrid")
+    example_output = pyfunc_model.hybrid_logits(encoder, head, example_input)
+    package = Path(pyfunc_model.__file__).resolve().parents[1]
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=pyfunc_model.__file__,
+        artifacts={
+            "encoder": str(paths.model_dir("federate")),
+            "head": str(paths.model_dir("quantum")),
+        },
+        code_paths=[str(package)],
+        signature=infer_signature(example_input, example_output),
+        input_example=example_input,
+        registered_model_name=model_name,
+        await_registration_for=60,
+    )
+
+
+def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
+    """Log + register the chosen model; alias candidate, champion if the gates pass."""
+    import mlflow
+
     p = params.register
     metrics = read_json(paths.report("evaluate"))
     variant = metrics["chosen_variant"]
-    model_path = paths.model_dir("optimize") / VARIANT_FILES[variant]
     test_accuracy = float(metrics["test_accuracy"])
-
-    from pipelines.stages.optimize import onnx_logits, onnx_session
-
     example = read_image_table(paths.partitions / "test.parquet").images[:2]
     example_input = example[:, None].astype(np.float32)
-    example_output = onnx_logits(onnx_session(model_path), example)
-    signature = infer_signature(example_input, example_output)
 
     client = tracker.client
     champion_version, champion_accuracy = current_champion(client, p.model_name)
@@ -75,14 +119,10 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     mlflow.set_tracking_uri(tracking_uri(paths.root))
     mlflow.set_registry_uri(tracking_uri(paths.root))
     with mlflow.start_run(run_id=tracker.run_id):
-        info = mlflow.onnx.log_model(
-            onnx.load(str(model_path)),
-            name="model",
-            signature=signature,
-            input_example=example_input,
-            registered_model_name=p.model_name,
-            await_registration_for=60,
-        )
+        if variant == "quantum_hybrid":
+            info = log_hybrid_model(paths, example_input, p.model_name)
+        else:
+            info = log_onnx_model(paths, variant, example_input, p.model_name)
     version = str(info.registered_model_version)
     raw_manifest = read_json(paths.raw / "manifest.json")
     tags = {

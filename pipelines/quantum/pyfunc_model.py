@@ -1,0 +1,51 @@
+"""The hybrid classifier (federated encoder + hybrid head) as an MLflow model from code.
+
+``register`` logs this file with ``mlflow.pyfunc.log_model(python_model=<this file>)`` when
+the hybrid head is the chosen variant, so nothing is pickled: the weights travel as
+safetensors artifacts (``encoder``: the federated classifier's folder, ``head``: the quantum
+stage's folder) and this code rebuilds the model from them. Input: images
+``(n, 1, h, w)`` float32; output: logits ``(n, num_classes)``; the circuit runs on the torch
+statevector backend on the CPU.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+
+def hybrid_logits(encoder, head, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Logits of images ``(n, 1, h, w)`` (or ``(n, h, w)``) through the encoder and head."""
+    import torch
+
+    from pipelines.quantum.hybrid import predict_logits
+
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[:, None]
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            features = encoder(torch.from_numpy(images[start : start + batch_size])).numpy()
+            parts.append(predict_logits(head, features))
+    return np.concatenate(parts) if parts else np.zeros((0, head.readout.out_features))
+
+
+class HybridClassifierModel(PythonModel):
+    """MLflow pyfunc: images → encoder features → hybrid head → logits."""
+
+    def load_context(self, context) -> None:
+        """Rebuild the encoder and the hybrid head from their safetensors artifacts."""
+        from pipelines.models.encoder import load_classifier
+        from pipelines.quantum.hybrid import load_head
+
+        self.encoder = load_classifier(context.artifacts["encoder"]).encoder.eval()
+        self.head = load_head(context.artifacts["head"], "hybrid")
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints
+        """Logits ``(n, num_classes)`` of images ``(n, 1, h, w)``."""
+        return hybrid_logits(self.encoder, self.head, np.asarray(model_input))
+
+
+mlflow.models.set_model(HybridClassifierModel())
