@@ -93,12 +93,51 @@ class PretrainParams(_Section):
     knn_k: int = Field(10, ge=1, le=1000)
 
 
+class DPParams(_Section):
+    """Client-level differential privacy (DP-FedAvg) of the federate stage."""
+
+    enabled: bool = False
+    clip_norm: float = Field(1.0, gt=0.0, le=1e6)
+    noise_multiplier: float = Field(1.0, gt=0.0, le=1e3)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    target_epsilon: float | None = Field(None, gt=0.0, le=1e6)
+
+
 class FederateParams(_Section):
     rounds: int = Field(12, ge=1, le=10_000)
     local_epochs: int = Field(2, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65536)
     learning_rate: float = Field(0.002, gt=0.0, le=10.0)
     client_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    min_clients: int = Field(1, ge=1, le=100_000)
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0.0, le=100.0)
+    server_learning_rate: float = Field(1.0, gt=0.0, le=100.0)
+    server_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    server_beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    server_tau: float = Field(1e-3, gt=0.0, le=1.0)
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum"] = "mean"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    byzantine_clients: int = Field(1, ge=0, le=100_000)
+    krum_selected: int = Field(1, ge=1, le=100_000)
+    max_update_norm: float | None = Field(None, gt=0.0)
+    client_timeout_seconds: float | None = Field(None, gt=0.0)
+    dp: DPParams = DPParams()
+
+    @model_validator(mode="after")
+    def _dp_needs_the_mean(self) -> FederateParams:
+        if self.dp.enabled and self.aggregator != "mean":
+            raise ValueError(
+                "federate.dp.enabled needs federate.aggregator 'mean' (the noise calibration "
+                f"assumes a clipped sum), got '{self.aggregator}'"
+            )
+        return self
+
+
+class PrivacyParams(_Section):
+    """The privacy budget across pipeline runs (read by federate and register)."""
+
+    max_epsilon: float | None = Field(None, gt=0.0, le=1e6)
 
 
 class QuantumParams(_Section):
@@ -146,6 +185,7 @@ with warnings.catch_warnings():
         partition: PartitionParams = PartitionParams()
         pretrain: PretrainParams = PretrainParams()
         federate: FederateParams = FederateParams()
+        privacy: PrivacyParams = PrivacyParams()
         quantum: QuantumParams = QuantumParams()
         optimize: OptimizeParams = OptimizeParams()
         evaluate: EvaluateParams = EvaluateParams()

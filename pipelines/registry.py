@@ -34,6 +34,7 @@ class Stage:
     code: tuple[str, ...] = ()
     needs_gpu: bool = False
     timeout_minutes: int = 30
+    shared_params: tuple[str, ...] = ()
 
     @property
     def entry_point(self) -> str:
@@ -42,8 +43,8 @@ class Stage:
 
     @property
     def params_sections(self) -> tuple[str, ...]:
-        """params.yaml sections the stage reads: ``common`` and its own."""
-        return ("common", self.name)
+        """params.yaml sections the stage reads: ``common``, its own, and shared ones."""
+        return ("common", self.name, *self.shared_params)
 
     @property
     def source_file(self) -> str:
@@ -120,6 +121,7 @@ STAGES: tuple[Stage, ...] = (
         code=("pipelines/models", "pipelines/federated"),
         needs_gpu=True,
         timeout_minutes=180,
+        shared_params=("privacy",),
     ),
     Stage(
         name="quantum",
@@ -164,6 +166,7 @@ STAGES: tuple[Stage, ...] = (
         description="Register the model in MLflow: alias candidate; champion if gates pass.",
         deps=(
             "reports/metrics.json",
+            "reports/federate.json",
             "models/optimize",
             "models/federate",
             "models/quantum",
@@ -173,8 +176,14 @@ STAGES: tuple[Stage, ...] = (
         outs=(),
         metrics=("reports/register.json",),
         headline="version",
-        code=("pipelines/stages/optimize.py", "pipelines/models", "pipelines/quantum"),
+        code=(
+            "pipelines/stages/optimize.py",
+            "pipelines/models",
+            "pipelines/quantum",
+            "pipelines/federated",
+        ),
         timeout_minutes=15,
+        shared_params=("privacy",),
     ),
 )
 

@@ -1,8 +1,10 @@
-"""FedAvg (McMahan et al., 2017), simulated in one process.
+"""Federated rounds (FedAvg, FedProx, FedAdam, robust aggregators, DP), simulated in one process.
 
 :func:`train_client` is the one client step (a Lightning fit on the client's shard); it is
 shared by every runtime, this in-process loop and future ones such as Flower.
-:func:`fedavg` is the server's aggregation, :func:`run_federation` the round loop.
+:func:`run_federation` is the round loop; the server side (screening, aggregation, server
+optimizer) lives in :mod:`pipelines.federated.strategies`, DP in
+:mod:`pipelines.federated.privacy`. :func:`fedavg` averages whole state dicts.
 
 Before the first round the new linear head can be set from federated class means of the
 pretrained features (FedNCM, Legate et al., 2023): each client sends per-class sums of its
@@ -16,12 +18,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipelines.config import FederateParams
+from pipelines.errors import LeptonError
+from pipelines.federated.privacy import epsilon_after, private_mean, rounds_within
+from pipelines.federated.strategies import (
+    AGGREGATORS,
+    Rejection,
+    ServerOptimizer,
+    apply_update,
+    flatten_update,
+    min_updates_for,
+    screen_updates,
+)
 from pipelines.io import ImageTable
 from pipelines.models.encoder import Classifier, build_classifier, to_tensor
 
@@ -98,7 +112,8 @@ def train_client(
         return {k: v.detach().cpu().clone() for k, v in global_state.items()}, 0, math.nan
     model = build_classifier(model_config)
     model.load_state_dict(global_state)
-    system = ClassifierSystem(model, learning_rate=params.learning_rate)
+    mu = params.proximal_mu if params.strategy == "fedprox" else 0.0
+    system = ClassifierSystem(model, learning_rate=params.learning_rate, proximal_mu=mu)
     loader = batch_loader(
         to_tensor(client_table.images),
         torch.from_numpy(np.ascontiguousarray(client_table.labels, dtype=np.int64)),
@@ -198,9 +213,14 @@ def init_head_from_class_means(
     return new_state
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """``max(1, round(fraction * num_clients))``, at most ``num_clients``."""
+    return min(num_clients, max(1, round(fraction * num_clients)))
+
+
 def sample_clients(num_clients: int, fraction: float, rng: np.random.Generator) -> list[int]:
-    """``max(1, round(fraction * num_clients))`` distinct client indices, sorted."""
-    count = min(num_clients, max(1, round(fraction * num_clients)))
+    """:func:`clients_per_round` distinct client indices, sorted."""
+    count = clients_per_round(num_clients, fraction)
     return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
 
 
@@ -221,6 +241,93 @@ def evaluate_accuracy(model: Classifier, table: ImageTable, device: str = "auto"
     return float((logits.argmax(1) == table.labels).mean())
 
 
+class FederationError(LeptonError):
+    """A round could not go on (too few acceptable updates); the previous model stays."""
+
+
+ClientTrainer = Callable[..., tuple[StateDict, int, float]]
+
+
+@dataclass
+class RoundUpdates:
+    """What came back from the clients of one round: updates and who was left out."""
+
+    clients: list[int] = field(default_factory=list)
+    updates: list[torch.Tensor] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    dropped: list[Rejection] = field(default_factory=list)
+
+
+def collect_updates(
+    state: StateDict,
+    chosen: list[int],
+    clients: list[ImageTable],
+    params: FederateParams,
+    round_index: int,
+    seed: int,
+    device: str,
+    model_config: dict[str, Any],
+    trainer: ClientTrainer,
+) -> RoundUpdates:
+    """Train each chosen client; a client that raises or exceeds the timeout is dropped."""
+    import time
+
+    result = RoundUpdates()
+    for index in chosen:
+        started = time.perf_counter()
+        try:
+            new_state, size, loss = trainer(
+                state,
+                clients[index],
+                params,
+                client_seed(seed, round_index, index),
+                device,
+                model_config=model_config,
+            )
+        except Exception as exc:  # noqa: BLE001 - any client failure drops that client
+            result.dropped.append(Rejection(index, f"failed: {type(exc).__name__}: {exc}"))
+            continue
+        seconds = time.perf_counter() - started
+        if params.client_timeout_seconds is not None and seconds > params.client_timeout_seconds:
+            result.dropped.append(
+                Rejection(index, f"timed out ({seconds:.1f} s > {params.client_timeout_seconds} s)")
+            )
+            continue
+        if size == 0:
+            continue
+        result.clients.append(index)
+        result.updates.append(flatten_update(new_state, state))
+        result.sizes.append(size)
+        result.losses.append(loss)
+    return result
+
+
+def make_server_optimizer(params: FederateParams) -> ServerOptimizer:
+    """``adam`` for FedAdam, else ``sgd`` at the server learning rate."""
+    return ServerOptimizer(
+        kind="adam" if params.strategy == "fedadam" else "sgd",
+        learning_rate=params.server_learning_rate,
+        beta1=params.server_beta1,
+        beta2=params.server_beta2,
+        tau=params.server_tau,
+    )
+
+
+def planned_rounds(params: FederateParams, num_clients: int) -> tuple[int, float, float]:
+    """``(rounds, sample_rate, ε)``: with DP and a target ε, the rounds that stay within it."""
+    sample_rate = clients_per_round(num_clients, params.client_fraction) / num_clients
+    if not params.dp.enabled:
+        return params.rounds, sample_rate, math.inf
+    dp = params.dp
+    rounds = params.rounds
+    if dp.target_epsilon is not None:
+        rounds = rounds_within(
+            dp.target_epsilon, rounds, dp.noise_multiplier, sample_rate, dp.delta
+        )
+    return rounds, sample_rate, epsilon_after(rounds, dp.noise_multiplier, sample_rate, dp.delta)
+
+
 def run_federation(
     model_config: dict[str, Any],
     initial_state: Mapping[str, torch.Tensor],
@@ -230,55 +337,92 @@ def run_federation(
     seed: int,
     device: str = "auto",
     on_round: RoundHook | None = None,
+    trainer: ClientTrainer = train_client,
 ) -> tuple[Classifier, list[dict[str, float]]]:
-    """FedAvg for ``params.rounds`` rounds; returns the final model (eval mode) and history.
+    """Federated training for the planned rounds; returns the final model and history.
 
     Each round samples ``params.client_fraction`` of the clients (seeded by ``seed``), trains
-    each with :func:`train_client` (learning rate from :func:`round_learning_rate`), averages
-    their states weighted by sample count and scores the result on ``val``. History rows:
-    ``round, val_accuracy, train_loss`` (sample-weighted mean over the round's clients),
-    ``clients`` and ``samples`` (rows trained on, times local epochs). ``on_round(round, row)``
-    is called after each round.
+    each with ``trainer`` (:func:`train_client`; learning rate from
+    :func:`round_learning_rate`; FedProx adds its proximal term), drops clients that fail or
+    time out, screens the updates (:func:`~pipelines.federated.strategies.screen_updates`),
+    aggregates the accepted ones with ``params.aggregator`` (or the DP-FedAvg clipped, noised
+    mean) and applies the result with the server optimizer. Fewer than ``params.min_clients``
+    accepted updates raise :class:`FederationError`. History rows: ``round, val_accuracy,
+    train_loss`` (sample-weighted mean over accepted clients), ``clients`` (sampled),
+    ``accepted``, ``rejected``, ``dropped``, ``samples`` (rows trained on, times local
+    epochs), ``epsilon`` (DP only: ε after this round). ``on_round(round, row)`` is called
+    after each round; rejections and drops are logged with client and reason.
     """
+    import logging
+
+    log = logging.getLogger(__name__)
     if not clients:
         raise ValueError("federation needs at least one client")
+    rounds, sample_rate, _ = planned_rounds(params, len(clients))
     rng = np.random.default_rng(seed)
+    noise = torch.Generator().manual_seed(int(seed))
+    server = make_server_optimizer(params)
+    aggregate = AGGREGATORS[params.aggregator]
+    needed = max(
+        params.min_clients,
+        min_updates_for(params.aggregator, params.trim_fraction, params.byzantine_clients),
+    )
     state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
     model = build_classifier(model_config)
     history: list[dict[str, float]] = []
-    for round_index in range(1, params.rounds + 1):
+    for round_index in range(1, rounds + 1):
         chosen = sample_clients(len(clients), params.client_fraction, rng)
         round_params = params.model_copy(
             update={"learning_rate": round_learning_rate(params, round_index)}
         )
-        updates, sizes, losses = [], [], []
-        for index in chosen:
-            update, size, loss = train_client(
-                state,
-                clients[index],
-                round_params,
-                client_seed(seed, round_index, index),
-                device,
-                model_config=model_config,
+        got = collect_updates(
+            state, chosen, clients, round_params, round_index, seed, device, model_config, trainer
+        )
+        accepted, rejected = screen_updates(got.clients, got.updates, params.max_update_norm)
+        for problem in [*got.dropped, *rejected]:
+            log.warning(
+                "round %d: client %d left out: %s", round_index, problem.client, problem.reason
             )
-            updates.append(update)
-            sizes.append(size)
-            losses.append(loss)
-        if sum(sizes) > 0:
-            state = fedavg(updates, sizes)
+        if len(accepted) < needed:
+            left_out = "; ".join(
+                f"client {r.client}: {r.reason}" for r in [*got.dropped, *rejected]
+            )
+            raise FederationError(
+                f"round {round_index}: {len(accepted)} acceptable client updates, "
+                f"{needed} needed (federate.min_clients / the aggregator); "
+                f"left out: {left_out or 'none'}"
+            )
+        updates = [got.updates[i] for i in accepted]
+        sizes = [got.sizes[i] for i in accepted]
+        if params.dp.enabled:
+            combined = private_mean(
+                updates, params.dp.clip_norm, params.dp.noise_multiplier, len(chosen), noise
+            )
+        else:
+            combined = aggregate(
+                torch.stack(updates),
+                torch.tensor(sizes, dtype=torch.float64),
+                trim_fraction=params.trim_fraction,
+                byzantine_clients=params.byzantine_clients,
+                krum_selected=params.krum_selected,
+            )
+        state = apply_update(state, server.step(combined))
         model.load_state_dict(state)
-        trained = [(n, loss) for n, loss in zip(sizes, losses, strict=True) if n > 0]
+        losses = [got.losses[i] for i in accepted]
         row = {
             "round": round_index,
             "val_accuracy": evaluate_accuracy(model, val, device),
-            "train_loss": (
-                sum(n * loss for n, loss in trained) / sum(n for n, _ in trained)
-                if trained
-                else math.nan
-            ),
+            "train_loss": sum(n * loss for n, loss in zip(sizes, losses, strict=True)) / sum(sizes),
             "clients": len(chosen),
-            "samples": sum(sizes) * params.local_epochs,
+            "accepted": len(accepted),
+            "rejected": len(rejected),
+            "dropped": len(got.dropped),
+            "samples": sum(got.sizes) * params.local_epochs,
         }
+        if params.dp.enabled:
+            row["epsilon"] = epsilon_after(
+                round_index, params.dp.noise_multiplier, sample_rate, params.dp.delta
+            )
         history.append(row)
         if on_round is not None:
             on_round(round_index, row)

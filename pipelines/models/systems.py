@@ -196,7 +196,13 @@ class SimCLRSystem(_EpochLossSystem):
 
 
 class ClassifierSystem(_EpochLossSystem):
-    """Cross-entropy training of a :class:`Classifier` with Adam (constant learning rate)."""
+    """Cross-entropy training of a :class:`Classifier` with Adam (constant learning rate).
+
+    With ``proximal_mu > 0`` the loss adds FedProx's proximal term
+    ``mu / 2 * ||w - w_anchor||^2`` over the trainable parameters, ``w_anchor`` being their
+    values at construction (the global model a client starts from). The tracked loss is the
+    cross-entropy alone, comparable across strategies.
+    """
 
     def __init__(
         self,
@@ -204,17 +210,32 @@ class ClassifierSystem(_EpochLossSystem):
         learning_rate: float = 2e-3,
         weight_decay: float = 0.0,
         on_epoch_end: EpochHook | None = None,
+        proximal_mu: float = 0.0,
     ):
         super().__init__(on_epoch_end)
         self.classifier = classifier
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
+        self.proximal_mu = float(proximal_mu)
+        self._anchor = (
+            [p.detach().clone() for p in classifier.parameters()] if proximal_mu > 0 else []
+        )
+
+    def proximal_term(self) -> torch.Tensor:
+        """``mu / 2 * ||w - w_anchor||^2`` (zero without FedProx)."""
+        if not self._anchor:
+            return torch.zeros((), device=self.device)
+        total = sum(
+            (p - a.to(p.device)).pow(2).sum()
+            for p, a in zip(self.classifier.parameters(), self._anchor, strict=True)
+        )
+        return 0.5 * self.proximal_mu * total
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss = F.cross_entropy(self.classifier(images), labels)
         self._track(loss, len(images))
-        return loss
+        return loss + self.proximal_term() if self._anchor else loss
 
     def configure_optimizers(self):
         return torch.optim.Adam(

@@ -1,12 +1,15 @@
-"""Federated fine-tuning (FedAvg) of a classifier over the K client shards.
+"""Federated fine-tuning of a classifier over the K client shards.
 
 Starts from the pretrained encoder (``models/pretrain``) with a linear head set from federated
 class means of its features (FedNCM), then runs ``federate.rounds`` rounds: sample
 ``client_fraction`` of the clients in ``data/partitions/clients/``, fit each locally for
-``local_epochs`` (a Lightning fit, client learning rate decaying over the rounds), average
-their weights by sample count, score on val. Writes
-``models/federate/model.{safetensors,json}`` (the final classifier), ``rounds.csv``
-(round, val_accuracy, train_loss) and ``reports/federate.json``.
+``local_epochs`` (a Lightning fit, client learning rate decaying over the rounds; FedProx adds
+a proximal term), drop clients that fail or time out, reject non-finite or too-large updates,
+aggregate the rest (``federate.aggregator``; DP-FedAvg with ``federate.dp``), apply it with
+the server optimizer (FedAdam or plain), score on val. With DP, the ε of the run is checked
+against the privacy ledger before training starts (``privacy.max_epsilon``) and recorded in
+it afterwards. Writes ``models/federate/model.{safetensors,json}`` (the final classifier),
+``rounds.csv`` (one row per round) and ``reports/federate.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.config import FederateParams, Params
-from pipelines.errors import DataError
+from pipelines.errors import DataError, GateError
+from pipelines.federated.privacy import DATA_TAG, EPSILON_METRIC
 from pipelines.io import (
     ImageTable,
     Paths,
@@ -67,15 +71,40 @@ def federate(
     return run_federation(model.config, state, clients, val, p, seed, device, on_round)
 
 
+ROUND_COLUMNS = ("round", "val_accuracy", "train_loss", "accepted", "rejected", "dropped")
+
+
 def write_rounds(path: Path, history: list[dict[str, float]]) -> None:
-    """``round,val_accuracy,train_loss`` CSV, one row per round."""
+    """One CSV row per round: ``round,val_accuracy,train_loss,accepted,rejected,dropped``
+    and ``epsilon`` when the run is private."""
+    private = any("epsilon" in row for row in history)
+    columns = [*ROUND_COLUMNS, "epsilon"] if private else list(ROUND_COLUMNS)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["round", "val_accuracy", "train_loss"])
+        writer.writerow(columns)
         for row in history:
             writer.writerow(
-                [int(row["round"]), f"{row['val_accuracy']:.6f}", f"{row['train_loss']:.6f}"]
+                [
+                    f"{row[c]:.6f}" if isinstance(row.get(c), float) else int(row.get(c, 0))
+                    for c in columns
+                ]
             )
+
+
+def check_privacy_budget(
+    params: Params, tracker: StageTracker, data_sha256: str, num_clients: int
+) -> tuple[float, float]:
+    """``(ε spent before, ε this run will spend)``; raises when the ledger refuses the run."""
+    from pipelines.federated.fedavg import planned_rounds
+    from pipelines.federated.privacy import check_budget, spent_epsilon
+
+    _, _, planned = planned_rounds(params.federate, num_clients)
+    if params.privacy.max_epsilon is None and not params.federate.dp.enabled:
+        return 0.0, planned  # no budget to check, nothing to record
+    experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
+    spent = spent_epsilon(tracker.client, [experiment], data_sha256)
+    check_budget(spent, planned, params.privacy.max_epsilon, data_sha256)
+    return spent, planned
 
 
 def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
@@ -96,24 +125,46 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         np.concatenate([t.labels for t in clients]),
         val.num_classes,
     )
-    tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(union), "training")
+    data_sha256 = content_sha256(union)
+    tracker.log_dataset("clients", paths.partitions / "clients", data_sha256, "training")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
+    spent_before, planned_epsilon = check_privacy_budget(params, tracker, data_sha256, len(clients))
+    if p.dp.enabled:
+        log.info(
+            "DP-FedAvg: clip %g, noise multiplier %g, delta %g: this run spends epsilon %.4g "
+            "(ledger for this data: %.4g spent before)",
+            p.dp.clip_norm,
+            p.dp.noise_multiplier,
+            p.dp.delta,
+            planned_epsilon,
+            spent_before,
+        )
 
     def on_round(round_index: int, row: dict[str, float]) -> None:
-        tracker.log_metrics(
-            {"round_val_accuracy": row["val_accuracy"], "round_train_loss": row["train_loss"]},
-            step=round_index,
-        )
+        per_round = {
+            "round_val_accuracy": row["val_accuracy"],
+            "round_train_loss": row["train_loss"],
+            "round_accepted_clients": row["accepted"],
+            "round_left_out_clients": row["rejected"] + row["dropped"],
+        }
+        if "epsilon" in row:
+            per_round["round_epsilon"] = row["epsilon"]
+        tracker.log_metrics(per_round, step=round_index)
         log.info(
-            "round %d/%d val_accuracy=%.4f train_loss=%.4f",
+            "round %d/%d val_accuracy=%.4f train_loss=%.4f clients %d/%d%s",
             round_index,
             p.rounds,
             row["val_accuracy"],
             row["train_loss"],
+            row["accepted"],
+            row["clients"],
+            f" epsilon={row['epsilon']:.4g}" if "epsilon" in row else "",
         )
 
     log.info(
-        "FedAvg over %d clients (%s rows), %d rounds",
+        "%s (aggregator %s) over %d clients (%s rows), %d rounds",
+        p.strategy,
+        p.aggregator,
         len(clients),
         "/".join(str(len(t)) for t in clients),
         p.rounds,
@@ -122,15 +173,26 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     model, history = federate(
         encoder, clients, val, p, params.common.seed, params.common.device, on_round
     )
+    if not history:
+        raise GateError(
+            f"federate.dp.target_epsilon {p.dp.target_epsilon:g} allows no round at noise "
+            f"multiplier {p.dp.noise_multiplier:g}; raise the target or the noise"
+        )
     seconds = time.perf_counter() - start
     metrics = {
         "val_accuracy": history[-1]["val_accuracy"],
         "best_val_accuracy": max(row["val_accuracy"] for row in history),
-        "rounds": p.rounds,
+        "rounds": len(history),
         "clients": len(clients),
+        "left_out_updates": sum(row["rejected"] + row["dropped"] for row in history),
         "seconds": seconds,
         "samples_per_s": sum(row["samples"] for row in history) / seconds,
+        "dp": int(p.dp.enabled),
     }
+    if p.dp.enabled:
+        metrics["epsilon"] = history[-1]["epsilon"]
+        metrics["delta"] = p.dp.delta
+        metrics["ledger_epsilon_total"] = spent_before + history[-1]["epsilon"]
 
     out = paths.model_dir("federate")
     with atomic_outputs(dirs=[out], files=[paths.report("federate")]) as staged:
@@ -138,5 +200,9 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         write_rounds(staged.path(out) / "rounds.csv", history)
         write_json(staged.path(paths.report("federate")), metrics)
     tracker.log_metrics(metrics)
+    if p.dp.enabled:
+        # the ledger entry: this run's ε on this data version (see pipelines.federated.privacy)
+        tracker.log_metrics({EPSILON_METRIC: metrics["epsilon"]})
+        tracker.set_tags({DATA_TAG: data_sha256})
     tracker.log_artifact(out, "federate")
     return metrics

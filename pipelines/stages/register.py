@@ -7,7 +7,9 @@ registered as a new version of ``register.model_name`` and given the alias ``can
 It becomes ``champion`` only if every gate passes:
 
 - accuracy floor: test accuracy >= ``register.accuracy_floor``;
-- no regression: test accuracy >= the current champion's - ``register.max_regression``.
+- no regression: test accuracy >= the current champion's - ``register.max_regression``;
+- privacy budget: with ``privacy.max_epsilon`` set, the federated model's ε (from
+  ``reports/federate.json``; unbounded without DP) is within it.
 
 The version carries tags that lead back to the data: pipeline run, git commit, dvc.lock hash,
 and the content hash of the ingested data.
@@ -16,10 +18,12 @@ and the content hash of the ingested data.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
 from pipelines.config import Params, RegisterParams
+from pipelines.federated.privacy import EPSILON_TAG
 from pipelines.io import Paths, read_image_table, read_json, write_json
 from pipelines.tracking import StageTracker, lineage_tags, pipeline_run_key, tracking_uri
 
@@ -29,13 +33,19 @@ VARIANT_FILES = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
 
 
 def evaluate_gates(
-    test_accuracy: float, champion_accuracy: float | None, p: RegisterParams
+    test_accuracy: float,
+    champion_accuracy: float | None,
+    p: RegisterParams,
+    epsilon: float = math.inf,
+    max_epsilon: float | None = None,
 ) -> dict[str, bool]:
-    """Which promotion gates pass for a model of ``test_accuracy``."""
+    """Which promotion gates pass for a model of ``test_accuracy`` and privacy ``epsilon``
+    (``inf`` for a model trained without differential privacy)."""
     return {
         "accuracy_floor": test_accuracy >= p.accuracy_floor,
         "no_regression": champion_accuracy is None
         or test_accuracy >= champion_accuracy - p.max_regression,
+        "privacy_budget": max_epsilon is None or epsilon <= max_epsilon,
     }
 
 
@@ -114,7 +124,9 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
 
     client = tracker.client
     champion_version, champion_accuracy = current_champion(client, p.model_name)
-    gates = evaluate_gates(test_accuracy, champion_accuracy, p)
+    federate_report = read_json(paths.report("federate"))
+    epsilon = float(federate_report["epsilon"]) if federate_report.get("dp") else math.inf
+    gates = evaluate_gates(test_accuracy, champion_accuracy, p, epsilon, params.privacy.max_epsilon)
 
     mlflow.set_tracking_uri(tracking_uri(paths.root))
     mlflow.set_registry_uri(tracking_uri(paths.root))
@@ -131,6 +143,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         "lepton.pipeline_run": pipeline_run_key(),
         "lepton.run_id": tracker.run_id,
         "lepton.data_sha256": raw_manifest.get("content_sha256", "unknown"),
+        EPSILON_TAG: "inf" if math.isinf(epsilon) else f"{epsilon:.6g}",
         **lineage_tags(paths.root),
         **{f"gate.{name}": str(ok).lower() for name, ok in gates.items()},
     }

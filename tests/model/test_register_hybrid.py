@@ -48,6 +48,7 @@ def test_hybrid_variant_is_registered_and_predicts_like_the_head(tmp_path, monke
     paths.model_dir("quantum").mkdir(parents=True)
     save_heads(paths.model_dir("quantum"), hybrid, classical)
     paths.report("evaluate").parent.mkdir(parents=True)
+    write_json(paths.report("federate"), {"dp": 0, "val_accuracy": 0.5})
     write_json(
         paths.report("evaluate"),
         {"chosen_variant": "quantum_hybrid", "test_accuracy": 0.5, "val_accuracy": 0.5},

@@ -190,11 +190,17 @@ def test_pretrain_and_federate_stages_write_their_outputs(tmp_path: Path, digits
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.json", "rounds.csv"}
     with (out / "rounds.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["round", "val_accuracy", "train_loss"] and len(rows) == 2
-    assert float(rows[-1]["val_accuracy"]) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
-    per_round = [
-        step for m, step in tracker.metrics if set(m) == {"round_val_accuracy", "round_train_loss"}
+    assert list(rows[0]) == [
+        "round",
+        "val_accuracy",
+        "train_loss",
+        "accepted",
+        "rejected",
+        "dropped",
     ]
+    assert len(rows) == 2 and [r["accepted"] for r in rows] == ["3", "3"]
+    assert float(rows[-1]["val_accuracy"]) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    per_round = [step for m, step in tracker.metrics if "round_val_accuracy" in m]
     assert per_round == [1, 2]
     model = load_classifier(out)
     val = digits["val"]

@@ -1,0 +1,103 @@
+"""Client-level differential privacy (DP-FedAvg) and the privacy ledger.
+
+DP-FedAvg (McMahan et al., 2018): each sampled client's update is clipped to L2 norm ``C``;
+the server sums the clipped updates, adds Gaussian noise ``N(0, (σ·C)² I)`` and divides by
+the number of clients sampled per round. One round is one step of the sampled Gaussian
+mechanism at sampling rate ``q = sampled clients / K``; Opacus's RDP accountant turns the
+rounds into ``ε`` for a given ``δ``. Clients are sampled as a fixed-size subset each round,
+which the accountant treats as Poisson sampling at rate ``q`` (the usual approximation in
+federated DP; documented in docs/federated.md).
+
+The **ledger** keeps the ``ε`` spent on each data version (the content hash of the clients'
+union) across pipeline runs, in the MLflow store: every private ``federate`` run records
+``privacy.epsilon_spent`` and tags ``lepton.privacy.data_sha256``; the total is the sum over
+those runs (sequential composition, the conservative bound). ``federate`` refuses a run that
+would take the total past ``privacy.max_epsilon``; ``register`` refuses to promote a model
+whose ``ε`` is above it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipelines.errors import LeptonError
+
+DATA_TAG = "lepton.privacy.data_sha256"
+EPSILON_METRIC = "privacy.epsilon_spent"
+EPSILON_TAG = "lepton.privacy.epsilon"
+
+
+class PrivacyBudgetError(LeptonError):
+    """A run would spend more privacy budget than ``privacy.max_epsilon`` allows."""
+
+
+def clip_update(update: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """``update`` scaled down to L2 norm ``clip_norm`` when it is longer."""
+    norm = float(update.norm())
+    return update * (clip_norm / norm) if norm > clip_norm else update
+
+
+def private_mean(
+    updates: list[torch.Tensor],
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_clients: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``(Σ clip(update) + N(0, (σ·C)²)) / expected_clients`` (DP-FedAvg's server step)."""
+    total = torch.stack([clip_update(u.double(), clip_norm) for u in updates]).sum(0)
+    noise = torch.randn(total.shape, generator=generator, dtype=torch.float64)
+    return (total + noise * noise_multiplier * clip_norm) / expected_clients
+
+
+def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delta: float) -> float:
+    """``ε(δ)`` after ``rounds`` steps of the sampled Gaussian mechanism (Opacus RDP)."""
+    if rounds <= 0:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, rounds)]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def rounds_within(
+    target_epsilon: float, rounds: int, noise_multiplier: float, sample_rate: float, delta: float
+) -> int:
+    """Most rounds (at most ``rounds``) whose ``ε`` stays within ``target_epsilon``."""
+    low, high = 0, rounds
+    while low < high:  # ε grows with the rounds: binary search the last round within
+        middle = (low + high + 1) // 2
+        if epsilon_after(middle, noise_multiplier, sample_rate, delta) <= target_epsilon:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def spent_epsilon(mlflow_client, experiment_ids: list[str], data_sha256: str) -> float:
+    """Total ``ε`` the ledger holds for data version ``data_sha256`` (finished runs)."""
+    runs = mlflow_client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{DATA_TAG}` = '{data_sha256}' and attributes.status = 'FINISHED'",
+        max_results=10_000,
+    )
+    return float(sum(run.data.metrics.get(EPSILON_METRIC, 0.0) for run in runs))
+
+
+def check_budget(spent: float, planned: float, max_epsilon: float | None, data: str) -> None:
+    """Raise :class:`PrivacyBudgetError` when ``spent + planned`` exceeds ``max_epsilon``."""
+    if max_epsilon is None:
+        return
+    if math.isinf(planned):
+        raise PrivacyBudgetError(
+            f"privacy.max_epsilon is {max_epsilon:g} but federate.dp is off: a run without "
+            f"differential privacy spends an unbounded ε on data {data[:12]}"
+        )
+    if spent + planned > max_epsilon:
+        raise PrivacyBudgetError(
+            f"privacy budget exceeded for data {data[:12]}: {spent:.4g} spent + {planned:.4g} "
+            f"planned > privacy.max_epsilon {max_epsilon:g}"
+        )

@@ -1,0 +1,115 @@
+"""The privacy ledger across federate runs, and failures that keep the previous model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.config import (
+    CommonParams,
+    DPParams,
+    FederateParams,
+    Params,
+    PrivacyParams,
+    RegisterParams,
+)
+from pipelines.federated.fedavg import FederationError
+from pipelines.federated.privacy import PrivacyBudgetError
+from pipelines.io import ImageTable, Paths, read_json, save_weights, write_image_table
+from pipelines.stages import federate
+from pipelines.stages.register import evaluate_gates
+from pipelines.tracking import client, stage_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    """Three digits clients, val, and an untrained pretrain encoder, with its own MLflow."""
+    from sklearn.datasets import load_digits
+
+    from pipelines.models.encoder import Encoder
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("LEPTON_PIPELINE_RUN", "test-ledger")
+    data = load_digits()
+    table = ImageTable((data.images / 16.0).astype(np.float32), data.target.astype(np.int64), 10)
+    paths = Paths(tmp_path)
+    (paths.partitions / "clients").mkdir(parents=True)
+    write_image_table(table.subset(np.arange(200)), paths.partitions / "val.parquet")
+    for k in range(3):
+        rows = np.arange(200 + 150 * k, 350 + 150 * k)
+        write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
+    torch.manual_seed(0)
+    encoder = Encoder(embedding_dim=16)
+    paths.model_dir("pretrain").mkdir(parents=True)
+    save_weights(encoder, paths.model_dir("pretrain"), encoder.config, name="encoder")
+    return tmp_path
+
+
+def params(max_epsilon: float | None, **federate_overrides) -> Params:
+    dp = DPParams(enabled=True, clip_norm=1.0, noise_multiplier=1.0)
+    base = {"rounds": 1, "local_epochs": 1, "batch_size": 64, "dp": dp}
+    return Params(
+        common=CommonParams(seed=0, device="cpu"),
+        federate=FederateParams(**{**base, **federate_overrides}),
+        privacy=PrivacyParams(max_epsilon=max_epsilon),
+    )
+
+
+def run_federate(root: Path, p: Params):
+    with stage_run("federate", root, "lepton") as tracker:
+        return tracker, federate.run(p, Paths(root), tracker)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    files = [*sorted((root / "models" / "federate").rglob("*")), root / "reports/federate.json"]
+    return {str(f): f.read_bytes() for f in files if f.is_file()}
+
+
+def test_ledger_accumulates_and_refuses_a_run_past_the_budget(workspace: Path):
+    _, first = run_federate(workspace, params(max_epsilon=10.0))
+    assert first["dp"] == 1 and 0 < first["epsilon"] < 10.0
+    assert first["ledger_epsilon_total"] == pytest.approx(first["epsilon"])
+    budget = 1.5 * first["epsilon"]  # room for the first run, not for a second one
+    before = snapshot(workspace)
+
+    tracker = None
+    with pytest.raises(PrivacyBudgetError, match="privacy budget exceeded") as caught:
+        with stage_run("federate", workspace, "lepton") as tracker:
+            federate.run(params(max_epsilon=budget), Paths(workspace), tracker)
+    assert f"> privacy.max_epsilon {budget:g}" in str(caught.value)
+    assert snapshot(workspace) == before
+    assert client(workspace).get_run(tracker.run_id).info.status == "FAILED"
+
+    # with a budget for two runs it goes on, and the ledger holds both
+    _, second = run_federate(workspace, params(max_epsilon=2.5 * first["epsilon"]))
+    assert second["ledger_epsilon_total"] == pytest.approx(2 * first["epsilon"])
+
+
+def test_a_budget_refuses_a_run_without_dp(workspace: Path):
+    no_dp = params(max_epsilon=8.0, dp=DPParams(enabled=False))
+    with pytest.raises(PrivacyBudgetError, match="dp is off"):
+        run_federate(workspace, no_dp)
+    assert not (workspace / "models" / "federate").exists()
+
+
+def test_a_failed_federation_keeps_the_previous_model(workspace: Path):
+    run_federate(workspace, params(max_epsilon=None))
+    before = snapshot(workspace)
+    with pytest.raises(FederationError, match="3 acceptable client updates, 4 needed"):
+        run_federate(workspace, params(max_epsilon=None, min_clients=4))
+    assert snapshot(workspace) == before
+    assert read_json(workspace / "reports" / "federate.json")["rounds"] == 1
+
+
+def test_register_refuses_to_promote_past_the_privacy_budget():
+    p = RegisterParams(accuracy_floor=0.5)
+    assert evaluate_gates(0.9, None, p, epsilon=3.0, max_epsilon=8.0)["privacy_budget"]
+    assert not evaluate_gates(0.9, None, p, epsilon=9.0, max_epsilon=8.0)["privacy_budget"]
+    assert not evaluate_gates(0.9, None, p, epsilon=math.inf, max_epsilon=8.0)["privacy_budget"]
+    assert evaluate_gates(0.9, None, p)["privacy_budget"]  # no budget set
