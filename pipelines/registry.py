@@ -105,7 +105,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="federate",
-        description="FedAvg fine-tuning over the K clients from the pretrained encoder.",
+        description="Federated fine-tuning (FedAvg, FedProx, FedAdam; robust; DP) of K clients.",
         deps=("data/partitions", "models/pretrain"),
         outs=("models/federate",),
         metrics=("reports/federate.json",),
