@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup run test test-fast lint format mlflow-ui airflow dvc-push bench render clean help
+.PHONY: setup run test test-fast lint format mlflow-ui airflow dvc-push bench bench-quantum bench-federated render clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -57,6 +57,12 @@ dvc-push: setup  ## store data and models in the DVC remote configured in .dvc/c
 
 bench: setup  ## time each stage on the default params; JSON in benchmarks/results/
 	$(BIN)/python benchmarks/stages.py
+
+bench-quantum: setup  ## the hybrid head's circuit on every quantum backend (minutes)
+	$(BIN)/python benchmarks/quantum.py
+
+bench-federated: setup  ## FedAvg / FedProx / FedAdam per label split, centralized, DP (minutes)
+	$(BIN)/python benchmarks/federated.py
 
 clean:  ## remove pipeline outputs and local stores (keeps .venv)
 	rm -rf data/raw data/compressed data/partitions models reports .lepton .airflow mlflow.db mlartifacts dvc.lock
