@@ -51,7 +51,7 @@ SPLITS = {
 STRATEGIES = {
     "fedavg": {"strategy": "fedavg"},
     "fedprox": {"strategy": "fedprox", "proximal_mu": 0.01},
-    "fedadam": {"strategy": "fedadam", "server_learning_rate": 0.001},
+    "fedadam": {"strategy": "fedadam", "server_learning_rate": 0.01},
 }
 TARGET_EPSILON, DELTA = 8.0, 1e-5
 
