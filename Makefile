@@ -8,8 +8,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 MLFLOW_PORT ?= 5000
+# Flower (federate.runtime: flower) pins protobuf, typer and rich below the main environment's,
+# so its SuperLink, SuperNodes and apps get their own venv.
+FLOWER_VENV := .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.installed-$(shell cat requirements-flower.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup run test test-fast lint format mlflow-ui airflow dvc-push bench bench-quantum bench-federated render clean help
+.PHONY: setup flower-setup run test test-fast lint format mlflow-ui airflow dvc-push bench bench-quantum bench-federated render clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -23,10 +27,19 @@ $(STAMP): requirements.lock pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+flower-setup: $(FLOWER_STAMP)  ## create .venv-flower for the Flower runtime (once; again when its lock changes)
+
+$(FLOWER_STAMP): requirements-flower.lock pyproject.toml
+	@test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-flower.lock
+	$(FLOWER_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@rm -f $(FLOWER_VENV)/.installed-*
+	@touch $@
+
 run: setup  ## run the pipeline once through Airflow (`airflow dags test`) and print a summary
 	$(BIN)/lepton run
 
-test: setup  ## lint, registry/dvc.yaml sync, then every test (unit, data, model, DAG, end-to-end)
+test: setup flower-setup  ## lint, registry/dvc.yaml sync, then every test (unit, data, model, DAG, end-to-end, Flower loopback)
 	$(BIN)/ruff check .
 	$(BIN)/lepton dvc render --check
 	$(BIN)/python -m pytest -q; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code

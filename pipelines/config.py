@@ -104,6 +104,7 @@ class DPParams(_Section):
 
 
 class FederateParams(_Section):
+    runtime: Literal["simulation", "flower"] = "simulation"
     rounds: int = Field(12, ge=1, le=10_000)
     local_epochs: int = Field(2, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65536)

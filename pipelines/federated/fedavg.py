@@ -246,6 +246,7 @@ class FederationError(LeptonError):
 
 
 ClientTrainer = Callable[..., tuple[StateDict, int, float]]
+Collector = Callable[[StateDict, list[int], FederateParams, int], "RoundUpdates"]
 
 
 @dataclass
@@ -338,8 +339,14 @@ def run_federation(
     device: str = "auto",
     on_round: RoundHook | None = None,
     trainer: ClientTrainer = train_client,
+    collect: Collector | None = None,
 ) -> tuple[Classifier, list[dict[str, float]]]:
     """Federated training for the planned rounds; returns the final model and history.
+
+    ``clients`` are the client shards (in process), or any sequence of K client handles when
+    ``collect`` gathers the updates elsewhere (the Flower runtime passes its node ids and a
+    ``collect`` that sends the round to them). ``collect(state, chosen, round_params,
+    round_index)`` returns the round's :class:`RoundUpdates`.
 
     Each round samples ``params.client_fraction`` of the clients (seeded by ``seed``), trains
     each with ``trainer`` (:func:`train_client`; learning rate from
@@ -370,14 +377,27 @@ def run_federation(
     state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
     model = build_classifier(model_config)
     history: list[dict[str, float]] = []
+    if collect is None:
+
+        def collect(state, chosen, round_params, round_index):
+            return collect_updates(
+                state,
+                chosen,
+                clients,
+                round_params,
+                round_index,
+                seed,
+                device,
+                model_config,
+                trainer,
+            )
+
     for round_index in range(1, rounds + 1):
         chosen = sample_clients(len(clients), params.client_fraction, rng)
         round_params = params.model_copy(
             update={"learning_rate": round_learning_rate(params, round_index)}
         )
-        got = collect_updates(
-            state, chosen, clients, round_params, round_index, seed, device, model_config, trainer
-        )
+        got = collect(state, chosen, round_params, round_index)
         accepted, rejected = screen_updates(got.clients, got.updates, params.max_update_norm)
         for problem in [*got.dropped, *rejected]:
             log.warning(

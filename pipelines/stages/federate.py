@@ -74,6 +74,52 @@ def federate(
 ROUND_COLUMNS = ("round", "val_accuracy", "train_loss", "accepted", "rejected", "dropped")
 
 
+def federate_on_flower(
+    encoder: Encoder,
+    shards: list[Path],
+    val_path: Path,
+    p: FederateParams,
+    seed: int,
+    device: str,
+    work_dir: Path,
+) -> tuple[Classifier, list[dict[str, float]]]:
+    """The same federation on Flower's deployment engine, over a loopback deployment.
+
+    Starts a SuperLink and one SuperNode per shard on this machine
+    (:class:`~pipelines.federated.flower_deploy.LoopbackDeployment`), submits the Flower
+    app with a run spec in ``work_dir`` and reads back the model and per-round history the
+    ServerApp wrote. The start model is built exactly as :func:`federate` builds it; the
+    class-mean head is set on the server from the SuperNodes' statistics.
+    """
+    import json
+
+    from pipelines.federated.flower_deploy import LoopbackDeployment, run_flower_job
+    from pipelines.models.encoder import Classifier, build_encoder, load_classifier
+    from pipelines.models.systems import pl
+
+    pl.seed_everything(seed, verbose=False)
+    start = build_encoder(encoder.config)
+    start.load_state_dict(encoder.state_dict())
+    model = Classifier(start, read_image_table(val_path).num_classes)
+    save_weights(model, work_dir, model.config, name="start")
+    spec = {
+        "federate": p.model_dump(mode="json"),
+        "seed": seed,
+        "device": device,
+        "model_config": model.config,
+        "initial": str(work_dir / "start.safetensors"),
+        "val": str(Path(val_path).resolve()),
+        "out": str(work_dir / "out"),
+        "num_clients": len(shards),
+    }
+    (work_dir / "spec.json").write_text(json.dumps(spec))
+    with LoopbackDeployment(shards, work_dir / "home") as deployment:
+        log.info("Flower deployment up: SuperLink + %d SuperNodes on 127.0.0.1", len(shards))
+        run_flower_job(deployment, work_dir / "spec.json")
+    history = json.loads((work_dir / "out" / "history.json").read_text())
+    return load_classifier(work_dir / "out"), history
+
+
 def write_rounds(path: Path, history: list[dict[str, float]]) -> None:
     """One CSV row per round: ``round,val_accuracy,train_loss,accepted,rejected,dropped``
     and ``epsilon`` when the run is private."""
@@ -170,9 +216,20 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         p.rounds,
     )
     start = time.perf_counter()
-    model, history = federate(
-        encoder, clients, val, p, params.common.seed, params.common.device, on_round
-    )
+    if p.runtime == "flower":
+        import tempfile
+
+        (paths.root / ".lepton").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="flower-", dir=paths.root / ".lepton") as tmp:
+            model, history = federate_on_flower(
+                encoder, shards, val_path, p, params.common.seed, params.common.device, Path(tmp)
+            )
+        for row in history:
+            on_round(int(row["round"]), row)
+    else:
+        model, history = federate(
+            encoder, clients, val, p, params.common.seed, params.common.device, on_round
+        )
     if not history:
         raise GateError(
             f"federate.dp.target_epsilon {p.dp.target_epsilon:g} allows no round at noise "

@@ -1,0 +1,1 @@
+"""Flower app of the federate stage (see pipelines/federated/flower.py)."""

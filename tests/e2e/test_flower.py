@@ -1,0 +1,97 @@
+"""The federate stage on Flower's deployment engine, on loopback: a SuperLink and K=3
+SuperNodes as subprocesses, each reading only its own shard, for 2 rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.config import CommonParams, FederateParams, Params
+from pipelines.federated.flower_deploy import flower_bin
+from pipelines.io import ImageTable, Paths, read_json, save_weights, write_image_table
+from pipelines.stages import federate
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (flower_bin() / "flower-superlink").exists(),
+        reason="the Flower environment is missing: run `make flower-setup`",
+    ),
+]
+
+
+class Tracker:
+    def __init__(self) -> None:
+        self.metrics: list[tuple[dict, int]] = []
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        self.metrics.append((dict(metrics), step))
+
+    def log_dataset(self, *args) -> None:
+        pass
+
+    def log_artifact(self, *args) -> None:
+        pass
+
+    def log_params(self, params) -> None:
+        pass
+
+    def set_tags(self, tags, on_parent: bool = False) -> None:
+        pass
+
+
+def make_workspace(root: Path) -> Paths:
+    from sklearn.datasets import load_digits
+
+    from pipelines.models.encoder import Encoder
+
+    data = load_digits()
+    table = ImageTable((data.images / 16.0).astype(np.float32), data.target.astype(np.int64), 10)
+    paths = Paths(root)
+    (paths.partitions / "clients").mkdir(parents=True)
+    write_image_table(table.subset(np.arange(200)), paths.partitions / "val.parquet")
+    for k in range(3):
+        rows = np.arange(200 + 150 * k, 350 + 150 * k)
+        write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
+    torch.manual_seed(0)
+    encoder = Encoder(embedding_dim=16)
+    paths.model_dir("pretrain").mkdir(parents=True)
+    save_weights(encoder, paths.model_dir("pretrain"), encoder.config, name="encoder")
+    return paths
+
+
+def test_flower_loopback_matches_the_simulation_round_by_round(tmp_path: Path):
+    paths = make_workspace(tmp_path / "ws")
+    base = FederateParams(rounds=2, local_epochs=1, batch_size=64)
+    results = {}
+    for runtime in ("simulation", "flower"):
+        params = Params(
+            common=CommonParams(seed=0, device="cpu"),
+            federate=base.model_copy(update={"runtime": runtime}),
+        )
+        tracker = Tracker()
+        metrics = federate.run(params, paths, tracker)
+        out = paths.model_dir("federate")
+        assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.json", "rounds.csv"}
+        assert read_json(paths.report("federate")) == pytest.approx(metrics)
+        per_round = [
+            (m["round_val_accuracy"], step)
+            for m, step in tracker.metrics
+            if "round_val_accuracy" in m
+        ]
+        results[runtime] = (metrics, per_round, (out / "model.safetensors").read_bytes())
+
+    simulation, flower = results["simulation"], results["flower"]
+    assert flower[0]["rounds"] == 2 and flower[0]["clients"] == 3
+    assert [step for _, step in flower[1]] == [1, 2]
+    # the same client code, seeds and server code: the same numbers, round by round
+    for (a, _), (b, _) in zip(simulation[1], flower[1], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert flower[0]["val_accuracy"] == pytest.approx(simulation[0]["val_accuracy"], abs=1e-6)
+    # nothing of the Flower run is left in the workspace but its outputs
+    assert not [p for p in (paths.root / ".lepton").iterdir() if p.name.startswith("flower-")]
+    assert json.loads((paths.model_dir("federate") / "model.json").read_text())["num_classes"] == 10
