@@ -1,0 +1,117 @@
+"""The same federation in process and on Flower's deployment engine (loopback): wall time.
+
+    .venv/bin/python benchmarks/flower.py [--clients 3] [--rounds 3] [--out FILE.json]
+
+Runs the federate stage's ``run`` twice on the same digits shards, start encoder and params
+(``federate.runtime: simulation``, then ``flower``: a SuperLink and one SuperNode per shard
+on 127.0.0.1, started from ``.venv-flower``) and records each wall time, the per-round val
+accuracies (they should match) and the ratio. The Flower time includes starting the
+deployment, shipping the app and each ClientApp process's start-up (torch and Lightning
+imports), which dominate at digits scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.config import CommonParams, FederateParams, Params  # noqa: E402
+from pipelines.io import ImageTable, Paths, save_weights, write_image_table  # noqa: E402
+
+
+class _Tracker:
+    """Keeps the per-round metrics the stage logs; ignores the rest."""
+
+    def __init__(self) -> None:
+        self.rounds: list[float] = []
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        if "round_val_accuracy" in metrics:
+            self.rounds.append(round(float(metrics["round_val_accuracy"]), 4))
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def make_workspace(root: Path, clients: int) -> Paths:
+    """Digits: val (300 rows) and ``clients`` IID shards of the rest; an untrained encoder."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from pipelines.models.encoder import Encoder
+
+    data = load_digits()
+    table = ImageTable((data.images / 16.0).astype(np.float32), data.target.astype(np.int64), 10)
+    order = np.random.default_rng(0).permutation(len(table))
+    paths = Paths(root)
+    (paths.partitions / "clients").mkdir(parents=True)
+    write_image_table(table.subset(order[:300]), paths.partitions / "val.parquet")
+    for k, rows in enumerate(np.array_split(order[300:], clients)):
+        write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
+    torch.manual_seed(0)
+    encoder = Encoder(embedding_dim=64)
+    paths.model_dir("pretrain").mkdir(parents=True)
+    save_weights(encoder, paths.model_dir("pretrain"), encoder.config, name="encoder")
+    return paths
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower.json")
+    args = parser.parse_args()
+    from pipelines.stages import federate
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_workspace(Path(tmp) / "ws", args.clients)
+        for runtime in ("simulation", "flower"):
+            params = Params(
+                common=CommonParams(seed=0, device="cpu"),
+                federate=FederateParams(rounds=args.rounds, local_epochs=1, runtime=runtime),
+            )
+            tracker = _Tracker()
+            print(f"{runtime} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            metrics = federate.run(params, paths, tracker)
+            seconds = time.perf_counter() - started
+            runs[runtime] = {
+                "seconds": round(seconds, 2),
+                "val_accuracy_per_round": tracker.rounds,
+                "val_accuracy": round(metrics["val_accuracy"], 4),
+            }
+    payload = {
+        "benchmark": "flower",
+        "command": "python benchmarks/flower.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "runs": runs,
+        "flower_over_simulation": round(
+            runs["flower"]["seconds"] / runs["simulation"]["seconds"], 2
+        ),
+        "same_val_accuracy_per_round": runs["flower"]["val_accuracy_per_round"]
+        == runs["simulation"]["val_accuracy_per_round"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
