@@ -105,6 +105,7 @@ class DPParams(_Section):
 
 class FederateParams(_Section):
     runtime: Literal["simulation", "flower"] = "simulation"
+    secure_aggregation: bool = False
     rounds: int = Field(12, ge=1, le=10_000)
     local_epochs: int = Field(2, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65536)
@@ -124,6 +125,23 @@ class FederateParams(_Section):
     max_update_norm: float | None = Field(None, gt=0.0)
     client_timeout_seconds: float | None = Field(None, gt=0.0)
     dp: DPParams = DPParams()
+
+    @model_validator(mode="after")
+    def _secure_aggregation_needs_flower_and_the_mean(self) -> FederateParams:
+        if not self.secure_aggregation:
+            return self
+        problems = []
+        if self.runtime != "flower":
+            problems.append("federate.runtime 'flower'")
+        if self.aggregator != "mean":
+            problems.append("federate.aggregator 'mean' (robust rules need each update)")
+        if self.max_update_norm is not None:
+            problems.append("no federate.max_update_norm (updates are masked)")
+        if self.dp.enabled:
+            problems.append("federate.dp.enabled false")
+        if problems:
+            raise ValueError("federate.secure_aggregation needs " + ", ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _dp_needs_the_mean(self) -> FederateParams:

@@ -20,6 +20,7 @@ from pathlib import Path
 from pipelines.errors import LeptonError
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
+SECAGG_APP_DIR = Path(__file__).resolve().parent / "flower_app_secagg"
 CONNECTION = "lepton"
 
 
@@ -179,15 +180,18 @@ def _flwr(deployment: LoopbackDeployment, args: list[str], timeout: float = 120)
 
 
 def run_flower_job(
-    deployment: LoopbackDeployment, spec_path: Path, timeout: float = 3600.0
+    deployment: LoopbackDeployment,
+    spec_path: Path,
+    timeout: float = 3600.0,
+    app_dir: Path = APP_DIR,
 ) -> dict:
-    """Submit the Flower app with run spec ``spec_path``; wait until it ends; return its row
-    from ``flwr list``. A failed run raises with the run's log."""
+    """Submit the Flower app in ``app_dir`` with run spec ``spec_path``; wait until it ends;
+    return its row from ``flwr list``. A failed run raises with the run's log."""
     submitted = _flwr(
         deployment,
         [
             "run",
-            str(APP_DIR),
+            str(app_dir),
             CONNECTION,
             "--run-config",
             f'spec="{Path(spec_path).resolve()}"',

@@ -93,7 +93,12 @@ def federate_on_flower(
     """
     import json
 
-    from pipelines.federated.flower_deploy import LoopbackDeployment, run_flower_job
+    from pipelines.federated.flower_deploy import (
+        APP_DIR,
+        SECAGG_APP_DIR,
+        LoopbackDeployment,
+        run_flower_job,
+    )
     from pipelines.models.encoder import Classifier, build_encoder, load_classifier
     from pipelines.models.systems import pl
 
@@ -115,7 +120,8 @@ def federate_on_flower(
     (work_dir / "spec.json").write_text(json.dumps(spec))
     with LoopbackDeployment(shards, work_dir / "home") as deployment:
         log.info("Flower deployment up: SuperLink + %d SuperNodes on 127.0.0.1", len(shards))
-        run_flower_job(deployment, work_dir / "spec.json")
+        app_dir = SECAGG_APP_DIR if p.secure_aggregation else APP_DIR
+        run_flower_job(deployment, work_dir / "spec.json", app_dir=app_dir)
     history = json.loads((work_dir / "out" / "history.json").read_text())
     return load_classifier(work_dir / "out"), history
 

@@ -95,3 +95,43 @@ def test_flower_loopback_matches_the_simulation_round_by_round(tmp_path: Path):
     # nothing of the Flower run is left in the workspace but its outputs
     assert not [p for p in (paths.root / ".lepton").iterdir() if p.name.startswith("flower-")]
     assert json.loads((paths.model_dir("federate") / "model.json").read_text())["num_classes"] == 10
+
+
+def test_secure_aggregation_gives_the_plain_mean(tmp_path: Path):
+    """SecAgg+ masks each update; the server's mean equals FedAvg's up to SecAgg's
+    quantization. (No class-mean head with SecAgg: it needs per-client statistics.)"""
+    from pipelines.federated.fedavg import run_federation
+    from pipelines.io import read_image_table
+    from pipelines.models.encoder import Classifier, build_encoder, load_encoder
+    from pipelines.models.systems import pl
+
+    paths = make_workspace(tmp_path / "ws")
+    base = FederateParams(rounds=2, local_epochs=1, batch_size=64)
+    params = Params(
+        common=CommonParams(seed=0, device="cpu"),
+        federate=base.model_copy(update={"runtime": "flower", "secure_aggregation": True}),
+    )
+    metrics = federate.run(params, paths, Tracker())
+    rows = (paths.model_dir("federate") / "rounds.csv").read_text().splitlines()[1:]
+    secure = [(float(r.split(",")[1]), float(r.split(",")[2])) for r in rows]
+
+    # the same start model the stage builds, federated in process without the head init
+    encoder = load_encoder(paths.model_dir("pretrain"))
+    pl.seed_everything(0, verbose=False)
+    start = build_encoder(encoder.config)
+    start.load_state_dict(encoder.state_dict())
+    model = Classifier(start, 10)
+    clients = [read_image_table(p) for p in sorted((paths.partitions / "clients").glob("*"))]
+    _, plain = run_federation(
+        model.config,
+        model.state_dict(),
+        clients,
+        read_image_table(paths.partitions / "val.parquet"),
+        base,
+        0,
+        "cpu",
+    )
+    assert metrics["rounds"] == 2 and len(secure) == 2
+    for (accuracy, loss), row in zip(secure, plain, strict=True):
+        assert loss == pytest.approx(row["train_loss"], abs=1e-3)
+        assert accuracy == pytest.approx(row["val_accuracy"], abs=0.01)
