@@ -21,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines.config import CommonParams, FederateParams, Params  # noqa: E402
-from pipelines.io import ImageTable, Paths, save_weights, write_image_table  # noqa: E402
+from pipelines.io import Paths  # noqa: E402
+from tests.conftest import make_federation_workspace  # noqa: E402
 
 
 class _Tracker:
@@ -46,24 +45,9 @@ class _Tracker:
 
 def make_workspace(root: Path, clients: int) -> Paths:
     """Digits: val (300 rows) and ``clients`` IID shards of the rest; an untrained encoder."""
-    import torch
-    from sklearn.datasets import load_digits
-
-    from pipelines.models.encoder import Encoder
-
-    data = load_digits()
-    table = ImageTable((data.images / 16.0).astype(np.float32), data.target.astype(np.int64), 10)
-    order = np.random.default_rng(0).permutation(len(table))
-    paths = Paths(root)
-    (paths.partitions / "clients").mkdir(parents=True)
-    write_image_table(table.subset(order[:300]), paths.partitions / "val.parquet")
-    for k, rows in enumerate(np.array_split(order[300:], clients)):
-        write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
-    torch.manual_seed(0)
-    encoder = Encoder(embedding_dim=64)
-    paths.model_dir("pretrain").mkdir(parents=True)
-    save_weights(encoder, paths.model_dir("pretrain"), encoder.config, name="encoder")
-    return paths
+    return make_federation_workspace(
+        root, clients, val_rows=300, rows_per_client=None, embedding_dim=64, shuffle_seed=0
+    )
 
 
 def main() -> int:

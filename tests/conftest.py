@@ -70,3 +70,41 @@ def workspace(tmp_path: Path) -> Path:
 def tiny_workspace(tmp_path: Path) -> Path:
     """A fresh workspace with params small enough for a fast whole-pipeline run."""
     return make_workspace(tmp_path / "ws", TINY_OVERRIDES)
+
+
+def make_federation_workspace(
+    root: Path,
+    clients: int = 3,
+    val_rows: int = 200,
+    rows_per_client: int | None = 150,
+    embedding_dim: int = 16,
+    shuffle_seed: int | None = None,
+):
+    """Digits as the federate stage reads them: ``val.parquet``, ``clients`` shards and an
+    untrained pretrain encoder (seeded). Rows are taken in order, or shuffled with
+    ``shuffle_seed``; ``rows_per_client=None`` splits every remaining row."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    from pipelines.io import ImageTable, Paths, save_weights, write_image_table
+    from pipelines.models.encoder import Encoder
+
+    data = load_digits()
+    table = ImageTable((data.images / 16.0).astype(np.float32), data.target.astype(np.int64), 10)
+    order = np.arange(len(table))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(table))
+    rest = order[val_rows:]
+    if rows_per_client is not None:
+        rest = rest[: clients * rows_per_client]
+    paths = Paths(root)
+    (paths.partitions / "clients").mkdir(parents=True)
+    write_image_table(table.subset(order[:val_rows]), paths.partitions / "val.parquet")
+    for k, rows in enumerate(np.array_split(rest, clients)):
+        write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
+    torch.manual_seed(0)
+    encoder = Encoder(embedding_dim=embedding_dim)
+    paths.model_dir("pretrain").mkdir(parents=True)
+    save_weights(encoder, paths.model_dir("pretrain"), encoder.config, name="encoder")
+    return paths

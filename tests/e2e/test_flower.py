@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from pipelines.config import CommonParams, FederateParams, Params
 from pipelines.federated.flower_deploy import flower_bin
-from pipelines.io import ImageTable, Paths, read_json, save_weights, write_image_table
+from pipelines.io import read_json
 from pipelines.stages import federate
+from tests.conftest import make_federation_workspace
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,28 +43,8 @@ class Tracker:
         pass
 
 
-def make_workspace(root: Path) -> Paths:
-    from sklearn.datasets import load_digits
-
-    from pipelines.models.encoder import Encoder
-
-    data = load_digits()
-    table = ImageTable((data.images / 16.0).astype(np.float32), data.target.astype(np.int64), 10)
-    paths = Paths(root)
-    (paths.partitions / "clients").mkdir(parents=True)
-    write_image_table(table.subset(np.arange(200)), paths.partitions / "val.parquet")
-    for k in range(3):
-        rows = np.arange(200 + 150 * k, 350 + 150 * k)
-        write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
-    torch.manual_seed(0)
-    encoder = Encoder(embedding_dim=16)
-    paths.model_dir("pretrain").mkdir(parents=True)
-    save_weights(encoder, paths.model_dir("pretrain"), encoder.config, name="encoder")
-    return paths
-
-
 def test_flower_loopback_matches_the_simulation_round_by_round(tmp_path: Path):
-    paths = make_workspace(tmp_path / "ws")
+    paths = make_federation_workspace(tmp_path / "ws")
     base = FederateParams(rounds=2, local_epochs=1, batch_size=64)
     results = {}
     for runtime in ("simulation", "flower"):
@@ -105,7 +84,7 @@ def test_secure_aggregation_gives_the_plain_mean(tmp_path: Path):
     from pipelines.models.encoder import Classifier, build_encoder, load_encoder
     from pipelines.models.systems import pl
 
-    paths = make_workspace(tmp_path / "ws")
+    paths = make_federation_workspace(tmp_path / "ws")
     base = FederateParams(rounds=2, local_epochs=1, batch_size=64)
     params = Params(
         common=CommonParams(seed=0, device="cpu"),

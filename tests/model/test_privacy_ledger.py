@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from pipelines.config import (
     CommonParams,
@@ -19,10 +17,11 @@ from pipelines.config import (
 )
 from pipelines.federated.fedavg import FederationError
 from pipelines.federated.privacy import PrivacyBudgetError
-from pipelines.io import ImageTable, Paths, read_json, save_weights, write_image_table
+from pipelines.io import Paths, read_json
 from pipelines.stages import federate
 from pipelines.stages.register import evaluate_gates
 from pipelines.tracking import client, stage_run
+from tests.conftest import make_federation_workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -30,24 +29,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> Path:
     """Three digits clients, val, and an untrained pretrain encoder, with its own MLflow."""
-    from sklearn.datasets import load_digits
-
-    from pipelines.models.encoder import Encoder
-
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("LEPTON_PIPELINE_RUN", "test-ledger")
-    data = load_digits()
-    table = ImageTable((data.images / 16.0).astype(np.float32), data.target.astype(np.int64), 10)
-    paths = Paths(tmp_path)
-    (paths.partitions / "clients").mkdir(parents=True)
-    write_image_table(table.subset(np.arange(200)), paths.partitions / "val.parquet")
-    for k in range(3):
-        rows = np.arange(200 + 150 * k, 350 + 150 * k)
-        write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
-    torch.manual_seed(0)
-    encoder = Encoder(embedding_dim=16)
-    paths.model_dir("pretrain").mkdir(parents=True)
-    save_weights(encoder, paths.model_dir("pretrain"), encoder.config, name="encoder")
+    make_federation_workspace(tmp_path)
     return tmp_path
 
 
