@@ -139,8 +139,8 @@ def client_class_statistics(
     Returns ``sums`` ``(num_classes, d)``: per-class sums of unit-normalised embeddings,
     ``counts`` ``(num_classes,)``: rows per class, ``norm_sum``: sum of embedding norms.
     """
+    from pipelines.models.devices import resolve_accelerator
     from pipelines.models.probes import extract_features
-    from pipelines.models.systems import resolve_accelerator
 
     model = build_classifier(model_config)
     model.load_state_dict(global_state)
@@ -234,8 +234,8 @@ def round_learning_rate(params: FederateParams, round_index: int) -> float:
 
 def evaluate_accuracy(model: Classifier, table: ImageTable, device: str = "auto") -> float:
     """Accuracy of ``model`` on ``table``."""
+    from pipelines.models.devices import resolve_accelerator
     from pipelines.models.probes import predict_logits
-    from pipelines.models.systems import resolve_accelerator
 
     logits = predict_logits(model, table.images, device=resolve_accelerator(device))
     return float((logits.argmax(1) == table.labels).mean())

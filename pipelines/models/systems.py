@@ -27,8 +27,8 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from pipelines.errors import ConfigError
 from pipelines.models.augment import AugmentConfig, augment
+from pipelines.models.devices import resolve_accelerator
 from pipelines.models.encoder import Classifier, Encoder, ProjectionHead
 from pipelines.models.losses import NTXentLoss
 
@@ -46,19 +46,6 @@ _LIGHTNING_LOGGERS = (
     "lightning_fabric",
     "pytorch_lightning",
 )
-
-
-def resolve_accelerator(device: str) -> str:
-    """'cuda' or 'cpu' for ``common.device`` ('auto' picks CUDA when one is present)."""
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("common.device is 'cuda' but no CUDA device is available")
-        return "cuda"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    raise ConfigError(f"common.device must be auto, cpu or cuda, got '{device}'")
 
 
 def _quiet_lightning() -> None:

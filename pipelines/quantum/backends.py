@@ -68,17 +68,6 @@ class AerSettings:
         return self.depolarizing_1q > 0 or self.depolarizing_2q > 0
 
 
-def resolve_device(device: str) -> torch.device:
-    """A torch device for ``common.device`` ('auto' picks CUDA when present)."""
-    from pipelines.errors import ConfigError
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("common.device is 'cuda' but no CUDA device is available")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _counting(estimator_class: type) -> type:
     """A subclass of ``estimator_class`` whose ``run`` counts the results it computes."""
 

@@ -77,8 +77,8 @@ def probe_encoder(
 ) -> dict[str, float]:
     """``val_knn_accuracy`` and ``val_linear_probe_accuracy`` of ``encoder``'s features,
     probes fitted on ``labeled``."""
+    from pipelines.models.devices import resolve_accelerator
     from pipelines.models.probes import extract_features, knn_accuracy, linear_probe_accuracy
-    from pipelines.models.systems import resolve_accelerator
 
     accelerator = resolve_accelerator(device)
     train_feats = extract_features(encoder, labeled.images, device=accelerator)

@@ -111,7 +111,9 @@ def train_quantum_heads(
     the same ``params.train_samples`` stratified rows (all when null) with the same seed
     (same init draws, same batches). Pure apart from logging; features are ``(n, d)``.
     """
-    from pipelines.quantum.backends import resolve_device
+    import torch
+
+    from pipelines.models.devices import resolve_accelerator
     from pipelines.quantum.circuits import circuit_stats
     from pipelines.quantum.hybrid import (
         AngleEncoder,
@@ -126,7 +128,7 @@ def train_quantum_heads(
     train_labels = np.asarray(train_labels, dtype=np.int64)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), val_labels.max(), test_labels.max())) + 1
-    torch_device = resolve_device(device) if params.backend == "torch" else None
+    torch_device = torch.device(resolve_accelerator(device)) if params.backend == "torch" else None
     encoder = AngleEncoder.fit(train_features, params.n_qubits)
     size = params.train_samples or len(train_labels)
     index = stratified_subsample(train_labels, size, seed)
