@@ -72,14 +72,11 @@ def load_table():
     return ImageTable((data.images / 16.0).astype(np.float32), data.target.astype(np.int64), 10)
 
 
-def start_state(encoder, clients, num_classes: int):
+def start_state(encoder, clients, num_classes: int, seed: int):
     """Classifier from the pretrained encoder with its head set from class means."""
-    from pipelines.federated.fedavg import init_head_from_class_means
-    from pipelines.models.encoder import Classifier, build_encoder
+    from pipelines.federated.fedavg import init_head_from_class_means, start_classifier
 
-    copy = build_encoder(encoder.config)
-    copy.load_state_dict(encoder.state_dict())
-    model = Classifier(copy, num_classes)
+    model = start_classifier(encoder, num_classes, seed)
     return model.config, init_head_from_class_means(
         model.config, model.state_dict(), clients, "cpu"
     )
@@ -265,7 +262,7 @@ def main() -> int:
     for split, settings in SPLITS.items():
         parts = partition(table, PartitionParams(num_clients=args.clients, **settings), args.seed)
         clients, val, test = parts["clients"], parts["val"], parts["test"]
-        config, state = start_state(encoder, clients, table.num_classes)
+        config, state = start_state(encoder, clients, table.num_classes, args.seed)
         result: dict = {"client_rows": [len(c) for c in clients], "strategies": {}}
         for name, overrides in STRATEGIES.items():
             print(f"{split}: {name} ...", file=sys.stderr, flush=True)

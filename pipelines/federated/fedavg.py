@@ -16,7 +16,9 @@ apart in the first rounds.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,8 @@ from pipelines.federated.strategies import (
 )
 from pipelines.io import ImageTable
 from pipelines.models.encoder import Classifier, build_classifier, to_tensor
+
+log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 RoundHook = Callable[[int, dict[str, float]], None]
@@ -191,26 +195,44 @@ def class_mean_head(
     return weight.float(), bias.float(), present
 
 
-def init_head_from_class_means(
-    model_config: dict[str, Any],
-    state: Mapping[str, torch.Tensor],
-    clients: list[ImageTable],
-    device: str = "auto",
+def with_class_mean_head(
+    state: Mapping[str, torch.Tensor], statistics: list[Mapping[str, torch.Tensor]]
 ) -> StateDict:
-    """``state`` with its head set from federated class means (one pass over each client).
-
-    Classes no client holds keep their initial weights and get a zero bias.
-    """
-    statistics = [
-        client_class_statistics(state, client, device, model_config=model_config)
-        for client in clients
-    ]
+    """A copy of ``state`` with its head set by :func:`class_mean_head` from the clients'
+    :func:`client_class_statistics`; classes no client holds keep their initial weights and
+    get a zero bias."""
     weight, bias, present = class_mean_head(statistics)
     new_state = {k: v.detach().cpu().clone() for k, v in state.items()}
     head_weight, head_bias = new_state["head.weight"], new_state["head.bias"]
     head_weight[present] = weight[present].to(head_weight.dtype)
     head_bias.copy_(bias.to(head_bias.dtype))
     return new_state
+
+
+def init_head_from_class_means(
+    model_config: dict[str, Any],
+    state: Mapping[str, torch.Tensor],
+    clients: list[ImageTable],
+    device: str = "auto",
+) -> StateDict:
+    """``state`` with its head set from federated class means (one pass over each client)."""
+    statistics = [
+        client_class_statistics(state, client, device, model_config=model_config)
+        for client in clients
+    ]
+    return with_class_mean_head(state, statistics)
+
+
+def start_classifier(encoder: torch.nn.Module, num_classes: int, seed: int) -> Classifier:
+    """The classifier a federation starts from: a copy of ``encoder`` and a new head, drawn
+    after seeding every generator with ``seed`` (the same start on every runtime)."""
+    from pipelines.models.encoder import build_encoder
+    from pipelines.models.systems import pl
+
+    pl.seed_everything(seed, verbose=False)
+    start = build_encoder(encoder.config)
+    start.load_state_dict(encoder.state_dict())
+    return Classifier(start, num_classes)
 
 
 def clients_per_round(num_clients: int, fraction: float) -> int:
@@ -272,8 +294,6 @@ def collect_updates(
     trainer: ClientTrainer,
 ) -> RoundUpdates:
     """Train each chosen client; a client that raises or exceeds the timeout is dropped."""
-    import time
-
     result = RoundUpdates()
     for index in chosen:
         started = time.perf_counter()
@@ -360,9 +380,6 @@ def run_federation(
     epochs), ``epsilon`` (DP only: ε after this round). ``on_round(round, row)`` is called
     after each round; rejections and drops are logged with client and reason.
     """
-    import logging
-
-    log = logging.getLogger(__name__)
     if not clients:
         raise ValueError("federation needs at least one client")
     rounds, sample_rate, _ = planned_rounds(params, len(clients))

@@ -118,9 +118,9 @@ def make_server_app():
     from pipelines.config import FederateParams
     from pipelines.federated.fedavg import (
         RoundUpdates,
-        class_mean_head,
         client_seed,
         run_federation,
+        with_class_mean_head,
     )
     from pipelines.federated.strategies import Rejection, flatten_update
     from pipelines.io import read_image_table, save_weights, write_json
@@ -160,10 +160,7 @@ def make_server_app():
         by_index = {int(r.content["info"]["client-index"]): r for r in replies}
         order = [by_index[i].metadata.src_node_id for i in sorted(by_index)]
         stats = [by_index[i].content["arrays"].to_torch_state_dict() for i in sorted(by_index)]
-        weight, bias, present = class_mean_head(stats)
-        head_weight, head_bias = state["head.weight"], state["head.bias"]
-        head_weight[present] = weight[present].to(head_weight.dtype)
-        head_bias.copy_(bias.to(head_bias.dtype))
+        state = with_class_mean_head(state, stats)
 
         def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
             messages = [

@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -221,16 +220,3 @@ def run_flower_job(
             return row
         time.sleep(2.0)
     raise FlowerRuntimeError(f"Flower run {run_id} still {status or 'pending'} after {timeout} s")
-
-
-def main() -> int:
-    """``python -m pipelines.federated.flower_deploy SPEC SHARD...``: one loopback run."""
-    spec, *shards = sys.argv[1:]
-    home = Path(json.loads(Path(spec).read_text())["out"]).parent / "flower-home"
-    with LoopbackDeployment([Path(s) for s in shards], home) as deployment:
-        print(json.dumps(run_flower_job(deployment, Path(spec))))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -88,7 +88,11 @@ def make_secagg_server_app():
     from safetensors.torch import load_file
 
     from pipelines.config import FederateParams
-    from pipelines.federated.fedavg import evaluate_accuracy, round_learning_rate
+    from pipelines.federated.fedavg import (
+        clients_per_round,
+        evaluate_accuracy,
+        round_learning_rate,
+    )
     from pipelines.io import read_image_table, save_weights, write_json
     from pipelines.models.encoder import build_classifier
 
@@ -155,7 +159,7 @@ def make_secagg_server_app():
                 fit_summary.clear()
             return 0.0, {}
 
-        sampled = max(1, round(params.client_fraction * clients))
+        sampled = clients_per_round(clients, params.client_fraction)
         strategy = FedAvg(
             fraction_fit=params.client_fraction,
             fraction_evaluate=0.0,

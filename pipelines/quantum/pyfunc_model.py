@@ -15,21 +15,15 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
-def hybrid_logits(encoder, head, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+def hybrid_logits(encoder, head, images: np.ndarray) -> np.ndarray:
     """Logits of images ``(n, 1, h, w)`` (or ``(n, h, w)``) through the encoder and head."""
-    import torch
-
+    from pipelines.models.probes import extract_features
     from pipelines.quantum.hybrid import predict_logits
 
     images = np.asarray(images, dtype=np.float32)
-    if images.ndim == 3:
-        images = images[:, None]
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            features = encoder(torch.from_numpy(images[start : start + batch_size])).numpy()
-            parts.append(predict_logits(head, features))
-    return np.concatenate(parts) if parts else np.zeros((0, head.readout.out_features))
+    if images.ndim == 4:
+        images = images[:, 0]
+    return predict_logits(head, extract_features(encoder, images))
 
 
 class HybridClassifierModel(PythonModel):

@@ -59,14 +59,13 @@ def federate(
     ``history`` has one row per round (see :func:`pipelines.federated.fedavg.run_federation`).
     The model is on CPU, eval mode.
     """
-    from pipelines.federated.fedavg import init_head_from_class_means, run_federation
-    from pipelines.models.encoder import Classifier, build_encoder
-    from pipelines.models.systems import pl
+    from pipelines.federated.fedavg import (
+        init_head_from_class_means,
+        run_federation,
+        start_classifier,
+    )
 
-    pl.seed_everything(seed, verbose=False)
-    start = build_encoder(encoder.config)
-    start.load_state_dict(encoder.state_dict())
-    model = Classifier(start, val.num_classes)
+    model = start_classifier(encoder, val.num_classes, seed)
     state = init_head_from_class_means(model.config, model.state_dict(), clients, device)
     return run_federation(model.config, state, clients, val, p, seed, device, on_round)
 
@@ -93,19 +92,16 @@ def federate_on_flower(
     """
     import json
 
+    from pipelines.federated.fedavg import start_classifier
     from pipelines.federated.flower_deploy import (
         APP_DIR,
         SECAGG_APP_DIR,
         LoopbackDeployment,
         run_flower_job,
     )
-    from pipelines.models.encoder import Classifier, build_encoder, load_classifier
-    from pipelines.models.systems import pl
+    from pipelines.models.encoder import load_classifier
 
-    pl.seed_everything(seed, verbose=False)
-    start = build_encoder(encoder.config)
-    start.load_state_dict(encoder.state_dict())
-    model = Classifier(start, read_image_table(val_path).num_classes)
+    model = start_classifier(encoder, read_image_table(val_path).num_classes, seed)
     save_weights(model, work_dir, model.config, name="start")
     spec = {
         "federate": p.model_dump(mode="json"),

@@ -79,10 +79,9 @@ def test_flower_loopback_matches_the_simulation_round_by_round(tmp_path: Path):
 def test_secure_aggregation_gives_the_plain_mean(tmp_path: Path):
     """SecAgg+ masks each update; the server's mean equals FedAvg's up to SecAgg's
     quantization. (No class-mean head with SecAgg: it needs per-client statistics.)"""
-    from pipelines.federated.fedavg import run_federation
+    from pipelines.federated.fedavg import run_federation, start_classifier
     from pipelines.io import read_image_table
-    from pipelines.models.encoder import Classifier, build_encoder, load_encoder
-    from pipelines.models.systems import pl
+    from pipelines.models.encoder import load_encoder
 
     paths = make_federation_workspace(tmp_path / "ws")
     base = FederateParams(rounds=2, local_epochs=1, batch_size=64)
@@ -95,11 +94,7 @@ def test_secure_aggregation_gives_the_plain_mean(tmp_path: Path):
     secure = [(float(r.split(",")[1]), float(r.split(",")[2])) for r in rows]
 
     # the same start model the stage builds, federated in process without the head init
-    encoder = load_encoder(paths.model_dir("pretrain"))
-    pl.seed_everything(0, verbose=False)
-    start = build_encoder(encoder.config)
-    start.load_state_dict(encoder.state_dict())
-    model = Classifier(start, 10)
+    model = start_classifier(load_encoder(paths.model_dir("pretrain")), 10, seed=0)
     clients = [read_image_table(p) for p in sorted((paths.partitions / "clients").glob("*"))]
     _, plain = run_federation(
         model.config,
