@@ -14,10 +14,12 @@ class-mean head. Beside them:
 - **DP**: FedAvg on the α = 0.5 split with client-level DP at ε ≤ 8 (δ = 1e-5): σ is the
   smallest noise multiplier whose ε after all rounds is within 8, clip norm C = the median
   L2 norm of the clients' updates in the first clean round;
-- **overhead**: the FedAvg run's wall time divided by the centralized run's (median of
-  three pairs);
-- **learning rates**: FedAvg and centralized on the α = 0.5 split at client learning rates
-  0.001, 0.002 (the stage default) and 0.004.
+- **gap over seeds**: FedAvg minus centralized test accuracy on α = 0.5 for five seeds
+  (each its own split, start head and client seeds), for the defaults and the variants of
+  ``GAP_VARIANTS`` (batch size, client learning rate, rounds × local epochs, FedAdam);
+- **overhead**: the FedAvg run's wall time divided by that of the same local steps (the
+  clients' batches, in order) run as one centralized Lightning fit, median of seven pairs;
+  the ratio to the full-batch centralized run is reported beside it.
 
 Writes JSON, a Markdown table (``<out>.md``) and one accuracy-per-round plot per split
 (``<out stem>_<split>.png``).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -57,9 +60,22 @@ STRATEGIES = {
     "fedadam": {"strategy": "fedadam", "server_learning_rate": 0.01},
 }
 TARGET_EPSILON, DELTA = 8.0, 1e-5
-# FedAvg vs centralized on dirichlet_0.5 at each client learning rate (the stage default is 0.002)
-LEARNING_RATES = (0.001, 0.002, 0.004)
-OVERHEAD_REPEATS = 3
+# FedAvg vs centralized on dirichlet_0.5 over these seeds (each: its own split, start head and
+# client seeds; one pretrained encoder), for the defaults and these variants
+GAP_SEEDS = (42, 1, 2, 3, 4)
+GAP_VARIANTS = {
+    "fedavg (defaults: batch 16, client lr 0.002)": {},
+    "fedavg, batch 8": {"batch_size": 8},
+    "fedavg, batch 32": {"batch_size": 32},
+    "fedavg, batch 32, client lr 0.001": {"batch_size": 32, "learning_rate": 0.001},
+    "fedavg, batch 32, 24 rounds x 1 local epoch": {
+        "batch_size": 32,
+        "rounds": 24,
+        "local_epochs": 1,
+    },
+    "fedadam (server lr 0.01)": {"strategy": "fedadam", "server_learning_rate": 0.01},
+}
+OVERHEAD_REPEATS = 7
 
 
 def load_table():
@@ -137,6 +153,144 @@ def run_centralized(config, state, clients, val, test, params: FederateParams, s
     }
 
 
+def gap_over_seeds(encoder, table, params: FederateParams, args) -> dict:
+    """FedAvg (and variants) minus centralized test accuracy on Dirichlet α = 0.5, for each
+    of ``GAP_SEEDS`` (the seed draws the split, the start head and the client seeds); the
+    centralized run uses the variant's client learning rate, epochs and batch size."""
+    from pipelines.models.systems import pl
+    from pipelines.stages.partition import partition
+
+    split = SPLITS["dirichlet_0.5"]
+    starts = {}
+    for seed in GAP_SEEDS:
+        parts = partition(table, PartitionParams(num_clients=args.clients, **split), seed)
+        starts[seed] = (parts, *start_state(encoder, parts["clients"], table.num_classes, seed))
+    centralized: dict[tuple, float] = {}
+    result = {"seeds": list(GAP_SEEDS), "variants": {}}
+    for name, overrides in GAP_VARIANTS.items():
+        variant = params.model_copy(update=overrides)
+        rows = []
+        for seed in GAP_SEEDS:
+            print(f"gap over seeds: {name}, seed {seed} ...", file=sys.stderr, flush=True)
+            parts, config, state = starts[seed]
+            clients, val, test = parts["clients"], parts["val"], parts["test"]
+            pl.seed_everything(seed, verbose=False)
+            fed = run_federated(config, state, clients, val, test, variant, seed)
+            key = (
+                seed,
+                variant.learning_rate,
+                variant.rounds * variant.local_epochs,
+                variant.batch_size,
+            )
+            if key not in centralized:
+                centralized[key] = run_centralized(config, state, clients, val, test, variant, 0)[
+                    "test_accuracy"
+                ]
+            rows.append(
+                {
+                    "seed": seed,
+                    "federated_test_accuracy": fed["test_accuracy"],
+                    "centralized_test_accuracy": centralized[key],
+                    "gap_points": round(100 * (fed["test_accuracy"] - centralized[key]), 2),
+                }
+            )
+        gaps = [row["gap_points"] for row in rows]
+        result["variants"][name] = {
+            "overrides": overrides,
+            "runs": rows,
+            "mean_gap_points": round(float(np.mean(gaps)), 2),
+            "sd_gap_points": round(float(np.std(gaps, ddof=1)), 2),
+        }
+    return result
+
+
+def client_batches(clients, params: FederateParams, seed: int) -> list[list[int]]:
+    """Every local step of a federated run, in order, as row indices into the union of the
+    clients: round by round, each sampled client's shuffled batches for each local epoch
+    (the same seeds and sampler as :func:`~pipelines.federated.fedavg.train_client`)."""
+    import torch
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from pipelines.federated.fedavg import client_seed, sample_clients
+
+    offsets = np.cumsum([0] + [len(c) for c in clients])
+    rng = np.random.default_rng(seed)
+    batches: list[list[int]] = []
+    for round_index in range(1, params.rounds + 1):
+        for index in sample_clients(len(clients), params.client_fraction, rng):
+            if len(clients[index]) == 0:
+                continue
+            generator = torch.Generator().manual_seed(client_seed(seed, round_index, index))
+            sampler = BatchSampler(
+                RandomSampler(range(len(clients[index])), generator=generator),
+                batch_size=params.batch_size,
+                drop_last=False,
+            )
+            for _ in range(params.local_epochs):
+                batches += [[offsets[index] + i for i in batch] for batch in sampler]
+    return batches
+
+
+def run_same_steps(config, state, clients, params: FederateParams, seed: int) -> dict:
+    """The federated run's local steps (same batches, same order) as one centralized
+    Lightning fit: the baseline for the simulation overhead."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipelines.models.encoder import build_classifier, to_tensor
+    from pipelines.models.systems import ClassifierSystem, make_trainer
+
+    images = to_tensor(np.concatenate([c.images for c in clients]))
+    labels = torch.from_numpy(np.concatenate([c.labels for c in clients]).astype(np.int64))
+    batches = client_batches(clients, params, seed)
+    started = time.perf_counter()
+    model = build_classifier(config)
+    model.load_state_dict(state)
+    loader = DataLoader(TensorDataset(images, labels), sampler=batches, batch_size=None)
+    system = ClassifierSystem(model, learning_rate=params.learning_rate)
+    make_trainer(1, "cpu").fit(system, loader)
+    return {"steps": len(batches), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def measure_overhead(config, state, clients, val, test, params: FederateParams, args) -> dict:
+    """Wall time of the FedAvg run over :func:`run_same_steps` (its local steps as one
+    centralized fit), median of ``OVERHEAD_REPEATS`` pairs, the order alternating within
+    pairs; the full-batch centralized run (same sample-gradient steps, fewer and fuller
+    batches) is timed beside them."""
+    pairs = []
+    for repeat in range(OVERHEAD_REPEATS):
+        print(f"overhead pair {repeat + 1} of {OVERHEAD_REPEATS} ...", file=sys.stderr, flush=True)
+        timed = {}
+        runs = {
+            "federated": lambda: run_federated(
+                config, state, clients, val, test, params, args.seed
+            ),
+            "same_steps": lambda: run_same_steps(config, state, clients, params, args.seed),
+        }
+        for name in sorted(runs, reverse=repeat % 2 == 1):
+            timed[name] = runs[name]()["seconds"]
+        timed["centralized"] = run_centralized(config, state, clients, val, test, params, 0)[
+            "seconds"
+        ]
+        pairs.append(timed)
+    ratios = [p["federated"] / p["same_steps"] for p in pairs]
+    middle = sorted(range(len(pairs)), key=lambda i: ratios[i])[len(pairs) // 2]
+    full_batch = [p["federated"] / p["centralized"] for p in pairs]
+    return {
+        "federated_seconds": pairs[middle]["federated"],
+        "same_steps_seconds": pairs[middle]["same_steps"],
+        "steps": len(client_batches(clients, params, args.seed)),
+        "ratio": round(ratios[middle], 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "full_batch_centralized_steps": math.ceil(sum(len(c) for c in clients) / params.batch_size)
+        * params.rounds
+        * params.local_epochs,
+        "ratio_vs_full_batch_centralized": round(float(np.median(full_batch)), 3),
+        "ratios_vs_full_batch_centralized": [round(r, 3) for r in full_batch],
+        "pairs": pairs,
+    }
+
+
 def median_update_norm(config, state, clients, params: FederateParams, seed: int) -> float:
     """Median L2 norm of the clients' updates in one clean round (the DP clip norm)."""
     from pipelines.federated.fedavg import client_seed, train_client
@@ -202,14 +356,15 @@ def markdown(payload: dict) -> str:
         )
     lines += [
         "",
-        "| client learning rate (dirichlet_0.5) | FedAvg | centralized | FedAvg − centralized |",
-        "| ---: | ---: | ---: | ---: |",
+        f"| dirichlet_0.5, seeds {', '.join(map(str, GAP_SEEDS))} | mean gap (points) | sd |"
+        + " per seed |",
+        "| --- | ---: | ---: | --- |",
     ]
-    for row in payload["learning_rate_sweep"]:
-        gap = 100 * (row["fedavg_test_accuracy"] - row["centralized_test_accuracy"])
+    for name, variant in payload["gap_over_seeds"]["variants"].items():
+        per_seed = ", ".join(f"{row['gap_points']:+.2f}" for row in variant["runs"])
         lines.append(
-            f"| {row['learning_rate']:g} | {row['fedavg_test_accuracy']:.4f}"
-            f" | {row['centralized_test_accuracy']:.4f} | {gap:+.2f} points |"
+            f"| {name} | {variant['mean_gap_points']:+.2f} | {variant['sd_gap_points']:.2f}"
+            f" | {per_seed} |"
         )
     dp = payload["dp"]
     lines += [
@@ -217,11 +372,14 @@ def markdown(payload: dict) -> str:
         f"DP (FedAvg, dirichlet_0.5): ε = {dp['epsilon']:.3f} (δ = {DELTA:g}), σ = "
         f"{dp['noise_multiplier']:.3f}, C = {dp['clip_norm']:.3f}: test accuracy "
         f"{dp['test_accuracy']:.4f} vs {dp['without_dp_test_accuracy']:.4f} without DP.",
-        f"Simulation overhead (FedAvg, dirichlet_0.5, wall time / centralized with the same "
-        f"sample-gradient steps, median of {OVERHEAD_REPEATS} pairs "
-        f"{payload['overhead']['ratios']}): {payload['overhead']['ratio']:.2f}x "
-        f"({payload['overhead']['federated_seconds']:.1f} s / "
-        f"{payload['overhead']['centralized_seconds']:.1f} s).",
+        f"Simulation overhead (FedAvg, dirichlet_0.5, wall time / the same "
+        f"{payload['overhead']['steps']} local steps as one centralized fit, median of "
+        f"{OVERHEAD_REPEATS} pairs {payload['overhead']['ratios']}): "
+        f"{payload['overhead']['ratio']:.2f}x ({payload['overhead']['federated_seconds']:.1f} s"
+        f" / {payload['overhead']['same_steps_seconds']:.1f} s). Against the full-batch "
+        f"centralized run ({payload['overhead']['full_batch_centralized_steps']} steps, the "
+        f"same sample-gradient steps): "
+        f"{payload['overhead']['ratio_vs_full_batch_centralized']:.2f}x (median).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -243,6 +401,7 @@ def main() -> int:
     from pipelines.stages.partition import partition
     from pipelines.stages.pretrain import pretrain
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rounds = 2 if args.quick else args.rounds
     pretrain_params = PretrainParams(epochs=2) if args.quick else PretrainParams()
     table = load_table()
@@ -276,20 +435,7 @@ def main() -> int:
         plot(split, result, args.out.with_name(f"{args.out.stem}_{split}.png"))
 
         if split == "dirichlet_0.5":
-            payload["learning_rate_sweep"] = []
-            for rate in LEARNING_RATES:
-                print(f"{split}: FedAvg and centralized at lr {rate} ...", file=sys.stderr)
-                swept = params.model_copy(update={"learning_rate": rate})
-                pl.seed_everything(args.seed, verbose=False)
-                fed = run_federated(config, state, clients, val, test, swept, args.seed)
-                central = run_centralized(config, state, clients, val, test, swept, 0)
-                payload["learning_rate_sweep"].append(
-                    {
-                        "learning_rate": rate,
-                        "fedavg_test_accuracy": fed["test_accuracy"],
-                        "centralized_test_accuracy": central["test_accuracy"],
-                    }
-                )
+            payload["gap_over_seeds"] = gap_over_seeds(encoder, table, params, args)
             print(f"{split}: FedAvg with DP ...", file=sys.stderr, flush=True)
             clip = median_update_norm(config, state, clients, params, args.seed)
             sigma = smallest_noise_within(TARGET_EPSILON, rounds, 1.0)
@@ -303,23 +449,8 @@ def main() -> int:
                 "without_dp_test_accuracy": result["strategies"]["fedavg"]["test_accuracy"],
                 **run,
             }
-            # wall times vary run to run on a shared VM: the median of three pairs
-            pairs = []
-            for repeat in range(OVERHEAD_REPEATS):
-                print(f"{split}: overhead pair {repeat + 1} ...", file=sys.stderr, flush=True)
-                fed = run_federated(config, state, clients, val, test, params, args.seed)
-                central = run_centralized(config, state, clients, val, test, params, 0)
-                pairs.append((fed["seconds"], central["seconds"]))
-            ratios = [f / c for f, c in pairs]
-            middle = sorted(range(len(pairs)), key=lambda i: ratios[i])[len(pairs) // 2]
-            payload["overhead"] = {
-                "federated_seconds": pairs[middle][0],
-                "centralized_seconds": pairs[middle][1],
-                "ratio": ratios[middle],
-                "ratios": [round(r, 3) for r in ratios],
-            }
+            payload["overhead"] = measure_overhead(config, state, clients, val, test, params, args)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     table_md = markdown(payload)
     args.out.with_suffix(".md").write_text(table_md)

@@ -108,7 +108,7 @@ class FederateParams(_Section):
     secure_aggregation: bool = False
     rounds: int = Field(12, ge=1, le=10_000)
     local_epochs: int = Field(2, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=65536)
+    batch_size: int = Field(16, ge=1, le=65536)
     learning_rate: float = Field(0.002, gt=0.0, le=10.0)
     client_fraction: float = Field(1.0, gt=0.0, le=1.0)
     min_clients: int = Field(1, ge=1, le=100_000)
