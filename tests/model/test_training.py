@@ -91,12 +91,17 @@ def test_client_training_is_seeded(digits) -> None:
     model = Classifier(Encoder(embedding_dim=32), 10)
     p = FederateParams(local_epochs=1, batch_size=64)
     client = digits["client_000"]
-    a, n, loss = train_client(model.state_dict(), client, p, 5, "cpu", model_config=model.config)
-    b, _, _ = train_client(model.state_dict(), client, p, 5, "cpu", model_config=model.config)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    a, n, loss = train_client(start, client, p, 5, "cpu", model_config=model.config)
+    # another client in between: the reused module must carry nothing over
+    other, _, _ = train_client(a, digits["client_001"], p, 6, "cpu", model_config=model.config)
+    b, _, _ = train_client(start, client, p, 5, "cpu", model_config=model.config)
     assert n == len(client) and np.isfinite(loss)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+        assert torch.equal(start[key], model.state_dict()[key]), key  # input not trained in place
     assert not torch.equal(a["head.weight"], model.state_dict()["head.weight"])
+    assert not torch.equal(other["head.weight"], a["head.weight"])
 
 
 def test_saved_weights_reload_with_identical_logits(tmp_path: Path, digits) -> None:
