@@ -1,10 +1,10 @@
 """Federated rounds (FedAvg, FedProx, FedAdam, robust aggregators, DP), simulated in one process.
 
 :func:`train_client` is the one client step (a Lightning fit on the client's shard); it is
-shared by every runtime, this in-process loop and future ones such as Flower.
+shared by every runtime: this in-process loop and the Flower ClientApp.
 :func:`run_federation` is the round loop; the server side (screening, aggregation, server
 optimizer) lives in :mod:`pipelines.federated.strategies`, DP in
-:mod:`pipelines.federated.privacy`. :func:`fedavg` averages whole state dicts.
+:mod:`pipelines.federated.privacy`.
 
 Before the first round the new linear head can be set from federated class means of the
 pretrained features (FedNCM, Legate et al., 2023): each client sends per-class sums of its
@@ -57,37 +57,6 @@ FINAL_LR_FRACTION = 0.1
 # Logit scale of the class-mean head (see class_mean_head). Larger scales let the first local
 # steps overfit the clients' skewed labels (tried 2, 5, 10, 20 on digits).
 HEAD_INIT_SCALE = 5.0
-
-
-def fedavg(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> StateDict:
-    """Weighted average of state dicts (weights: the clients' sample counts).
-
-    Floating-point tensors are averaged (in float64, cast back to their dtype); integer
-    buffers (counters such as BatchNorm's ``num_batches_tracked``) cannot be averaged and are
-    copied from the first state.
-    """
-    if not states:
-        raise ValueError("fedavg needs at least one state dict")
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} state dicts but {len(weights)} weights")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
-    keys = list(states[0])
-    for index, state in enumerate(states[1:], start=1):
-        if set(state) != set(keys):
-            raise ValueError(f"state dict {index} has other keys than state dict 0")
-    total = float(sum(weights))
-    averaged: StateDict = {}
-    for key in keys:
-        first = states[0][key]
-        if first.is_floating_point():
-            acc = torch.zeros(first.shape, dtype=torch.float64)
-            for state, weight in zip(states, weights, strict=True):
-                acc += state[key].detach().cpu().double() * (weight / total)
-            averaged[key] = acc.to(first.dtype)
-        else:
-            averaged[key] = first.detach().cpu().clone()
-    return averaged
 
 
 def client_seed(seed: int, round_index: int, client_index: int) -> int:
