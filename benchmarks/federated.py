@@ -16,7 +16,9 @@ class-mean head. Beside them:
   L2 norm of the clients' updates in the first clean round;
 - **gap over seeds**: FedAvg minus centralized test accuracy on α = 0.5 for five seeds
   (each its own split, start head and client seeds), for the defaults and the variants of
-  ``GAP_VARIANTS`` (batch size, client learning rate, rounds × local epochs, FedAdam);
+  ``GAP_VARIANTS`` (batch size, client learning rate, rounds × local epochs, FedAdam,
+  partial participation; with partial participation the centralized run takes exactly the
+  federated run's number of sample-gradient steps);
 - **overhead**: the FedAvg run's wall time divided by that of the same local steps (the
   clients' batches, in order) run as one centralized Lightning fit, median of seven pairs;
   the ratio to the full-batch centralized run is reported beside it.
@@ -75,6 +77,8 @@ GAP_VARIANTS = {
         "local_epochs": 1,
     },
     "fedadam (server lr 0.01)": {"strategy": "fedadam", "server_learning_rate": 0.01},
+    "fedavg, half the clients per round, 24 rounds": {"client_fraction": 0.5, "rounds": 24},
+    "fedavg, 2 of 10 clients per round, 60 rounds": {"client_fraction": 0.2, "rounds": 60},
 }
 OVERHEAD_REPEATS = 7
 
@@ -117,12 +121,18 @@ def run_federated(config, state, clients, val, test, params: FederateParams, see
         "val_accuracy_per_round": [round(row["val_accuracy"], 4) for row in history],
         "test_accuracy": round(accuracy(model, test), 4),
         "seconds": round(seconds, 2),
+        "samples": int(sum(row["samples"] for row in history)),
         **({"epsilon": round(history[-1]["epsilon"], 4)} if "epsilon" in history[-1] else {}),
     }
 
 
-def run_centralized(config, state, clients, val, test, params: FederateParams, seed: int):
-    """One fit on the union of the clients for ``rounds × local_epochs`` epochs."""
+def run_centralized(
+    config, state, clients, val, test, params: FederateParams, seed: int, samples: int | None = None
+):
+    """One fit on the union of the clients: ``rounds × local_epochs`` epochs, or with
+    ``samples`` exactly that many sample-gradient steps (a partial-participation run's count):
+    successive seeded shuffles of the union in batches of ``params.batch_size``, the last
+    batch cut short."""
     from pipelines.federated.fedavg import train_client
     from pipelines.io import ImageTable
     from pipelines.models.encoder import build_classifier
@@ -134,14 +144,19 @@ def run_centralized(config, state, clients, val, test, params: FederateParams, s
     )
     epochs = params.rounds * params.local_epochs
     started = time.perf_counter()
-    trained, _, _ = train_client(
-        state,
-        union,
-        params.model_copy(update={"local_epochs": epochs}),
-        seed,
-        "cpu",
-        model_config=config,
-    )
+    if samples is None:
+        trained, _, _ = train_client(
+            state,
+            union,
+            params.model_copy(update={"local_epochs": epochs}),
+            seed,
+            "cpu",
+            model_config=config,
+        )
+    else:
+        epochs = round(samples / len(union), 3)
+        batches = shuffled_batches(len(union), samples, params.batch_size, seed)
+        trained = fit_batches(config, state, union.images, union.labels, batches, params)
     seconds = time.perf_counter() - started
     model = build_classifier(config)
     model.load_state_dict(trained)
@@ -152,6 +167,37 @@ def run_centralized(config, state, clients, val, test, params: FederateParams, s
         "test_accuracy": round(accuracy(model, test), 4),
         "seconds": round(seconds, 2),
     }
+
+
+def shuffled_batches(rows: int, samples: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Batches over ``rows`` rows, reshuffled every pass, until ``samples`` rows are used."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[list[int]] = []
+    left = samples
+    while left > 0:
+        order = torch.randperm(rows, generator=generator).tolist()[:left]
+        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        left -= len(order)
+    return batches
+
+
+def fit_batches(config, state, images, labels, batches, params: FederateParams) -> dict:
+    """One Lightning fit of the classifier over ``batches`` (row indices) in order, with the
+    clients' optimizer; returns the trained state."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipelines.models.encoder import build_classifier, to_tensor
+    from pipelines.models.systems import ClassifierSystem, make_trainer
+
+    model = build_classifier(config)
+    model.load_state_dict(state)
+    dataset = TensorDataset(to_tensor(images), torch.from_numpy(labels.astype(np.int64)))
+    loader = DataLoader(dataset, sampler=batches, batch_size=None)
+    make_trainer(1, "cpu").fit(ClassifierSystem(model, learning_rate=params.learning_rate), loader)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def gap_over_seeds(encoder, table, params: FederateParams, args) -> dict:
@@ -177,22 +223,26 @@ def gap_over_seeds(encoder, table, params: FederateParams, args) -> dict:
             clients, val, test = parts["clients"], parts["val"], parts["test"]
             pl.seed_everything(seed, verbose=False)
             fed = run_federated(config, state, clients, val, test, variant, seed)
+            # with every client in every round: rounds x local epochs; else the run's count
+            samples = fed["samples"] if variant.client_fraction < 1 else None
             key = (
                 seed,
                 variant.learning_rate,
                 variant.rounds * variant.local_epochs,
                 variant.batch_size,
+                samples,
             )
             if key not in centralized:
-                centralized[key] = run_centralized(config, state, clients, val, test, variant, 0)[
-                    "test_accuracy"
-                ]
+                centralized[key] = run_centralized(
+                    config, state, clients, val, test, variant, 0, samples
+                )["test_accuracy"]
             rows.append(
                 {
                     "seed": seed,
                     "federated_test_accuracy": fed["test_accuracy"],
                     "centralized_test_accuracy": centralized[key],
                     "gap_points": round(100 * (fed["test_accuracy"] - centralized[key]), 2),
+                    "samples": fed["samples"],
                 }
             )
         gaps = [row["gap_points"] for row in rows]
@@ -235,21 +285,11 @@ def client_batches(clients, params: FederateParams, seed: int) -> list[list[int]
 def run_same_steps(config, state, clients, params: FederateParams, seed: int) -> dict:
     """The federated run's local steps (same batches, same order) as one centralized
     Lightning fit: the baseline for the simulation overhead."""
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from pipelines.models.encoder import build_classifier, to_tensor
-    from pipelines.models.systems import ClassifierSystem, make_trainer
-
-    images = to_tensor(np.concatenate([c.images for c in clients]))
-    labels = torch.from_numpy(np.concatenate([c.labels for c in clients]).astype(np.int64))
+    images = np.concatenate([c.images for c in clients])
+    labels = np.concatenate([c.labels for c in clients])
     batches = client_batches(clients, params, seed)
     started = time.perf_counter()
-    model = build_classifier(config)
-    model.load_state_dict(state)
-    loader = DataLoader(TensorDataset(images, labels), sampler=batches, batch_size=None)
-    system = ClassifierSystem(model, learning_rate=params.learning_rate)
-    make_trainer(1, "cpu").fit(system, loader)
+    fit_batches(config, state, images, labels, batches, params)
     return {"steps": len(batches), "seconds": round(time.perf_counter() - started, 2)}
 
 
