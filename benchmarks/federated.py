@@ -258,11 +258,11 @@ def gap_over_seeds(encoder, table, params: FederateParams, args) -> dict:
 def client_batches(clients, params: FederateParams, seed: int) -> list[list[int]]:
     """Every local step of a federated run, in order, as row indices into the union of the
     clients: round by round, each sampled client's shuffled batches for each local epoch
-    (the same seeds and sampler as :func:`~pipelines.federated.fedavg.train_client`)."""
+    (the loader of :func:`~pipelines.federated.fedavg.train_client`, over row numbers)."""
     import torch
-    from torch.utils.data import BatchSampler, RandomSampler
 
     from pipelines.federated.fedavg import client_seed, sample_clients
+    from pipelines.models.systems import batch_loader
 
     offsets = np.cumsum([0] + [len(c) for c in clients])
     rng = np.random.default_rng(seed)
@@ -271,14 +271,13 @@ def client_batches(clients, params: FederateParams, seed: int) -> list[list[int]
         for index in sample_clients(len(clients), params.client_fraction, rng):
             if len(clients[index]) == 0:
                 continue
-            generator = torch.Generator().manual_seed(client_seed(seed, round_index, index))
-            sampler = BatchSampler(
-                RandomSampler(range(len(clients[index])), generator=generator),
+            loader = batch_loader(
+                torch.arange(len(clients[index])) + int(offsets[index]),
                 batch_size=params.batch_size,
-                drop_last=False,
+                seed=client_seed(seed, round_index, index),
             )
             for _ in range(params.local_epochs):
-                batches += [[offsets[index] + i for i in batch] for batch in sampler]
+                batches += [rows.tolist() for (rows,) in loader]
     return batches
 
 

@@ -51,15 +51,8 @@ _LIGHTNING_LOGGERS = (
 )
 
 
-@functools.cache
-def _quiet_lightning_loggers() -> None:
-    # once per process: each setLevel clears every logger's cache (about 0.15 ms apiece)
-    for name in _LIGHTNING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _quiet_lightning() -> None:
-    _quiet_lightning_loggers()
+def _quiet_lightning_warnings() -> None:
+    # every Trainer: pytest and other callers may reset the warning filters between fits
     # in-memory tensors: worker processes would only add start-up time
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # raised inside Lightning's own pytree helper on every fit with torch >= 2.10
@@ -88,7 +81,12 @@ def _load_external_callbacks_once(group: str) -> list[Any]:
     return callbacks
 
 
-def _read_callback_entry_points_once() -> None:
+@functools.cache
+def _prepare_lightning_once() -> None:
+    """Per-process Lightning set-up: quiet loggers (each ``setLevel`` clears every logger's
+    cache) and the entry-point scan of :func:`_load_external_callbacks_once`."""
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from pytorch_lightning.trainer.connectors import callback_connector
     except ImportError:  # the unified ``lightning`` package
@@ -105,8 +103,8 @@ def make_trainer(
     ``device`` is ``common.device``. Deterministic algorithms are switched on for CPU, where
     they cost nothing; on CUDA some backward kernels have no deterministic version.
     """
-    _quiet_lightning()
-    _read_callback_entry_points_once()
+    _prepare_lightning_once()
+    _quiet_lightning_warnings()
     accelerator = resolve_accelerator(device)
     return pl.Trainer(
         max_epochs=max_epochs,
