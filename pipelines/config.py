@@ -106,7 +106,7 @@ class DPParams(_Section):
 class FederateParams(_Section):
     runtime: Literal["simulation", "flower"] = "simulation"
     secure_aggregation: bool = False
-    rounds: int = Field(12, ge=1, le=10_000)
+    rounds: int = Field(36, ge=1, le=10_000)
     local_epochs: int = Field(2, ge=1, le=1000)
     batch_size: int = Field(16, ge=1, le=65536)
     learning_rate: float = Field(0.002, gt=0.0, le=10.0)

@@ -96,4 +96,4 @@ def test_lepton_run_refuses_bad_override_before_running(workspace: Path):
     )
     assert done.returncode != 0
     assert "federate.rounds" in done.stderr
-    assert "rounds: 12" in (workspace / "params.yaml").read_text()  # untouched
+    assert "rounds: 36 " in (workspace / "params.yaml").read_text()  # untouched
