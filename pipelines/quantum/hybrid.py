@@ -12,7 +12,8 @@ Both heads read the federated encoder's features ``(n, d)`` and share one layout
   mixing ``I + ½·shift``, tanh), ``n_qubits`` scales per layer: exactly as many trainable
   numbers as the ansatz has weights.
 
-The input map is learned. Both heads start it from the same PCA of the training features,
+The input map is learned and reads the features divided by their mean training norm
+(:func:`feature_scale`). Both heads start it from the same PCA of the training features,
 scaled so the training rows span ``[0, π]`` (:class:`AngleEncoder`), start their block and
 readout from the same seeded draws, see the same rows in the same order and take the same
 steps. Weights are safetensors; the trained circuit (ansatz weights bound, angles free) is
@@ -117,21 +118,51 @@ def _linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
     return layer
 
 
+def feature_scale(features: np.ndarray) -> float:
+    """Mean L2 norm of the rows of ``features`` (1.0 when there are none or all are zero):
+    the heads divide their input by it (see :class:`_Head`)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) == 0:
+        return 1.0
+    scale = float(np.linalg.norm(features, axis=1).mean())
+    return scale if scale > 1e-12 else 1.0
+
+
 class _Head(nn.Module):
-    """Input map → block → readout; subclasses set ``block`` and ``kind``."""
+    """Input map → block → readout; subclasses set ``block`` and ``kind``.
+
+    The input map reads ``features / input_scale`` (a fixed number saved in the head's
+    config; :func:`feature_scale` of the training features), so rows have a mean norm of 1.
+    Adam moves each weight of the map by about the learning rate per step, so without it
+    the angles' change per step grows with the features' scale: encoders trained longer
+    have larger embeddings, and the hybrid head's periodic block then stops learning.
+    """
 
     kind = ""
 
-    def __init__(self, in_features: int, n_qubits: int, num_classes: int, seed: int):
+    def __init__(
+        self,
+        in_features: int,
+        n_qubits: int,
+        num_classes: int,
+        seed: int,
+        input_scale: float = 1.0,
+    ):
         super().__init__()
+        if not input_scale > 0:
+            raise ValueError(f"input_scale must be positive, got {input_scale}")
+        self.input_scale = float(input_scale)
         self.input_map = _linear(in_features, n_qubits, seed + 2)
         self.readout = _linear(n_qubits, num_classes, seed + 1)
 
     def set_input_map(self, encoder: AngleEncoder) -> None:
-        """Start the input map at the PCA-to-angles map of ``encoder``."""
+        """Start the input map at the PCA-to-angles map of ``encoder`` (fitted on the raw
+        features; the weights absorb ``input_scale``)."""
         weight, bias = encoder.linear_map()
         with torch.no_grad():
-            self.input_map.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            self.input_map.weight.copy_(
+                torch.as_tensor(weight * self.input_scale, dtype=torch.float32)
+            )
             self.input_map.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
 
     def block(self, angles: torch.Tensor) -> torch.Tensor:
@@ -139,7 +170,8 @@ class _Head(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``(n, num_classes)`` of features ``(n, d)``."""
-        angles = self.input_map(features.to(self.input_map.weight.device))
+        x = features.to(self.input_map.weight.device)
+        angles = self.input_map(x / self.input_scale)
         hidden = self.block(angles)
         return self.readout(hidden.to(device=angles.device, dtype=self.readout.weight.dtype))
 
@@ -161,8 +193,9 @@ class HybridHead(_Head):
         feature_reps: int = FEATURE_MAP_REPS,
         device: torch.device | None = None,
         aer: AerSettings | None = None,
+        input_scale: float = 1.0,
     ):
-        super().__init__(in_features, n_qubits, num_classes, seed)
+        super().__init__(in_features, n_qubits, num_classes, seed, input_scale)
         circuit, inputs, weights = build_circuit(n_qubits, reps, entanglement, feature_reps)
         self.circuit, self.input_params, self.weight_params = circuit, inputs, weights
         initial = _uniform((len(weights),), -1.0, 1.0, seed).double().numpy()
@@ -183,6 +216,7 @@ class HybridHead(_Head):
             "num_classes": int(num_classes),
             "feature_reps": int(feature_reps),
             "n_weights": len(weights),
+            "input_scale": self.input_scale,
             "trained_on_backend": backend,
         }
 
@@ -222,8 +256,9 @@ class ClassicalHead(_Head):
         seed: int = 0,
         feature_reps: int = FEATURE_MAP_REPS,
         device: torch.device | None = None,
+        input_scale: float = 1.0,
     ):
-        super().__init__(in_features, n_qubits, num_classes, seed)
+        super().__init__(in_features, n_qubits, num_classes, seed, input_scale)
         _, _, weights = build_circuit(n_qubits, reps, entanglement, feature_reps)
         layers, remainder = divmod(len(weights), n_qubits)
         if remainder:
@@ -245,6 +280,7 @@ class ClassicalHead(_Head):
             "num_classes": int(num_classes),
             "feature_reps": int(feature_reps),
             "n_weights": len(weights),
+            "input_scale": self.input_scale,
             "layers": int(layers),
         }
 
@@ -278,6 +314,7 @@ def build_head(
         seed=seed,
         feature_reps=int(config.get("feature_reps", FEATURE_MAP_REPS)),
         device=device,
+        input_scale=float(config.get("input_scale", 1.0)),  # heads saved before it: 1
     )
     if config["kind"] == "hybrid":
         return HybridHead(**args, backend=backend, aer=aer)

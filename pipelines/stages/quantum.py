@@ -107,7 +107,8 @@ def train_quantum_heads(
 ) -> QuantumResult:
     """Train the hybrid and classical heads alike on the same rows, score both.
 
-    The input maps start from a PCA fitted on all training features; both heads train on
+    The input maps read the features divided by their mean training norm and start from a
+    PCA fitted on all training features; both heads train on
     the same ``params.train_samples`` stratified rows (all when null) with the same seed
     (same init draws, same batches). Pure apart from logging; features are ``(n, d)``.
     """
@@ -120,6 +121,7 @@ def train_quantum_heads(
         ClassicalHead,
         HybridHead,
         count_trainable,
+        feature_scale,
         predict_logits,
         train_head,
     )
@@ -134,8 +136,16 @@ def train_quantum_heads(
     index = stratified_subsample(train_labels, size, seed)
     rows, labels = train_features[index], train_labels[index]
     shape = (train_features.shape[1], params.n_qubits, params.reps, params.entanglement)
-    hybrid = HybridHead(*shape, num_classes, seed, backend=params.backend, device=torch_device)
-    classical = ClassicalHead(*shape, num_classes, seed, device=torch_device)
+    scale = feature_scale(train_features)
+    hybrid = HybridHead(
+        *shape,
+        num_classes,
+        seed,
+        backend=params.backend,
+        device=torch_device,
+        input_scale=scale,
+    )
+    classical = ClassicalHead(*shape, num_classes, seed, device=torch_device, input_scale=scale)
     for head in (hybrid, classical):
         head.set_input_map(encoder)
     stats = circuit_stats(hybrid.circuit, hybrid.weight_params)

@@ -20,6 +20,7 @@ from pipelines.quantum.hybrid import (
     ClassicalHead,
     HybridHead,
     count_trainable,
+    feature_scale,
     load_head,
     load_heads,
     predict_logits,
@@ -251,6 +252,33 @@ def test_heads_learn_a_separable_problem():
     # three well-separated clusters: chance is 1/3; both heads must be well above it
     assert result.metrics["hybrid_test_accuracy"] > 0.6
     assert result.metrics["classical_test_accuracy"] > 0.6
+
+
+def test_heads_train_alike_whatever_the_scale_of_the_features(tmp_path: Path):
+    # embeddings of longer-trained encoders are larger; the heads divide by the features'
+    # mean norm, so the same rows 40x larger give the same training (up to rounding)
+    features, labels = _features(48, seed=4)
+    params = QuantumParams(n_qubits=2, reps=1, batch_size=8, epochs=3, learning_rate=0.05)
+    runs = []
+    for factor in (1.0, 40.0):
+        x = features * factor
+        result = train_quantum_heads(x, labels, x, labels, x, labels, params, seed=0)
+        assert result.hybrid.input_scale == pytest.approx(feature_scale(x))
+        runs.append(result)
+    for small, large in zip(runs[0].history, runs[1].history, strict=True):
+        assert large["loss"] == pytest.approx(small["loss"], rel=1e-3, abs=1e-4)
+    for key in ("hybrid_test_accuracy", "classical_test_accuracy"):
+        assert runs[1].metrics[key] == runs[0].metrics[key]
+    # the scale travels with the saved head
+    save_heads(tmp_path, runs[1].hybrid, runs[1].classical)
+    for name, head in (("hybrid", runs[1].hybrid), ("classical", runs[1].classical)):
+        loaded = load_head(tmp_path, name)
+        assert loaded.input_scale == head.input_scale
+        np.testing.assert_allclose(
+            predict_logits(loaded, features * 40.0),
+            predict_logits(head, features * 40.0),
+            atol=1e-5,
+        )
 
 
 class _Tracker:
