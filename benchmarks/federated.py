@@ -29,11 +29,8 @@ Writes JSON, a Markdown table (``<out>.md``), one accuracy-per-round plot per sp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +39,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from results_json import header, write_json  # noqa: E402 (sibling module)
 
 from pipelines.config import (  # noqa: E402
     DPParams,
@@ -487,9 +486,7 @@ def main() -> int:
     encoder, _ = pretrain(base["unlabeled"], pretrain_params, args.seed, "cpu")
 
     payload: dict = {
-        "benchmark": "federated",
-        "command": "python benchmarks/federated.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **header("federated"),
         "clients": args.clients,
         "rounds": rounds,
         "splits": {},
@@ -529,7 +526,7 @@ def main() -> int:
             }
             payload["overhead"] = measure_overhead(config, state, clients, val, test, params, args)
 
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload)
     table_md = markdown(payload)
     args.out.with_suffix(".md").write_text(table_md)
     print(table_md)

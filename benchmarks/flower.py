@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from results_json import header, write_json  # noqa: E402 (sibling module)
 
 from pipelines.config import CommonParams, FederateParams, Params  # noqa: E402
 from pipelines.io import Paths  # noqa: E402
@@ -79,9 +79,7 @@ def main() -> int:
                 "val_accuracy": round(metrics["val_accuracy"], 4),
             }
     payload = {
-        "benchmark": "flower",
-        "command": "python benchmarks/flower.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **header("flower"),
         "clients": args.clients,
         "rounds": args.rounds,
         "runs": runs,
@@ -91,8 +89,7 @@ def main() -> int:
         "same_val_accuracy_per_round": runs["flower"]["val_accuracy_per_round"]
         == runs["simulation"]["val_accuracy_per_round"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload)
     print(json.dumps(payload, indent=2))
     return 0
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shlex
@@ -51,6 +50,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from results_json import write_json  # noqa: E402 (sibling module)
 
 from pipelines.quantum.backends import AerSettings, make_circuit_layer  # noqa: E402
 from pipelines.quantum.circuits import build_circuit, z_observables  # noqa: E402
@@ -567,8 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         "correctness_failures": failures,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload)
     table = markdown_table(rows)
     markdown = args.out.with_suffix(".md")
     markdown.write_text(f"    {command.strip()}\n\n{table}")

@@ -23,6 +23,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from results_json import write_json  # noqa: E402 (sibling module)
+
 from pipelines.registry import STAGES  # noqa: E402
 from tests.conftest import make_workspace, workspace_env  # noqa: E402
 
@@ -124,8 +126,7 @@ def main() -> int:
         "chosen_variant": metrics.get("chosen_variant"),
         "stages": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload)
     print(
         f"wrote {args.out}: total {payload['total_seconds']} s,"
         f" test accuracy {payload['test_accuracy']}"

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from results_json import header, write_json  # noqa: E402 (sibling module)
 
 
 def median_ms(function, repeats: int, warmup: int = 3) -> float:
@@ -89,13 +89,10 @@ def main() -> int:
         "training_step_batch_16": median_ms(step, 100),
     }
     payload = {
-        "benchmark": "trainer_startup",
-        "command": "python benchmarks/trainer_startup.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **header("trainer_startup"),
         "median_ms": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload)
     print(json.dumps(payload, indent=2))
     return 0
 
