@@ -117,13 +117,10 @@ def run_federated(config, state, clients, val, test, params: FederateParams, see
     }
 
 
-def run_centralized(
-    config, state, clients, val, test, params: FederateParams, seed: int, samples: int | None = None
-):
-    """One fit on the union of the clients: ``rounds × local_epochs`` epochs, or with
-    ``samples`` exactly that many sample-gradient steps (a partial-participation run's count):
-    successive seeded shuffles of the union in batches of ``params.batch_size``, the last
-    batch cut short."""
+def run_centralized(config, state, clients, val, test, params: FederateParams, seed: int):
+    """One fit on the union of the clients for ``rounds × local_epochs`` epochs at the
+    clients' batch size and learning rate: the sample-gradient steps of a federated run with
+    every client in every round."""
     from pipelines.federated.fedavg import train_client
     from pipelines.io import ImageTable
     from pipelines.models.encoder import build_classifier
@@ -135,19 +132,14 @@ def run_centralized(
     )
     epochs = params.rounds * params.local_epochs
     started = time.perf_counter()
-    if samples is None:
-        trained, _, _ = train_client(
-            state,
-            union,
-            params.model_copy(update={"local_epochs": epochs}),
-            seed,
-            "cpu",
-            model_config=config,
-        )
-    else:
-        epochs = round(samples / len(union), 3)
-        batches = shuffled_batches(len(union), samples, params.batch_size, seed)
-        trained = fit_batches(config, state, union.images, union.labels, batches, params)
+    trained, _, _ = train_client(
+        state,
+        union,
+        params.model_copy(update={"local_epochs": epochs}),
+        seed,
+        "cpu",
+        model_config=config,
+    )
     seconds = time.perf_counter() - started
     model = build_classifier(config)
     model.load_state_dict(trained)
@@ -158,20 +150,6 @@ def run_centralized(
         "test_accuracy": round(accuracy(model, test), 4),
         "seconds": round(seconds, 2),
     }
-
-
-def shuffled_batches(rows: int, samples: int, batch_size: int, seed: int) -> list[list[int]]:
-    """Batches over ``rows`` rows, reshuffled every pass, until ``samples`` rows are used."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    batches: list[list[int]] = []
-    left = samples
-    while left > 0:
-        order = torch.randperm(rows, generator=generator).tolist()[:left]
-        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        left -= len(order)
-    return batches
 
 
 def fit_batches(config, state, images, labels, batches, params: FederateParams) -> dict:
@@ -209,6 +187,8 @@ def gap_over_seeds(encoder, table, params: FederateParams, args) -> dict:
         if args.quick:  # a smoke run keeps its 2 rounds
             overrides = {k: v for k, v in overrides.items() if k != "rounds"}
         variant = params.model_copy(update=overrides)
+        if variant.client_fraction < 1:
+            raise ValueError(f"{name}: the centralized baseline assumes every client every round")
         rows = []
         for seed in GAP_SEEDS:
             print(f"gap over seeds: {name}, seed {seed} ...", file=sys.stderr, flush=True)
@@ -216,19 +196,16 @@ def gap_over_seeds(encoder, table, params: FederateParams, args) -> dict:
             clients, val, test = parts["clients"], parts["val"], parts["test"]
             pl.seed_everything(seed, verbose=False)
             fed = run_federated(config, state, clients, val, test, variant, seed)
-            # with every client in every round: rounds x local epochs; else the run's count
-            samples = fed["samples"] if variant.client_fraction < 1 else None
             key = (
                 seed,
                 variant.learning_rate,
                 variant.rounds * variant.local_epochs,
                 variant.batch_size,
-                samples,
             )
             if key not in centralized:
-                centralized[key] = run_centralized(
-                    config, state, clients, val, test, variant, 0, samples
-                )["test_accuracy"]
+                centralized[key] = run_centralized(config, state, clients, val, test, variant, 0)[
+                    "test_accuracy"
+                ]
             rows.append(
                 {
                     "seed": seed,

@@ -108,9 +108,9 @@ def train_quantum_heads(
     """Train the hybrid and classical heads alike on the same rows, score both.
 
     The input maps read the features divided by their mean training norm and start from a
-    PCA fitted on all training features; both heads train on
-    the same ``params.train_samples`` stratified rows (all when null) with the same seed
-    (same init draws, same batches). Pure apart from logging; features are ``(n, d)``.
+    PCA fitted on all training features; both heads train on the same
+    ``params.train_samples`` stratified rows (all when null) with the same seed (same init
+    draws, same batches). Pure apart from logging; features are ``(n, d)``.
     """
     import torch
 
