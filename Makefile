@@ -13,7 +13,7 @@ MLFLOW_PORT ?= 5000
 FLOWER_VENV := .venv-flower
 FLOWER_STAMP := $(FLOWER_VENV)/.installed-$(shell cat requirements-flower.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup flower-setup run test test-fast lint format mlflow-ui airflow dvc-push bench bench-quantum bench-federated render clean help
+.PHONY: setup flower-setup run test test-fast lint format mlflow-ui airflow dvc-push bench bench-quantum bench-nightly bench-federated render clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -73,6 +73,9 @@ bench: setup  ## time each stage on the default params; JSON in benchmarks/resul
 
 bench-quantum: setup  ## the hybrid head's circuit on every quantum backend (minutes)
 	$(BIN)/python benchmarks/quantum.py
+
+bench-nightly: setup  ## time `lepton run` with nothing changed (the unchanged nightly run)
+	$(BIN)/python benchmarks/nightly.py
 
 bench-federated: setup  ## FedAvg / FedProx / FedAdam per label split, centralized, DP (minutes)
 	$(BIN)/python benchmarks/federated.py

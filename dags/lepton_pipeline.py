@@ -8,6 +8,11 @@ in the workspace, so a scheduled run skips, in seconds, every stage whose inputs
 params did not change. Settings come from the `runtime:` section of `params.yaml`:
 schedule, retries, and `executor: local | docker` (GPU stages in a DockerOperator).
 
+The ingest task first runs DVC's `ingest_source` stage: it fingerprints the source files
+(a changed, added or removed file re-runs ingest and what depends on it) and validates all of
+params.yaml. A bad params.yaml does not hide the DAG: it falls back to default runtime
+settings, says so below, and its first task fails naming the key.
+
 Tasks run one at a time (`max_active_tasks=1`): DVC holds a lock on the workspace while it
 reproduces a stage. The MLflow parent run of a DAG run is tagged with its run id.
 """
@@ -35,7 +40,7 @@ with DAG(
     max_active_runs=1,
     max_active_tasks=1,
     tags=["lepton", "ml", "federated", "dvc", "mlflow"],
-    doc_md=__doc__,
+    doc_md=__doc__ + settings.doc_note(),
     default_args={
         "owner": "lepton",
         "retries": settings.runtime.retries,

@@ -143,6 +143,32 @@ def dvc_render(
     typer.echo(f"wrote {write_dvc_yaml(root)}")
 
 
+@dvc_app.command("fingerprint-source")
+def fingerprint_source() -> None:
+    """Validate params.yaml and fingerprint ingest's source files (the ingest_source stage).
+
+    Writes data/source.json (paths, sizes, sha256 of what ingest reads); ingest depends on
+    it, so `dvc repro` re-runs ingest exactly when the source changed.
+    """
+    from pipelines.config import load_params
+    from pipelines.data.source_files import write_fingerprint
+    from pipelines.registry import SOURCE_FINGERPRINT
+
+    root = _root()
+    path = root / SOURCE_FINGERPRINT
+    try:
+        params = load_params(root / "params.yaml")
+        fingerprint = write_fingerprint(params.ingest, root, path)
+    except LeptonError as exc:
+        _fail(str(exc))
+    files = fingerprint["files"]
+    size = sum(f["size"] for f in files)
+    typer.echo(
+        f"source {fingerprint['source']}: {len(files)} file(s), {size / 1e6:.1f} MB -> "
+        f"{path.relative_to(root)}"
+    )
+
+
 @app.command("params")
 def params_check(
     set_: list[str] = typer.Option([], "--set", help="Override a param: section.key=value."),
@@ -158,10 +184,19 @@ def params_check(
 
 
 def write_overrides(path: Path, overrides: list[str]) -> None:
-    """Write validated ``section.key=value`` overrides into params.yaml, keeping comments."""
+    """Write ``section.key=value`` overrides into params.yaml, keeping its comments.
+
+    The new text is built in memory and validated as a whole before anything is written;
+    then it replaces the file atomically. A refused override leaves params.yaml
+    byte-identical.
+    """
+    from io import StringIO
+
     from ruamel.yaml import YAML
 
-    from pipelines.config import parse_override
+    from pipelines.config import parse_override, read_params_mapping, validate_params
+    from pipelines.errors import ConfigError
+    from pipelines.io import write_text_atomic
 
     yaml = YAML()
     data = yaml.load(path.read_text())
@@ -170,9 +205,14 @@ def write_overrides(path: Path, overrides: list[str]) -> None:
         node = data
         for part in keys[:-1]:
             node = node.setdefault(part, {})
+            if not hasattr(node, "setdefault"):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
         node[keys[-1]] = value
-    with path.open("w") as handle:
-        yaml.dump(data, handle)
+    buffer = StringIO()
+    yaml.dump(data, buffer)
+    new_text = buffer.getvalue()
+    validate_params(read_params_mapping(path, new_text), source=str(path))
+    write_text_atomic(path, new_text)
 
 
 def airflow_command(args: list[str], root: Path) -> list[str]:
@@ -188,15 +228,27 @@ def _airflow_env(root: Path) -> dict[str, str]:
 
 
 def ensure_airflow_db(root: Path) -> None:
-    """Create or upgrade Airflow's SQLite metadata database in ``.airflow/``."""
+    """Create or upgrade Airflow's SQLite metadata database in ``.airflow/``.
+
+    ``airflow db migrate`` costs seconds even when there is nothing to do, so a stamp next
+    to the database records the Airflow version it was last migrated by; the migration runs
+    again only for a new database or another Airflow version.
+    """
+    from importlib.metadata import version
+
     env = _airflow_env(root)
-    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    stamp, current = home / ".migrated-by", f"apache-airflow-core {version('apache-airflow-core')}"
+    if (home / "airflow.db").is_file() and stamp.is_file() and stamp.read_text() == current:
+        return
     done = subprocess.run(
         airflow_command(["db", "migrate"], root), env=env, capture_output=True, text=True
     )
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
         _fail("airflow db migrate failed (output above)")
+    stamp.write_text(current)
 
 
 AIRFLOW_SUFFIX = re.compile(r"\s+\[airflow\.[^\]]*\]\s+loc=\S+\s*$")
@@ -252,15 +304,16 @@ def run_pipeline(
     from pipelines.config import load_params
 
     root = _root()
+    if via not in ("airflow", "dvc"):
+        _fail("--via must be 'airflow' or 'dvc'", 2)
     try:
         load_params(root / "params.yaml", set_)
+        if set_:
+            write_overrides(root / "params.yaml", set_)
     except LeptonError as exc:
         _fail(str(exc))
     if set_:
-        write_overrides(root / "params.yaml", set_)
         typer.echo(f"params.yaml updated: {', '.join(set_)}")
-    if via not in ("airflow", "dvc"):
-        _fail("--via must be 'airflow' or 'dvc'", 2)
     key = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     env = _airflow_env(root)
     env["LEPTON_PIPELINE_RUN"] = key
@@ -279,6 +332,7 @@ def run_pipeline(
     rows = runlog.summary_rows(root, key)
     typer.echo("")
     typer.echo(runlog.format_table(rows, ("stage", "status", "duration", "headline metric")))
+    typer.echo(runlog.data_line(root, key))
     typer.echo(f"\nwall time {time.perf_counter() - start:.0f} s")
     failed = [r[0] for r in rows if r[1] == "failed"]
     if failed and code == 0:
@@ -310,6 +364,7 @@ def summary(key: str = typer.Option("", help="Pipeline run key; default: the lat
             runlog.summary_rows(root, key), ("stage", "status", "duration", "headline metric")
         )
     )
+    typer.echo(runlog.data_line(root, key))
 
 
 @app.command(

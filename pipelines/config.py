@@ -265,12 +265,21 @@ def validate_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read params.yaml (plus overrides) into a validated, frozen :class:`Params`."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
+    raw = read_params_mapping(path)
+    return validate_params(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def read_params_mapping(path: str | Path, text: str | None = None) -> dict[str, Any]:
+    """params.yaml (or ``text`` meant for it) as a plain mapping, not yet validated."""
+    path = Path(path)
+    if text is None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return validate_params(apply_overrides(raw, overrides or []), source=str(path))
+    return raw

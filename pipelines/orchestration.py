@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from pipelines.config import RuntimeParams, load_params
+from pipelines.config import RuntimeParams, read_params_mapping, validate_params
+from pipelines.errors import ConfigError
 from pipelines.registry import Stage
 
 DAG_ID = "lepton_pipeline"
@@ -44,25 +45,65 @@ def airflow_env(root: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class DagSettings:
-    """What the DAG needs from params.yaml's ``runtime`` section and the workspace."""
+    """What the DAG needs from params.yaml's ``runtime`` section and the workspace.
+
+    ``problem`` is the error that params.yaml gives, if any. The DAG still parses: with the
+    ``runtime`` section when that part is valid, else with the defaults, and says so in its
+    doc. Its first task then fails on the same message.
+    """
 
     root: Path
     runtime: RuntimeParams
+    problem: str | None = None
+    runtime_is_default: bool = False
 
     @property
     def retry_delay(self) -> timedelta:
         return timedelta(seconds=self.runtime.retry_delay_seconds)
 
+    def doc_note(self) -> str:
+        """Markdown for the DAG doc: empty when params.yaml is valid."""
+        if self.problem is None:
+            return ""
+        fallback = (
+            "The DAG uses the default `runtime:` settings until it is fixed."
+            if self.runtime_is_default
+            else "The DAG's own `runtime:` settings are valid and in use."
+        )
+        return (
+            "\n\n#### params.yaml has a problem\n\n"
+            f"`{self.problem}`\n\n{fallback} The first task (ingest) fails with this message "
+            "until params.yaml is fixed.\n"
+        )
+
 
 def dag_settings(root: Path | None = None) -> DagSettings:
-    """Read and validate params.yaml of the workspace for the DAG."""
+    """The DAG's settings from params.yaml; never raises on a bad file (see DagSettings)."""
     root = root or workspace_root()
-    return DagSettings(root=root, runtime=load_params(root / "params.yaml").runtime)
+    path = root / "params.yaml"
+    try:
+        raw = read_params_mapping(path)
+    except ConfigError as exc:
+        return DagSettings(root, RuntimeParams(), str(exc), runtime_is_default=True)
+    problem = None
+    try:
+        validate_params(raw, source=str(path))
+    except ConfigError as exc:
+        problem = str(exc)
+    try:
+        runtime = validate_params({"runtime": raw.get("runtime") or {}}, source=str(path)).runtime
+    except ConfigError as exc:
+        return DagSettings(root, RuntimeParams(), problem or str(exc), runtime_is_default=True)
+    return DagSettings(root, runtime, problem)
 
 
 def stage_command(stage: Stage, dvc: str = "dvc") -> str:
-    """The one command every runtime uses for a stage: DVC skips it when nothing changed."""
-    return f"{dvc} repro --single-item {stage.name}"
+    """The one command every runtime uses for a stage: DVC skips it when nothing changed.
+
+    ingest's command also runs the source probe first, which re-hashes the source files
+    and validates params.yaml, so the first task fails on a bad params.yaml, naming the key.
+    """
+    return f"{dvc} repro --single-item {' '.join(stage.dvc_targets)}"
 
 
 def task_environment(root: Path) -> dict[str, str]:

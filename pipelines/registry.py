@@ -9,6 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# ingest's source files live outside DVC's view (any path, a whole folder). The DVC stage
+# SOURCE_PROBE, which is not a pipeline stage, writes their fingerprint (paths, sizes,
+# sha256) to SOURCE_FINGERPRINT on every `dvc repro`, and a stage that lists that file in
+# its deps re-runs when the source changes. See pipelines/data/source_files.py.
+SOURCE_PROBE = "ingest_source"
+SOURCE_FINGERPRINT = "data/source.json"
+SOURCE_PROBE_COMMAND = "lepton dvc fingerprint-source"
+
 
 @dataclass(frozen=True)
 class Plot:
@@ -31,7 +39,6 @@ class Stage:
     metrics: tuple[str, ...]
     plots: tuple[Plot, ...] = ()
     headline: str = ""
-    code: tuple[str, ...] = ()
     needs_gpu: bool = False
     timeout_minutes: int = 30
     shared_params: tuple[str, ...] = ()
@@ -52,20 +59,36 @@ class Stage:
         return f"pipelines/stages/{self.name}.py"
 
     @property
+    def reads_source(self) -> bool:
+        """Whether the stage reads the user's source files (through their fingerprint)."""
+        return SOURCE_FINGERPRINT in self.deps
+
+    @property
+    def dvc_targets(self) -> tuple[str, ...]:
+        """DVC stages one run of this stage reproduces: the source probe first, if it reads it."""
+        return (SOURCE_PROBE, self.name) if self.reads_source else (self.name,)
+
+    @property
+    def code_deps(self) -> tuple[str, ...]:
+        """The stage's module and every ``pipelines/`` file it imports, read from the code."""
+        from pipelines.code_deps import code_dependencies
+
+        return code_dependencies(self.source_file)
+
+    @property
     def all_deps(self) -> tuple[str, ...]:
         """Code and data dependencies, as DVC sees them."""
-        return (self.source_file, *self.code, *self.deps)
+        return (*self.code_deps, *self.deps)
 
 
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="ingest",
         description="Read digits or user files, validate, write one Parquet table.",
-        deps=(),
+        deps=(SOURCE_FINGERPRINT,),
         outs=("data/raw",),
         metrics=("reports/ingest.json",),
         headline="rows",
-        code=("pipelines/data",),
         timeout_minutes=20,
     ),
     Stage(
@@ -75,7 +98,6 @@ STAGES: tuple[Stage, ...] = (
         outs=("data/compressed",),
         metrics=("reports/compress.json",),
         headline="compression_ratio",
-        code=("pipelines/data",),
         timeout_minutes=20,
     ),
     Stage(
@@ -86,7 +108,6 @@ STAGES: tuple[Stage, ...] = (
         metrics=("reports/partition.json",),
         plots=(Plot("data/partitions/client_labels.png"),),
         headline="labeled_rows",
-        code=("pipelines/data",),
         timeout_minutes=20,
     ),
     Stage(
@@ -99,7 +120,6 @@ STAGES: tuple[Stage, ...] = (
             Plot("models/pretrain/history.csv", x="epoch", y="train_loss", title="SimCLR loss"),
         ),
         headline="val_knn_accuracy",
-        code=("pipelines/models",),
         needs_gpu=True,
         timeout_minutes=120,
     ),
@@ -118,7 +138,6 @@ STAGES: tuple[Stage, ...] = (
             ),
         ),
         headline="val_accuracy",
-        code=("pipelines/models", "pipelines/federated"),
         needs_gpu=True,
         timeout_minutes=180,
         shared_params=("privacy",),
@@ -130,7 +149,6 @@ STAGES: tuple[Stage, ...] = (
         outs=("models/quantum",),
         metrics=("reports/quantum.json",),
         headline="hybrid_test_accuracy",
-        code=("pipelines/models", "pipelines/quantum"),
         needs_gpu=True,
         timeout_minutes=120,
     ),
@@ -141,7 +159,6 @@ STAGES: tuple[Stage, ...] = (
         outs=("models/optimize",),
         metrics=("reports/optimize.json",),
         headline="int8_size_ratio",
-        code=("pipelines/models",),
         timeout_minutes=30,
     ),
     Stage(
@@ -158,7 +175,6 @@ STAGES: tuple[Stage, ...] = (
         metrics=("reports/metrics.json",),
         plots=(Plot("reports/evaluate"),),
         headline="test_accuracy",
-        code=("pipelines/models", "pipelines/quantum", "pipelines/stages/optimize.py"),
         timeout_minutes=30,
     ),
     Stage(
@@ -176,12 +192,6 @@ STAGES: tuple[Stage, ...] = (
         outs=(),
         metrics=("reports/register.json",),
         headline="version",
-        code=(
-            "pipelines/stages/optimize.py",
-            "pipelines/models",
-            "pipelines/quantum",
-            "pipelines/federated",
-        ),
         timeout_minutes=15,
         shared_params=("privacy",),
     ),

@@ -2,6 +2,8 @@
 
 ``lepton stage run`` appends one JSON line per stage to ``.lepton/runs/<key>.jsonl``; a stage
 that DVC skipped (nothing changed) writes nothing and is shown as ``cached``.
+The summary also says what data the run has against the previous run's
+(:mod:`pipelines.data_history`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.data_history import data_change
 from pipelines.registry import STAGES, get_stage
 
 
@@ -59,6 +62,15 @@ def headline_value(root: Path, stage_name: str) -> tuple[str, Any]:
     for part in stage.headline.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return stage.headline, value
+
+
+def data_line(root: Path, key: str) -> str:
+    """The summary's line on the data: new, the same, or the source unchanged."""
+    change = data_change(root, key)
+    if change is None:
+        return "ingest: no data ingested yet"
+    ingest = read_records(root, key).get("ingest")
+    return "ingest: " + change.describe(ingest_ran=ingest is not None and ingest["status"] == "ran")
 
 
 def summary_rows(root: Path, key: str) -> list[tuple[str, str, str, str]]:

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipelines.data_history import data_change
+
 PIPELINE_TAG = "lepton.pipeline_run"
 KIND_TAG = "lepton.kind"
 
@@ -192,6 +194,9 @@ def stage_run(stage: str, root: Path, experiment: str) -> Iterator[StageTracker]
 
     The parent run is (re)marked RUNNING while the stage runs and ends with the stage's
     status, so the MLflow UI shows whether the last stage of the pipeline run succeeded.
+    After a stage succeeds, the parent is tagged with the run's data against the previous
+    run's (``lepton.data_status`` new / unchanged / first, rows, sha256; see
+    :func:`pipelines.data_history.data_change`).
     """
     mlflow_client = client(root)
     exp_id = experiment_id(mlflow_client, experiment, root)
@@ -214,6 +219,8 @@ def stage_run(stage: str, root: Path, experiment: str) -> Iterator[StageTracker]
     try:
         yield tracker
         status = "FINISHED"
+        if change := data_change(root, key):
+            tracker.set_tags(change.tags(), on_parent=True)
     finally:
         mlflow_client.set_terminated(child.info.run_id, status=status)
         mlflow_client.set_tag(parent_id, "lepton.dvc_lock_sha256", dvc_lock_sha256(root))

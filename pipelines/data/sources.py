@@ -31,6 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import IngestParams
+from pipelines.data.source_files import (
+    IMAGE_SUFFIXES,
+    class_folders,
+    image_files,
+    resolve,
+)
 from pipelines.data.validate import (
     check_file,
     first_true,
@@ -43,25 +49,8 @@ from pipelines.data.validate import (
 from pipelines.errors import DataError
 from pipelines.io import CLASSES_KEY, IMAGE_COLUMN, SHAPE_KEY, ImageTable
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 MAX_CLASSES = 100_000  # the bound on ingest.num_classes
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def resolve(path: str | Path, root: Path) -> Path:
-    """``path`` as given when absolute, else relative to the workspace ``root``."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else root / path
-
-
-def source_paths(p: IngestParams, root: Path) -> list[Path]:
-    """The files or folder a source reads (empty for ``digits``)."""
-    if p.source == "digits":
-        return []
-    paths = [resolve(p.path, root)]
-    if p.source == "idx":
-        paths.append(resolve(p.labels_path, root))
-    return paths
 
 
 def _finish(
@@ -296,11 +285,6 @@ def load_idx(p: IngestParams, root: Path) -> ImageTable:
     return _finish(images, labels_to_int64(labels, str(labels_path)), p, str(images_path))
 
 
-def class_folders(folder: Path) -> list[Path]:
-    """Sub-folders of ``folder`` in sorted order: their names are the classes."""
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
 def load_images(p: IngestParams, root: Path) -> ImageTable:
     """A class-per-folder tree of images, all the same size, read as grayscale."""
     from PIL import Image
@@ -311,12 +295,7 @@ def load_images(p: IngestParams, root: Path) -> ImageTable:
     classes = class_folders(folder)
     if not classes:
         raise DataError(str(folder), "no class sub-folders")
-    files = [
-        (path, label)
-        for label, class_dir in enumerate(classes)
-        for path in sorted(class_dir.iterdir())
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    files = image_files(folder)
     if not files:
         raise DataError(str(folder), f"no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     pixels, first = [], None

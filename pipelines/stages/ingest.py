@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import IngestParams, Params
-from pipelines.data.sources import class_folders, load_source, resolve, source_paths
+from pipelines.data.source_files import class_folders, resolve, source_paths
+from pipelines.data.sources import load_source
 from pipelines.io import (
     ImageTable,
     Paths,

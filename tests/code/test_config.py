@@ -97,3 +97,39 @@ def test_lepton_run_refuses_bad_override_before_running(workspace: Path):
     assert done.returncode != 0
     assert "federate.rounds" in done.stderr
     assert "rounds: 36 " in (workspace / "params.yaml").read_text()  # untouched
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["quantum.foo=1"], "quantum.foo"),  # unknown key
+        (["nosuchsection.key=1"], "nosuchsection"),  # unknown section
+        (["federate.rounds=0"], "federate.rounds"),  # out of range
+        (["federate.rounds=12", "partition.alpha=-1"], "partition.alpha"),  # one bad of two
+        (["common.seed.deeper=1"], "'seed' is not a section"),
+        (["quantum.n_qubits=20", "pretrain.embedding_dim=8"], "quantum.n_qubits"),  # cross-field
+        (["federate.rounds"], "expected section.key=value"),
+    ],
+)
+def test_bad_set_leaves_params_yaml_byte_identical(workspace: Path, overrides, named):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    before = (workspace / "params.yaml").read_bytes()
+    argv = ["run"] + [arg for o in overrides for arg in ("--set", o)]
+    result = CliRunner().invoke(app, argv, env={"LEPTON_WORKSPACE": str(workspace)})
+    assert result.exit_code != 0
+    assert named in result.output
+    assert (workspace / "params.yaml").read_bytes() == before
+
+
+def test_good_set_keeps_comments_and_writes_what_load_params_reads(workspace: Path):
+    from pipelines.cli import write_overrides
+
+    write_overrides(workspace / "params.yaml", ["federate.rounds=7", "ingest.image_shape=[8, 8]"])
+    text = (workspace / "params.yaml").read_text()
+    assert text.startswith((REPO / "params.yaml").read_text().splitlines()[0])  # header comment
+    params = load_params(workspace / "params.yaml")
+    assert params.federate.rounds == 7 and params.ingest.image_shape == (8, 8)
+    assert not list(workspace.glob(".params.yaml.*.tmp"))

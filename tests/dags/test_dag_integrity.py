@@ -12,8 +12,8 @@ import pytest
 from pipelines.config import RuntimeParams
 from pipelines.dvc_render import render_dvc_yaml
 from pipelines.orchestration import DagSettings, make_stage_task
-from pipelines.registry import STAGE_NAMES, STAGES, get_stage, upstream_of
-from tests.conftest import REPO, make_workspace
+from pipelines.registry import SOURCE_PROBE, STAGE_NAMES, STAGES, get_stage, upstream_of
+from tests.conftest import REPO, make_workspace, workspace_env
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_every_task_has_retries_timeout_and_the_dvc_command(airflow_home):
         assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff
         assert task.execution_timeout is not None and task.execution_timeout.total_seconds() > 0
-        assert task.bash_command.endswith(f"dvc repro --single-item {task.task_id}")
+        targets = " ".join(get_stage(task.task_id).dvc_targets)
+        assert task.bash_command.endswith(f"dvc repro --single-item {targets}")
         assert task.cwd == str(REPO)
         assert "LEPTON_PIPELINE_RUN" in task.env
 
@@ -82,7 +83,8 @@ def test_docker_executor_makes_gpu_stages_docker_operators(airflow_home, tmp_pat
         if stage.needs_gpu:
             assert type(task).__name__ == "DockerOperator", stage.name
             assert task.image == "lepton:test"
-            assert task.command == ["bash", "-c", f"dvc repro --single-item {stage.name}"]
+            targets = " ".join(stage.dvc_targets)
+            assert task.command == ["bash", "-c", f"dvc repro --single-item {targets}"]
         else:
             assert type(task).__name__ == "BashOperator", stage.name
 
@@ -118,3 +120,52 @@ def test_dag_file_imports_nothing_heavy():
 
 def test_committed_dvc_yaml_matches_the_registry():
     assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml()
+
+
+def test_ingest_task_runs_the_source_probe_first(airflow_home):
+    dag = load_dag(REPO)
+    assert dag.get_task("ingest").bash_command.endswith(
+        f"dvc repro --single-item {SOURCE_PROBE} ingest"
+    )
+    assert "dvc repro --single-item compress" in dag.get_task("compress").bash_command
+
+
+def test_dag_parses_with_an_unknown_key_and_its_first_task_fails_naming_it(airflow_home, tmp_path):
+    root = make_workspace(
+        tmp_path / "ws", {"quantum": {"no_such_key": 1}, "runtime": {"retries": 4}}
+    )
+    dag = load_dag(root)
+    assert sorted(dag.task_ids) == sorted(STAGE_NAMES)
+    assert "quantum.no_such_key" in dag.doc_md
+    assert dag.get_task("ingest").retries == 4  # its own runtime section is valid and used
+    ingest = dag.get_task("ingest")
+    done = subprocess.run(
+        ["bash", "-c", ingest.bash_command],
+        cwd=ingest.cwd,
+        env={**workspace_env(root), **{k: v for k, v in ingest.env.items() if "{{" not in v}},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "quantum.no_such_key" in done.stdout + done.stderr
+    assert not (root / "data" / "raw").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["common: [unclosed\n", "runtime:\n  retries: -3\n", "- just\n- a list\n"],
+    ids=["not yaml", "bad runtime", "not a mapping"],
+)
+def test_dag_parses_on_default_runtime_when_params_yaml_is_unreadable(airflow_home, tmp_path, text):
+    root = make_workspace(tmp_path / "ws")
+    (root / "params.yaml").write_text(text)
+    dag = load_dag(root)
+    assert sorted(dag.task_ids) == sorted(STAGE_NAMES)
+    assert "params.yaml has a problem" in dag.doc_md
+    assert "default `runtime:` settings" in dag.doc_md
+    assert dag.get_task("ingest").retries == RuntimeParams().retries
+
+
+def test_valid_params_leave_the_dag_doc_without_a_warning(airflow_home):
+    assert "params.yaml has a problem" not in load_dag(REPO).doc_md

@@ -7,12 +7,14 @@ has everything a run needs.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipelines.registry import STAGES
+from pipelines.registry import SOURCE_PROBE, STAGES
 from tests.conftest import BIN, workspace_env
 
 pytestmark = pytest.mark.slow
@@ -86,8 +88,8 @@ def test_dvc_repro_runs_then_skips_everything_and_pushes(tiny_workspace: Path):
     assert second.returncode == 0, second.stderr[-2000:]
     for stage in STAGES:
         assert f"Stage '{stage.name}' didn't change, skipping" in second.stdout, stage.name
-    status = run([str(BIN / "dvc"), "status"], root)
-    assert "up to date" in status.stdout, status.stdout
+    status = run([str(BIN / "dvc"), "status", "--json"], root)
+    assert json.loads(status.stdout) == {SOURCE_PROBE: ["always changed"]}, status.stdout
 
     pushed = run([str(BIN / "dvc"), "push"], root)
     assert pushed.returncode == 0, pushed.stderr[-2000:]
@@ -98,14 +100,127 @@ def test_dvc_repro_runs_then_skips_everything_and_pushes(tiny_workspace: Path):
     assert shown.returncode == 0 and "test_accuracy" in shown.stdout
 
 
-def test_airflow_dag_run_through_lepton_run(tiny_workspace: Path):
+def write_digits_csv(path: Path, rows: int) -> None:
+    """The first ``rows`` of scikit-learn's digits as a CSV export: label + 64 pixels."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    table = np.column_stack([data.target, data.data]).astype(int)[:rows]
+    header = "label," + ",".join(f"p{i}" for i in range(table.shape[1] - 1))
+    np.savetxt(path, table, fmt="%d", delimiter=",", header=header, comments="")
+
+
+def pipeline_run_key(stdout: str) -> str:
+    found = re.search(r"\(pipeline run (\S+)\)", stdout)
+    assert found, stdout[-2000:]
+    return found.group(1)
+
+
+def parent_run(root: Path, key: str):
+    client, runs = mlflow_runs(root)
+    [parent] = [
+        r
+        for r in runs
+        if r.data.tags.get("lepton.kind") == "pipeline"
+        and r.data.tags.get("lepton.pipeline_run") == key
+    ]
+    return parent
+
+
+def summary_status(stdout: str) -> dict[str, str]:
+    """stage -> ran / cached / failed, from the table `lepton run` prints."""
+    found = {}
+    for line in stdout.splitlines():
+        cells = line.split()
+        if len(cells) >= 2 and cells[0] in {s.name for s in STAGES}:
+            found[cells[0]] = cells[1]
+    return found
+
+
+def test_nightly_airflow_runs_see_a_changed_csv_source(tiny_workspace: Path):
+    """The scheduled path (`lepton run` = `airflow dags test`): new rows in the user's CSV
+    re-run ingest and everything downstream; an untouched CSV is skipped throughout."""
     root = tiny_workspace
-    done = run([str(BIN / "lepton"), "run"], root)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    for stage in STAGES:
-        assert f"\n{stage.name}" in done.stdout and "ran" in done.stdout
-    assert "make mlflow-ui" in done.stdout
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["ingest"].update({"source": "csv", "path": "site.csv"})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_digits_csv(root / "site.csv", 1000)
+
+    first = run([str(BIN / "lepton"), "run"], root)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert set(summary_status(first.stdout).values()) == {"ran"}
+    assert "make mlflow-ui" in first.stdout
+    assert "ingest: first data: 1000 rows" in first.stdout
     check_outputs(root)
     check_mlflow(root, parent_tag="airflow")
     register = json.loads((root / "reports" / "register.json").read_text())
     assert register["version"] == 1 and register["promoted"] == 1  # floor 0.3 in tiny params
+    manifest = json.loads((root / "data/raw/manifest.json").read_text())
+    assert manifest["rows"] == 1000
+
+    write_digits_csv(root / "site.csv", 1500)  # the next day's export
+    second = run([str(BIN / "lepton"), "run"], root)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert set(summary_status(second.stdout).values()) == {"ran"}, second.stdout[-3000:]
+    new_manifest = json.loads((root / "data/raw/manifest.json").read_text())
+    assert new_manifest["rows"] == 1500
+    assert new_manifest["content_sha256"] != manifest["content_sha256"]
+    assert "ingest: new data: 1500 rows" in second.stdout
+    assert "previous run: 1000 rows" in second.stdout
+    tags = parent_run(root, pipeline_run_key(second.stdout)).data.tags
+    assert tags["lepton.data_status"] == "new"
+    assert tags["lepton.data_rows"] == "1500" and tags["lepton.previous_data_rows"] == "1000"
+    assert tags["lepton.data_sha256"] == new_manifest["content_sha256"]
+    assert tags["lepton.previous_data_sha256"] == manifest["content_sha256"]
+    assert json.loads((root / "reports" / "register.json").read_text())["version"] == 2
+    client, _ = mlflow_runs(root)
+    version = client.get_model_version_by_alias("lepton-digits", "candidate")
+    assert version.version == "2"
+    assert version.tags["lepton.data_sha256"] == new_manifest["content_sha256"]
+
+    third = run([str(BIN / "lepton"), "run"], root)
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
+    assert set(summary_status(third.stdout).values()) == {"cached"}, third.stdout[-3000:]
+    assert "ingest: source unchanged: 1500 rows" in third.stdout
+
+
+def write_digit_pngs(folder: Path, start: int, stop: int) -> None:
+    """Digits ``start..stop`` as 8-bit PNGs in one folder per class."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    for index in range(start, stop):
+        target = folder / str(data.target[index])
+        target.mkdir(parents=True, exist_ok=True)
+        pixels = (data.images[index] * 15).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(target / f"{index:04d}.png")
+
+
+def test_one_image_added_to_the_folder_reruns_ingest_and_downstream(tiny_workspace: Path):
+    root = tiny_workspace
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["ingest"].update({"source": "images", "path": str(root.parent / "site-images")})
+    params["partition"]["skew"] = "iid"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_digit_pngs(root.parent / "site-images", 0, 400)  # outside the workspace
+    repro = [str(BIN / "dvc"), "repro", "partition"]
+
+    first = run(repro, root)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    rows = json.loads((root / "data/raw/manifest.json").read_text())["rows"]
+    assert rows == 400
+
+    write_digit_pngs(root.parent / "site-images", 400, 401)
+    second = run(repro, root)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for stage in ("ingest", "compress", "partition"):
+        assert f"Running stage '{stage}'" in second.stdout, (stage, second.stdout[-3000:])
+    assert json.loads((root / "data/raw/manifest.json").read_text())["rows"] == 401
+
+    third = run(repro, root)
+    assert third.returncode == 0, third.stderr[-2000:]
+    for stage in ("ingest", "compress", "partition"):
+        assert f"Stage '{stage}' didn't change, skipping" in third.stdout, stage
