@@ -90,8 +90,9 @@ def data_change(root: Path, key: str) -> DataChange | None:
         path = root / DATA_HISTORY
         path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"pipeline_run": key, "time": time.time(), "rows": rows, "sha256": sha256}
+        cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
         with path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(("\n" if cut else "") + json.dumps(entry) + "\n")
     if not earlier:
         return DataChange("first", rows, sha256)
     previous = earlier[-1]
