@@ -59,12 +59,9 @@ class DataChange:
         return tags
 
 
-def _history(root: Path) -> list[dict[str, Any]]:
-    path = root / DATA_HISTORY
-    if not path.is_file():
-        return []
+def _history(text: str) -> list[dict[str, Any]]:
     entries = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             entries.append(json.loads(line))
         except ValueError:  # a line cut short by a kill: skip it
@@ -83,14 +80,15 @@ def data_change(root: Path, key: str) -> DataChange | None:
         rows, sha256 = int(manifest["rows"]), str(manifest["content_sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    history = _history(root)
+    path = root / DATA_HISTORY
+    text = path.read_text() if path.is_file() else ""
+    history = _history(text)
     earlier = [e for e in history if e.get("pipeline_run") != key]
     mine = [e for e in history if e.get("pipeline_run") == key]
     if not mine or mine[-1].get("sha256") != sha256:
-        path = root / DATA_HISTORY
         path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"pipeline_run": key, "time": time.time(), "rows": rows, "sha256": sha256}
-        cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        cut = bool(text) and not text.endswith("\n")
         with path.open("a") as handle:
             handle.write(("\n" if cut else "") + json.dumps(entry) + "\n")
     if not earlier:

@@ -85,15 +85,14 @@ def dag_settings(root: Path | None = None) -> DagSettings:
         raw = read_params_mapping(path)
     except ConfigError as exc:
         return DagSettings(root, RuntimeParams(), str(exc), runtime_is_default=True)
-    problem = None
     try:
-        validate_params(raw, source=str(path))
+        return DagSettings(root, validate_params(raw, source=str(path)).runtime)
     except ConfigError as exc:
         problem = str(exc)
     try:
         runtime = validate_params({"runtime": raw.get("runtime") or {}}, source=str(path)).runtime
-    except ConfigError as exc:
-        return DagSettings(root, RuntimeParams(), problem or str(exc), runtime_is_default=True)
+    except ConfigError:
+        return DagSettings(root, RuntimeParams(), problem, runtime_is_default=True)
     return DagSettings(root, runtime, problem)
 
 

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import IngestParams, Params
-from pipelines.data.source_files import class_folders, resolve, source_paths
+from pipelines.data.source_files import (
+    HASH_CACHE_FILE,
+    HashCache,
+    class_folders,
+    resolve,
+    source_paths,
+)
 from pipelines.data.sources import load_source
 from pipelines.io import (
     ImageTable,
@@ -42,8 +48,9 @@ def ingest(p: IngestParams, root: Path) -> ImageTable:
 def describe(table: ImageTable, p: IngestParams, root: Path) -> dict[str, Any]:
     """The manifest fields that depend only on the table and the params."""
     h, w = table.image_shape
+    hashes = HashCache(root / HASH_CACHE_FILE)  # the source probe hashed them already
     files = [
-        {"path": str(path), "sha256": sha256_file(path)}
+        {"path": str(path), "sha256": hashes.sha256(path)}
         for path in source_paths(p, root)
         if path.is_file()
     ]
