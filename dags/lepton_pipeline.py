@@ -4,9 +4,11 @@
 ingest → compress → partition → pretrain → federate → quantum → optimize → evaluate → register
 
 One task per stage of `pipelines/registry.py`. Each task runs `dvc repro --single-item <stage>`
-in the workspace, so a scheduled run skips, in seconds, every stage whose inputs, code and
-params did not change. Settings come from the `runtime:` section of `params.yaml`:
-schedule, retries, and `executor: local | docker` (GPU stages in a DockerOperator).
+in the workspace (through `python -m pipelines.stage_task`), so a scheduled run skips, in
+seconds, every stage whose inputs, code and params did not change. One `dvc status` after
+ingest lets the tasks that it found up to date skip without starting DVC.
+Settings come from the `runtime:` section of `params.yaml`: schedule, retries, and
+`executor: local | docker` (GPU stages in a DockerOperator).
 
 The ingest task first runs DVC's `ingest_source` stage: it fingerprints the source files
 (a changed, added or removed file re-runs ingest and what depends on it) and validates all of

@@ -96,13 +96,15 @@ def dag_settings(root: Path | None = None) -> DagSettings:
     return DagSettings(root, runtime, problem)
 
 
-def stage_command(stage: Stage, dvc: str = "dvc") -> str:
-    """The one command every runtime uses for a stage: DVC skips it when nothing changed.
+def stage_command(stage: Stage, python: str = "python") -> str:
+    """The one command every runtime uses for a stage (see ``pipelines/stage_task.py``).
 
-    ingest's command also runs the source probe first, which re-hashes the source files
-    and validates params.yaml, so the first task fails on a bad params.yaml, naming the key.
+    It runs ``dvc repro --single-item <stage>``, so DVC skips the stage when nothing changed,
+    unless ``dvc status`` at the start of this DAG run already found the stage up to date.
+    ingest's run also runs the source probe first, which re-hashes the source files and
+    validates params.yaml, so the first task fails on a bad params.yaml, naming the key.
     """
-    return f"{dvc} repro --single-item {' '.join(stage.dvc_targets)}"
+    return f"{python} -m pipelines.stage_task {stage.name}"
 
 
 def task_environment(root: Path) -> dict[str, str]:
@@ -110,6 +112,7 @@ def task_environment(root: Path) -> dict[str, str]:
     return {
         "LEPTON_PIPELINE_RUN": PIPELINE_RUN_TEMPLATE,
         "LEPTON_WORKSPACE": str(root),
+        "LEPTON_TASK_TRY": "{{ ti.try_number }}",
         "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
         "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
         "PYTHONUNBUFFERED": "1",
@@ -117,14 +120,18 @@ def task_environment(root: Path) -> dict[str, str]:
 
 
 def make_local_task(stage: Stage, settings: DagSettings):
-    """A BashOperator running the stage's DVC command in the workspace."""
+    """A BashOperator running the stage's command with the workspace's Python and DVC."""
     from airflow.providers.standard.operators.bash import BashOperator
 
     bin_dir = str(Path(sys.executable).parent)
-    env = {**task_environment(settings.root), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    env = {
+        **task_environment(settings.root),
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "LEPTON_DVC": str(Path(bin_dir) / "dvc"),
+    }
     return BashOperator(
         task_id=stage.name,
-        bash_command=stage_command(stage, dvc=str(Path(bin_dir) / "dvc")),
+        bash_command=stage_command(stage, python=sys.executable),
         cwd=str(settings.root),
         env=env,
         append_env=True,

@@ -1,0 +1,128 @@
+"""What one DAG task runs: its stage's ``dvc repro --single-item``, unless DVC said it is fresh.
+
+A no-op ``dvc repro`` costs a DVC start-up (1 to 1.6 s here), nine times per DAG run. So the
+first task (ingest) reproduces its stages, then asks ``dvc status`` once for the whole
+pipeline and writes the stages it found up to date next to the run's records (the *fresh
+snapshot*). A later task whose stage is in the snapshot exits without starting DVC.
+
+The snapshot is only as good as the workspace it describes, so it is thrown away as soon as
+anything may have changed: a task that starts ``dvc repro`` deletes it first (every later
+task then asks DVC itself); a retried or cleared task (try 2 or more) does not trust it; the
+last task deletes it. A DAG run with nothing new therefore starts DVC twice, and one with
+changes behaves exactly as plain ``dvc repro --single-item`` per task from the first changed
+stage on.
+
+    python -m pipelines.stage_task <stage>
+
+Environment: ``LEPTON_PIPELINE_RUN`` (the run key; without it there is no snapshot),
+``LEPTON_TASK_TRY`` (Airflow's try number), ``LEPTON_DVC`` (the dvc executable).
+
+Imports nothing heavy: it runs once per task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.registry import STAGES, Stage, get_stage
+from pipelines.runlog import records_path
+
+SKIP_MESSAGE = "Stage '{name}' is up to date (dvc status at the start of this run), skipping"
+
+
+def snapshot_path(root: Path, key: str) -> Path:
+    """Where pipeline run ``key`` keeps its fresh snapshot (beside its stage records)."""
+    return records_path(root, key).with_suffix(".fresh.json")
+
+
+def fresh_stages(status: dict) -> list[str]:
+    """Registry stages that ``dvc status --json`` does not list (so are up to date)."""
+    listed = {name.rsplit(":", 1)[-1] for name in status}
+    return [stage.name for stage in STAGES if stage.name not in listed]
+
+
+def write_snapshot(root: Path, key: str, dvc: str) -> list[str] | None:
+    """Ask ``dvc status`` once and write the fresh stages; None (and no file) if it fails."""
+    done = subprocess.run([dvc, "status", "--json"], cwd=root, capture_output=True, text=True)
+    try:
+        status = json.loads(done.stdout) if done.returncode == 0 else None
+    except json.JSONDecodeError:
+        status = None
+    if not isinstance(status, dict):
+        print(f"dvc status failed; every task runs dvc repro itself:\n{done.stderr[-2000:]}")
+        return None
+    fresh = fresh_stages(status)
+    path = snapshot_path(root, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({"fresh": fresh}))
+    os.replace(partial, path)
+    return fresh
+
+
+def read_snapshot(root: Path, key: str) -> set[str]:
+    """The fresh stages of run ``key``; empty when there is no readable snapshot."""
+    try:
+        return set(json.loads(snapshot_path(root, key).read_text())["fresh"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def drop_snapshot(root: Path, key: str) -> None:
+    """Delete run ``key``'s snapshot (nothing to do when there is none)."""
+    snapshot_path(root, key).unlink(missing_ok=True)
+
+
+def repro_argv(stage: Stage, dvc: str) -> list[str]:
+    """The stage's own command: ``dvc repro --single-item`` of its DVC targets."""
+    return [dvc, "repro", "--single-item", *stage.dvc_targets]
+
+
+def run_task(name: str, root: Path, key: str, try_number: int, dvc: str) -> int:
+    """Run the DAG task of stage ``name``; returns the exit code."""
+    stage = get_stage(name)
+    first, last = STAGES[0], STAGES[-1]
+    trusted = key and try_number <= 1 and stage is not first
+    if trusted and stage.name in read_snapshot(root, key):
+        print(SKIP_MESSAGE.format(name=stage.name), flush=True)
+        if stage is last:
+            drop_snapshot(root, key)
+        return 0
+    if key:
+        drop_snapshot(root, key)
+    code = subprocess.call(repro_argv(stage, dvc), cwd=root)
+    if code == 0 and key and stage is first:
+        write_snapshot(root, key, dvc)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pipelines.stage_task <stage>``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m pipelines.stage_task <stage>", file=sys.stderr)
+        return 2
+    try:
+        try_number = int(os.environ.get("LEPTON_TASK_TRY") or 1)
+    except ValueError:
+        try_number = 1
+    root = Path(os.environ.get("LEPTON_WORKSPACE") or Path.cwd()).resolve()
+    try:
+        return run_task(
+            args[0],
+            root,
+            os.environ.get("LEPTON_PIPELINE_RUN", ""),
+            try_number,
+            os.environ.get("LEPTON_DVC") or "dvc",
+        )
+    except KeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
