@@ -45,8 +45,10 @@ def fresh_stages(status: dict) -> list[str]:
     return [stage.name for stage in STAGES if stage.name not in listed]
 
 
-def write_snapshot(root: Path, key: str, dvc: str) -> list[str] | None:
-    """Ask ``dvc status`` once and write the fresh stages; None (and no file) if it fails."""
+def write_snapshot(root: Path, key: str, dvc: str) -> None:
+    """Ask ``dvc status`` once and write the fresh stages; no file when it fails."""
+    from pipelines.io import write_text_atomic  # numpy: only the first task writes
+
     done = subprocess.run([dvc, "status", "--json"], cwd=root, capture_output=True, text=True)
     try:
         status = json.loads(done.stdout) if done.returncode == 0 else None
@@ -54,14 +56,10 @@ def write_snapshot(root: Path, key: str, dvc: str) -> list[str] | None:
         status = None
     if not isinstance(status, dict):
         print(f"dvc status failed; every task runs dvc repro itself:\n{done.stderr[-2000:]}")
-        return None
-    fresh = fresh_stages(status)
+        return
     path = snapshot_path(root, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps({"fresh": fresh}))
-    os.replace(partial, path)
-    return fresh
+    write_text_atomic(path, json.dumps({"fresh": fresh_stages(status)}))
 
 
 def read_snapshot(root: Path, key: str) -> set[str]:
@@ -112,16 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         try_number = 1
     root = Path(os.environ.get("LEPTON_WORKSPACE") or Path.cwd()).resolve()
     try:
-        return run_task(
-            args[0],
-            root,
-            os.environ.get("LEPTON_PIPELINE_RUN", ""),
-            try_number,
-            os.environ.get("LEPTON_DVC") or "dvc",
-        )
+        get_stage(args[0])
     except KeyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return run_task(
+        args[0],
+        root,
+        os.environ.get("LEPTON_PIPELINE_RUN", ""),
+        try_number,
+        os.environ.get("LEPTON_DVC") or "dvc",
+    )
 
 
 if __name__ == "__main__":
