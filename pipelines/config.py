@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipelines.errors import ConfigError
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Side = Annotated[int, Field(ge=1, le=4096)]
 
 
 class _Section(BaseModel):
@@ -43,10 +44,11 @@ class IngestParams(_Section):
     path: str | None = None
     labels_path: str | None = None
     label_column: str = Field("label", min_length=1)
-    image_shape: (
-        tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]] | None
-    ) = None
+    # [height, width] of flat rows, or [height, width, channels] for colour rows (channel last)
+    image_shape: tuple[Side, Side] | tuple[Side, Side, Literal[1, 3]] | None = None
     num_classes: int | None = Field(None, ge=2, le=100_000)
+    # [height, width] every image is resized to (antialiased bilinear); null = keep the size
+    resize: tuple[Side, Side] | None = None
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> IngestParams:

@@ -1,9 +1,10 @@
 """Files: image tables in Parquet, safetensors weights, JSON, and atomic output writes.
 
 Data contract for image tables: column ``image`` is a fixed-size list (float32 or uint8)
-holding one flattened image per row, column ``label`` is int64 in ``[0, num_classes)``, and
-the schema metadata carries ``lepton.image_shape`` (JSON ``[h, w]``) and
-``lepton.num_classes``.
+holding one flattened image per row, channel-first (``c * h * w`` values), column ``label``
+is int64 in ``[0, num_classes)``, and the schema metadata carries ``lepton.image_shape``
+(JSON ``[h, w]``), ``lepton.channels`` (1 grayscale, 3 RGB; a table without it is
+grayscale) and ``lepton.num_classes``.
 """
 
 from __future__ import annotations
@@ -27,19 +28,26 @@ IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 SHAPE_KEY = b"lepton.image_shape"
 CLASSES_KEY = b"lepton.num_classes"
+CHANNELS_KEY = b"lepton.channels"
 
 
 @dataclass(frozen=True)
 class ImageTable:
-    """Images ``(n, h, w)`` float32 and labels ``(n,)`` int64 with the number of classes."""
+    """Images ``(n, c, h, w)`` and labels ``(n,)`` int64 with the number of classes.
+
+    ``c`` is 1 (grayscale) or 3 (RGB). Images given as ``(n, h, w)`` are grayscale: a
+    channel axis is added (a view, no copy).
+    """
 
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 3:
-            raise ValueError(f"images must be (n, h, w), got shape {self.images.shape}")
+        if self.images.ndim == 3:
+            object.__setattr__(self, "images", self.images[:, None])
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be (n, c, h, w), got shape {self.images.shape}")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -47,9 +55,20 @@ class ImageTable:
         return len(self.labels)
 
     @property
+    def channels(self) -> int:
+        """Channels of every image: 1 grayscale, 3 RGB."""
+        return int(self.images.shape[1])
+
+    @property
     def image_shape(self) -> tuple[int, int]:
         """(height, width) of every image."""
-        return int(self.images.shape[1]), int(self.images.shape[2])
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    @property
+    def pixels_per_image(self) -> int:
+        """Values per image: ``c * h * w``."""
+        c, h, w = self.images.shape[1:]
+        return int(c * h * w)
 
     def subset(self, index: np.ndarray) -> ImageTable:
         """Rows ``index`` as a new table."""
@@ -68,7 +87,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def content_sha256(table: ImageTable) -> str:
     """Hash of the table's content (shape, pixels, labels), independent of the file encoding."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([list(table.images.shape), table.num_classes]).encode())
+    n, c, h, w = table.images.shape
+    # grayscale hashes as before channels were stored: data versions keep their digests
+    shape = [n, h, w] if c == 1 else [n, c, h, w]
+    digest.update(json.dumps([shape, table.num_classes]).encode())
     digest.update(np.ascontiguousarray(table.images, dtype=np.float32).tobytes())
     digest.update(np.ascontiguousarray(table.labels, dtype=np.int64).tobytes())
     return digest.hexdigest()
@@ -80,14 +102,11 @@ def image_table_to_arrow(
     """Build the Arrow table of the data contract (images flattened into a fixed-size list)."""
     import pyarrow as pa
 
-    n, h, w = table.images.shape
-    flat = np.ascontiguousarray(table.images.reshape(n, h * w)).astype(pixel_dtype, copy=False)
+    n, d = len(table), table.pixels_per_image
+    flat = np.ascontiguousarray(table.images.reshape(n, d)).astype(pixel_dtype, copy=False)
     values = pa.array(flat.reshape(-1))
-    image_col = pa.FixedSizeListArray.from_arrays(values, h * w)
-    metadata = {
-        SHAPE_KEY: json.dumps([h, w]).encode(),
-        CLASSES_KEY: str(table.num_classes).encode(),
-    }
+    image_col = pa.FixedSizeListArray.from_arrays(values, d)
+    metadata = table_metadata(table)
     for key, value in (extra_metadata or {}).items():
         metadata[key.encode()] = json.dumps(value).encode()
     schema = pa.schema(
@@ -95,6 +114,21 @@ def image_table_to_arrow(
         metadata=metadata,
     )
     return pa.Table.from_arrays([image_col, pa.array(table.labels.astype(np.int64))], schema=schema)
+
+
+def table_metadata(table: ImageTable) -> dict[bytes, bytes]:
+    """The contract's schema metadata of ``table``: shape, channels, classes."""
+    return {
+        SHAPE_KEY: json.dumps(list(table.image_shape)).encode(),
+        CHANNELS_KEY: str(table.channels).encode(),
+        CLASSES_KEY: str(table.num_classes).encode(),
+    }
+
+
+def metadata_shape(metadata: dict[bytes, bytes]) -> tuple[int, int, int]:
+    """``(c, h, w)`` from a table's schema metadata (no channels key = grayscale)."""
+    h, w = json.loads(metadata[SHAPE_KEY])
+    return int(metadata.get(CHANNELS_KEY, b"1")), int(h), int(w)
 
 
 def write_image_table(table: ImageTable, path: str | Path, **parquet_options: Any) -> None:
@@ -128,13 +162,32 @@ def read_image_table(path: str | Path) -> ImageTable:
     for column in (IMAGE_COLUMN, LABEL_COLUMN):
         if column not in arrow.column_names:
             raise DataError(str(path), "column missing", field=column)
-    h, w = json.loads(metadata[SHAPE_KEY])
+    c, h, w = metadata_shape(metadata)
     flat = np.asarray(
         arrow.column(IMAGE_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     )
-    images = flat.astype(np.float32).reshape(arrow.num_rows, h, w)
+    images = flat.astype(np.float32).reshape(arrow.num_rows, c, h, w)
     labels = arrow.column(LABEL_COLUMN).to_numpy().astype(np.int64)
     return ImageTable(images, labels, int(metadata[CLASSES_KEY]))
+
+
+def read_client_shards(partitions: str | Path) -> list[tuple[Path, ImageTable]]:
+    """Every client shard ``clients/client_*.parquet`` of a partitions folder, in name
+    order, with its path; no shard is a DataError naming the folder."""
+    folder = Path(partitions) / "clients"
+    shards = sorted(folder.glob("client_*.parquet"))
+    if not shards:
+        raise DataError(str(folder), "no client shards (has partition run?)")
+    return [(path, read_image_table(path)) for path in shards]
+
+
+def concat_tables(tables: list[ImageTable], num_classes: int | None = None) -> ImageTable:
+    """Rows of all ``tables`` in order, as one table (classes: the largest, or as given)."""
+    return ImageTable(
+        np.concatenate([t.images for t in tables]),
+        np.concatenate([t.labels for t in tables]),
+        num_classes if num_classes is not None else max(t.num_classes for t in tables),
+    )
 
 
 def read_json(path: str | Path) -> Any:

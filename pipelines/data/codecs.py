@@ -38,6 +38,8 @@ from pipelines.io import (
     SHAPE_KEY,
     ImageTable,
     image_table_to_arrow,
+    metadata_shape,
+    table_metadata,
 )
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,8 @@ ENCODING_KEY = b"lepton.encoding"
 
 def raw_bytes(table: ImageTable) -> int:
     """Size of the table as plain arrays: float32 pixels plus int64 labels."""
-    n, h, w = table.images.shape
-    return n * h * w * 4 + n * 8
+    n = len(table)
+    return n * table.pixels_per_image * 4 + n * 8
 
 
 def quantize_uint8(values: np.ndarray, per_column: bool = False) -> tuple[np.ndarray, Any, Any]:
@@ -107,22 +109,22 @@ def _list_column(values: np.ndarray):
 def encode_table(table: ImageTable, directory: str | Path, p: CompressParams) -> dict[str, Any]:
     """Write ``table`` into ``directory`` with the encoding ``p`` asks for; return its description.
 
-    ``p.pca_components`` larger than the data allows (``min(n, h * w)``) is lowered, with a
-    warning; the description says how many components were kept.
+    ``p.pca_components`` larger than the data allows (``min(n, c * h * w)``) is lowered, with
+    a warning; the description says how many components were kept.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    n, h, w = table.images.shape
-    flat = table.images.reshape(n, h * w)
+    n, d = len(table), table.pixels_per_image
+    flat = table.images.reshape(n, d)
     if p.pca_components == 0:
         if p.quantize_uint8:
             q, scale, offset = quantize_uint8(flat)
             encoding = {"kind": "uint8", "scale": float(scale), "offset": float(offset)}
             arrow = image_table_to_arrow(
-                ImageTable(q.reshape(n, h, w), table.labels, table.num_classes), "uint8"
+                ImageTable(q.reshape(table.images.shape), table.labels, table.num_classes), "uint8"
             )
         else:
             encoding = {"kind": "float32"}
@@ -131,10 +133,10 @@ def encode_table(table: ImageTable, directory: str | Path, p: CompressParams) ->
     else:
         from safetensors.numpy import save_file
 
-        k = min(p.pca_components, n, h * w)
+        k = min(p.pca_components, n, d)
         if k < p.pca_components:
             log.warning(
-                "pca_components=%d lowered to %d (n=%d, pixels=%d)", p.pca_components, k, n, h * w
+                "pca_components=%d lowered to %d (n=%d, pixels=%d)", p.pca_components, k, n, d
             )
         mean, components = fit_pca(flat, k)
         coefficients = ((flat - mean) @ components.T).astype(np.float32)
@@ -156,11 +158,7 @@ def encode_table(table: ImageTable, directory: str | Path, p: CompressParams) ->
                 LABEL_COLUMN: pa.array(table.labels.astype(np.int64)),
             }
         )
-    metadata = {
-        SHAPE_KEY: json.dumps([h, w]).encode(),
-        CLASSES_KEY: str(table.num_classes).encode(),
-        ENCODING_KEY: json.dumps(encoding).encode(),
-    }
+    metadata = {**table_metadata(table), ENCODING_KEY: json.dumps(encoding).encode()}
     arrow = arrow.replace_schema_metadata(metadata)
     pq.write_table(arrow, str(directory / TABLE_FILE), **_parquet_options(p, value_column))
     return encoding
@@ -183,7 +181,7 @@ def read_compressed(directory: str | Path) -> ImageTable:
     for key in (SHAPE_KEY, CLASSES_KEY, ENCODING_KEY):
         if key not in metadata:
             raise DataError(str(path), f"schema metadata lacks '{key.decode()}'")
-    h, w = json.loads(metadata[SHAPE_KEY])
+    c, h, w = metadata_shape(metadata)
     encoding = json.loads(metadata[ENCODING_KEY])
     n = arrow.num_rows
     kind = encoding["kind"]
@@ -210,7 +208,7 @@ def read_compressed(directory: str | Path) -> ImageTable:
         flat = coefficients.astype(np.float32) @ basis["components"] + basis["mean"]
     else:
         raise DataError(str(path), f"unknown encoding '{kind}'", field=ENCODING_KEY.decode())
-    images = np.ascontiguousarray(flat, dtype=np.float32).reshape(n, h, w)
+    images = np.ascontiguousarray(flat, dtype=np.float32).reshape(n, c, h, w)
     return ImageTable(images, labels, int(metadata[CLASSES_KEY]))
 
 

@@ -2,26 +2,29 @@
 
 Every loader takes ``(params, root)``: relative paths in ``params`` are relative to the
 workspace ``root``. Pixels keep their scale (0..16 for digits, 0..255 for images and IDX):
-the partition stage normalizes. Flat feature rows become images of ``ingest.image_shape``,
-or of the square root of their width. ``num_classes`` is ``ingest.num_classes`` when set,
-else what the file says (the contract's schema metadata, the number of class folders), else
-the largest label + 1.
+the partition stage normalizes. Images are ``(n, c, h, w)``: grayscale (c = 1) or RGB
+(c = 3), whatever the source holds; a source mixing the two, or mixing sizes without
+``ingest.resize``, is refused naming the file. Flat feature rows become images of
+``ingest.image_shape`` (``[h, w]``, or ``[h, w, c]`` channel-last), or grayscale squares of
+the square root of their width. ``ingest.resize`` resizes every image to one size.
+``num_classes`` is ``ingest.num_classes`` when set, else what the file says (the contract's
+schema metadata, the number of class folders), else the largest label + 1.
 
 Sources:
 - ``digits``: scikit-learn's bundled 8x8 digits (no network).
 - ``parquet``: our image-table contract (list column ``image``), or a wide table: the
   label column ``ingest.label_column`` plus one numeric column per pixel.
 - ``csv``: a header line, the label column and one column per pixel.
-- ``npz``: arrays ``x`` (n, h, w) or (n, d) and ``y`` (n,).
+- ``npz``: arrays ``x`` (n, h, w), (n, h, w, c), (n, c, h, w) or (n, d) and ``y`` (n,).
 - ``idx``: MNIST IDX image and label files, optionally gzipped.
 - ``images``: a folder with one sub-folder per class (classes are the sorted folder names)
-  of equally sized images, read as grayscale.
+  of PNG / JPEG / ... images, all grayscale or all colour (read as RGB), of one size unless
+  ``ingest.resize`` is set.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import struct
 import zlib
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import IngestParams
+from pipelines.data.resize import resize_image, resize_images
 from pipelines.data.source_files import (
     IMAGE_SUFFIXES,
     class_folders,
@@ -38,6 +42,7 @@ from pipelines.data.source_files import (
     resolve,
 )
 from pipelines.data.validate import (
+    channels_first,
     check_file,
     first_true,
     labels_to_int64,
@@ -47,7 +52,7 @@ from pipelines.data.validate import (
     validate_table,
 )
 from pipelines.errors import DataError
-from pipelines.io import CLASSES_KEY, IMAGE_COLUMN, SHAPE_KEY, ImageTable
+from pipelines.io import CLASSES_KEY, IMAGE_COLUMN, SHAPE_KEY, ImageTable, metadata_shape
 
 MAX_CLASSES = 100_000  # the bound on ingest.num_classes
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -150,11 +155,17 @@ def _contract_parquet(arrow, p: IngestParams, file: str) -> ImageTable:
     features = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
     features = features.reshape(len(labels), width)
     metadata = arrow.schema.metadata or {}
-    shape = p.image_shape
-    if shape is None and SHAPE_KEY in metadata:
-        shape = tuple(json.loads(metadata[SHAPE_KEY]))
     classes = int(metadata[CLASSES_KEY]) if CLASSES_KEY in metadata else None
-    return _finish(rows_to_images(features, shape, file), labels, p, file, classes)
+    if p.image_shape is None and SHAPE_KEY in metadata:
+        c, h, w = metadata_shape(metadata)  # the contract's own layout: channel-first
+        if c * h * w != width:
+            raise DataError(
+                file,
+                f"schema metadata says {c}x{h}x{w} images, rows have {width} values",
+                field=IMAGE_COLUMN,
+            )
+        return _finish(features.reshape(-1, c, h, w), labels, p, file, classes)
+    return _finish(rows_to_images(features, p.image_shape, file), labels, p, file, classes)
 
 
 def load_csv(p: IngestParams, root: Path) -> ImageTable:
@@ -216,17 +227,21 @@ def load_npz(p: IngestParams, root: Path) -> ImageTable:
         raise DataError(file, f"must hold numbers, got dtype {x.dtype}", field="x")
     if x.ndim == 2:
         images = rows_to_images(x.astype(np.float32), p.image_shape, file, field="x")
-    elif x.ndim == 3:
-        images = x.astype(np.float32)
-        if p.image_shape is not None and tuple(p.image_shape) != images.shape[1:]:
+    elif x.ndim in (3, 4):
+        images = channels_first(x.astype(np.float32), file, field="x")
+        if p.image_shape is not None and tuple(p.image_shape[:2]) != images.shape[2:]:
             raise DataError(
                 file,
-                f"images are {list(images.shape[1:])}, ingest.image_shape says "
+                f"images are {list(images.shape[2:])}, ingest.image_shape says "
                 f"{list(p.image_shape)}",
                 field="x",
             )
     else:
-        raise DataError(file, f"must be (n, h, w) or (n, d), got shape {x.shape}", field="x")
+        raise DataError(
+            file,
+            f"must be (n, h, w), (n, h, w, c), (n, c, h, w) or (n, d), got shape {list(x.shape)}",
+            field="x",
+        )
     labels = labels_to_int64(y, file, field="y")
     return _finish(images, labels, p, file, fields=("x", "y"))
 
@@ -285,8 +300,25 @@ def load_idx(p: IngestParams, root: Path) -> ImageTable:
     return _finish(images, labels_to_int64(labels, str(labels_path)), p, str(images_path))
 
 
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def read_image_file(path: Path, resize: tuple[int, int] | None) -> np.ndarray:
+    """One image file as float32 ``(c, h, w)``: c = 1 for a grayscale file (``L``, ``I``,
+    ...), 3 for any colour one (RGB, palette, CMYK, ...; alpha is dropped); resized when
+    ``resize`` is given."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode in GRAYSCALE_MODES:
+            array = np.asarray(image.convert("F"), dtype=np.float32)[None]
+        else:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+    return resize_image(array, resize) if resize is not None else array
+
+
 def load_images(p: IngestParams, root: Path) -> ImageTable:
-    """A class-per-folder tree of images, all the same size, read as grayscale."""
+    """A class-per-folder tree of images: all grayscale or all colour, one size (or resized)."""
     from PIL import Image
 
     folder = resolve(p.path, root)
@@ -301,17 +333,26 @@ def load_images(p: IngestParams, root: Path) -> ImageTable:
     pixels, first = [], None
     for row, (path, _) in enumerate(files):
         try:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("L"), dtype=np.float32)
+            array = read_image_file(path, p.resize)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise DataError(str(path), f"unreadable image: {exc}", field="image", row=row) from None
         if first is None:
             first = (path, array.shape)
+        elif array.shape[0] != first[1][0]:
+            kinds = {1: "grayscale", 3: "colour"}
+            raise DataError(
+                str(path),
+                f"image is {kinds[array.shape[0]]}, {first[0].name} is {kinds[first[1][0]]}; "
+                "all images must be grayscale or all colour",
+                field="image",
+                row=row,
+            )
         elif array.shape != first[1]:
             raise DataError(
                 str(path),
-                f"image is {array.shape[1]}x{array.shape[0]} (width x height), "
-                f"{first[0].name} is {first[1][1]}x{first[1][0]}; all must be the same size",
+                f"image is {array.shape[2]}x{array.shape[1]} (width x height), "
+                f"{first[0].name} is {first[1][2]}x{first[1][1]}; all must be the same size "
+                "(or set ingest.resize)",
                 field="image",
                 row=row,
             )
@@ -331,5 +372,8 @@ LOADERS: dict[str, Callable[[IngestParams, Path], ImageTable]] = {
 
 
 def load_source(p: IngestParams, root: Path) -> ImageTable:
-    """Load and validate the source ``ingest.source`` names."""
-    return LOADERS[p.source](p, root)
+    """Load and validate the source ``ingest.source`` names, resized to ``ingest.resize``."""
+    table = LOADERS[p.source](p, root)
+    if p.resize is None:
+        return table
+    return ImageTable(resize_images(table.images, p.resize), table.labels, table.num_classes)

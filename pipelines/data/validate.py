@@ -17,6 +17,8 @@ import numpy as np
 from pipelines.errors import DataError
 from pipelines.io import IMAGE_COLUMN, LABEL_COLUMN, ImageTable
 
+SUPPORTED_CHANNELS = (1, 3)  # grayscale, RGB
+
 
 def check_file(path: str | Path) -> Path:
     """Return ``path`` if it is a non-empty file; else a DataError saying what is wrong."""
@@ -138,24 +140,26 @@ def _first_non_number(values: list) -> int | None:
 
 def rows_to_images(
     features: np.ndarray,
-    image_shape: tuple[int, int] | None,
+    image_shape: tuple[int, ...] | None,
     file: str,
     field: str = IMAGE_COLUMN,
 ) -> np.ndarray:
-    """Reshape flat rows ``(n, d)`` into images ``(n, h, w)``.
+    """Reshape flat rows ``(n, d)`` into images ``(n, c, h, w)``.
 
-    The shape is ``image_shape`` when given, else the square root of the width; a width
-    that fits neither is a DataError.
+    The shape is ``image_shape`` when given (``[h, w]`` grayscale, or ``[h, w, c]`` for rows
+    that hold colour pixels channel-last), else a grayscale square of the row's width; a
+    width that fits neither is a DataError.
     """
     if features.ndim != 2:
         raise DataError(file, f"expected rows of features (2-D), got {features.shape}", field=field)
     n, width = features.shape
     if image_shape is not None:
-        h, w = (int(v) for v in image_shape)
-        if h * w != width:
+        h, w, c = (*(int(v) for v in image_shape), 1)[:3]
+        if h * w * c != width:
             raise DataError(
                 file,
-                f"ingest.image_shape [{h}, {w}] needs {h * w} values per row, rows have {width}",
+                f"ingest.image_shape {list(image_shape)} needs {h * w * c} values per row, "
+                f"rows have {width}",
                 field=field,
             )
     else:
@@ -167,7 +171,26 @@ def rows_to_images(
                 field=field,
             )
         h = w = side
-    return np.ascontiguousarray(features.reshape(n, h, w), dtype=np.float32)
+        c = 1
+    images = features.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def channels_first(images: np.ndarray, file: str, field: str) -> np.ndarray:
+    """An image array as ``(n, c, h, w)``: ``(n, h, w)`` is grayscale, ``(n, h, w, c)`` with
+    ``c`` in 1, 3 is channel-last (numpy / PIL order), ``(n, c, h, w)`` stays."""
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4 and images.shape[3] in SUPPORTED_CHANNELS:
+        return images.transpose(0, 3, 1, 2)
+    if images.ndim == 4 and images.shape[1] in SUPPORTED_CHANNELS:
+        return images
+    raise DataError(
+        file,
+        f"images must be (n, h, w), (n, h, w, c) or (n, c, h, w) with c = 1 or 3, "
+        f"got shape {list(images.shape)}",
+        field=field,
+    )
 
 
 def validate_table(
@@ -187,8 +210,16 @@ def validate_table(
     images, labels = table.images, table.labels
     if len(labels) == 0:
         raise DataError(file, "no rows (the table is empty)")
-    if images.ndim != 3 or min(images.shape[1:]) < 1:
-        raise DataError(file, f"images must be (n, h, w), got {images.shape}", field=image_field)
+    if images.ndim != 4 or min(images.shape[2:]) < 1:
+        raise DataError(
+            file, f"images must be (n, c, h, w), got {list(images.shape)}", field=image_field
+        )
+    if images.shape[1] not in SUPPORTED_CHANNELS:
+        raise DataError(
+            file,
+            f"images have {images.shape[1]} channels; 1 (grayscale) or 3 (RGB) are supported",
+            field=image_field,
+        )
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(
             file, f"{len(images)} images but labels of shape {labels.shape}", field=label_field

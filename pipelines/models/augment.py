@@ -1,10 +1,13 @@
-"""Batched SimCLR augmentations for small grayscale images (digits), in pure torch.
+"""Batched SimCLR augmentations for images of any size, grayscale or RGB, in pure torch.
 
 Each image of a batch draws its own random parameters from a ``torch.Generator`` (on the
-images' device), so a seeded generator gives the same views every time. Colour and crop
-augmentations of natural-image SimCLR make no sense for 8x8 digits; these keep the digit
-recognisable: a mild random affine (rotation, scale, sub-pixel to one-pixel translation),
-brightness / contrast jitter, erasing a small square patch, and gaussian noise.
+images' device), so a seeded generator gives the same views every time. Every geometric
+strength is relative to the image (a shift of an eighth of the side is one pixel at 8x8 and
+3.5 at 28x28), so the same config suits every size. The views keep a small object
+recognisable: a mild random affine (rotation, scale, translation), brightness / contrast
+jitter, erasing a square patch, and gaussian noise. RGB images also get SimCLR's colour
+augmentations, sized for objects whose colour carries no class: per-channel gain jitter,
+a random channel order and random grayscale.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ class AugmentConfig:
 
     rotation_degrees: float = 15.0
     scale: tuple[float, float] = (0.9, 1.1)
-    translate_px: float = 1.0
+    translate_fraction: float = 0.125  # of the image side
     brightness: float = 0.2
     contrast: float = 0.2
     erase_prob: float = 0.5
     erase_fraction: float = 0.25
     noise_std: float = 0.05
+    color_jitter: float = 0.4  # RGB only: each channel's gain in 1 ± this
+    channel_shuffle_prob: float = 0.5  # RGB only: chance of a random channel order
+    grayscale_prob: float = 0.2  # RGB only: chance of a grayscale view
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -38,17 +44,21 @@ def random_affine(
     generator: torch.Generator,
     degrees: float,
     scale: tuple[float, float],
-    translate_px: float,
+    translate_fraction: float,
+    padding_mode: str = "zeros",
 ) -> torch.Tensor:
-    """Rotate by ±``degrees``, zoom by a factor in ``scale``, shift by ±``translate_px`` pixels.
+    """Rotate by ±``degrees``, zoom by a factor in ``scale``, shift by ±``translate_fraction``
+    of the image side.
 
-    Bilinear resampling; pixels that come from outside the image are 0 (the background).
+    Bilinear resampling; pixels that come from outside the image are 0 (the background of
+    grayscale digits) or, with ``padding_mode="border"``, the nearest edge pixel.
     """
     n, _, h, w = images.shape
     angle = torch.deg2rad(_uniform(n, -degrees, degrees, generator))
     zoom = _uniform(n, scale[0], scale[1], generator)
-    shift_x = _uniform(n, -translate_px, translate_px, generator) * 2 / w
-    shift_y = _uniform(n, -translate_px, translate_px, generator) * 2 / h
+    # the same draws as a shift in pixels of translate_fraction * side, scaled to [-1, 1]
+    shift_x = _uniform(n, -translate_fraction * w, translate_fraction * w, generator) * 2 / w
+    shift_y = _uniform(n, -translate_fraction * h, translate_fraction * h, generator) * 2 / h
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # output → input sampling positions in normalised coordinates, corrected for aspect ratio
     theta = torch.stack(
@@ -59,7 +69,9 @@ def random_affine(
         dim=1,
     ).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False
+    )
 
 
 def jitter_intensity(
@@ -93,6 +105,27 @@ def random_erase(
     return images.masked_fill(mask, 0.0)
 
 
+def jitter_colour(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    gain: float,
+    shuffle_prob: float,
+    grayscale_prob: float,
+) -> torch.Tensor:
+    """RGB views: scale each channel by ``1 ± gain``, permute the channels with probability
+    ``shuffle_prob`` and average them to gray with probability ``grayscale_prob``."""
+    n, c = images.shape[:2]
+    device = images.device
+    gains = 1 - gain + 2 * gain * torch.rand(n, c, generator=generator, device=device)
+    x = images * gains.view(n, c, 1, 1).to(images.dtype)
+    order = torch.rand(n, c, generator=generator, device=device).argsort(dim=1)
+    shuffle = torch.rand(n, generator=generator, device=device) < shuffle_prob
+    order = torch.where(shuffle[:, None], order, torch.arange(c, device=device))
+    x = x.gather(1, order.view(n, c, 1, 1).expand_as(x))
+    gray = torch.rand(n, generator=generator, device=device) < grayscale_prob
+    return torch.where(gray.view(n, 1, 1, 1), x.mean(dim=1, keepdim=True).expand_as(x), x)
+
+
 def add_noise(images: torch.Tensor, generator: torch.Generator, std: float) -> torch.Tensor:
     """Add gaussian noise of standard deviation ``std``."""
     noise = torch.randn(images.shape, generator=generator, device=images.device)
@@ -102,15 +135,28 @@ def add_noise(images: torch.Tensor, generator: torch.Generator, std: float) -> t
 def augment(
     images: torch.Tensor, generator: torch.Generator, config: AugmentConfig = AugmentConfig()
 ) -> torch.Tensor:
-    """One random view of each image ``(n, 1, h, w)`` in ``[0, 1]``; the result is in ``[0, 1]``.
+    """One random view of each image ``(n, c, h, w)`` in ``[0, 1]``; the result is in ``[0, 1]``.
 
-    ``generator`` must live on the images' device.
+    ``c`` is 1 or 3; the colour augmentations apply to RGB only. ``generator`` must live on
+    the images' device.
     """
-    if images.ndim != 4:
-        raise ValueError(f"images must be (n, 1, h, w), got shape {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (n, 1 or 3, h, w), got shape {tuple(images.shape)}")
+    colour = images.shape[1] == 3
     x = images
-    if config.rotation_degrees or config.translate_px or config.scale != (1.0, 1.0):
-        x = random_affine(x, generator, config.rotation_degrees, config.scale, config.translate_px)
+    if config.rotation_degrees or config.translate_fraction or config.scale != (1.0, 1.0):
+        x = random_affine(
+            x,
+            generator,
+            config.rotation_degrees,
+            config.scale,
+            config.translate_fraction,
+            padding_mode="border" if colour else "zeros",
+        )
+    if colour and (config.color_jitter or config.channel_shuffle_prob or config.grayscale_prob):
+        x = jitter_colour(
+            x, generator, config.color_jitter, config.channel_shuffle_prob, config.grayscale_prob
+        )
     if config.brightness or config.contrast:
         x = jitter_intensity(x, generator, config.brightness, config.contrast)
     if config.erase_prob and config.erase_fraction:

@@ -4,18 +4,22 @@ Every model is rebuilt from a small JSON-able config dict, saved beside its weig
 :func:`pipelines.io.save_weights`, so loading needs no pickle:
 
 - ``models/pretrain/encoder.{safetensors,json}``: an :class:`Encoder` (config from
-  :func:`encoder_config`).
+  :func:`encoder_config`, sized to the data by :func:`encoder_config_for`).
 - ``models/federate/model.{safetensors,json}``: a :class:`Classifier` (config from
   :func:`classifier_config`, which nests the encoder's).
 
-Inputs are ``(n, 1, h, w)`` float32 in ``[0, 1]`` for any small ``h, w``; :func:`to_tensor`
-adds the channel axis to an ``(n, h, w)`` array. Normalisation is GroupNorm rather than
-BatchNorm: federated clients hold non-IID shards, and batch statistics averaged across them
-describe no client's data.
+Inputs are ``(n, c, h, w)`` float32 in ``[0, 1]``, ``c`` being the config's
+``in_channels`` (1 grayscale, 3 RGB); :func:`to_tensor` turns a numpy batch into one.
+The encoder first halves the image with stride-2 conv blocks (the *stem*) until it is
+about :data:`WORKING_SIDE` pixels across, then runs the same body at every image size: the
+receptive field covers the image and the wide layers cost the same on 8x8 digits and on
+224x224 photos. Normalisation is GroupNorm rather than BatchNorm: federated clients hold
+non-IID shards, and batch statistics averaged across them describe no client's data.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,20 @@ DEFAULT_CHANNELS = (32, 64, 128)
 # max-pool right after the first block: the wide blocks then run at a quarter of the pixels
 # (half the pretraining time on 8x8 digits, no loss in accuracy)
 DEFAULT_POOL_AFTER = 0
+WORKING_SIDE = 8  # the stem halves an image until its shorter side is at most about this
+STEM_WIDTHS = (16, 32)  # channels of the stem's blocks; later blocks keep the last width
+
+
+def stem_for(image_shape: tuple[int, int], widths: tuple[int, ...] = STEM_WIDTHS) -> list[int]:
+    """Channels of the stride-2 stem blocks an image of ``image_shape`` needs.
+
+    One block per halving until the shorter side is at most ``WORKING_SIDE`` (rounding up
+    the halvings from 1.5x on): none for 8x8, two for 28x28 (to 7x7) and 32x32 (to 8x8),
+    five for 224x224 (to 7x7).
+    """
+    side = min(int(v) for v in image_shape)
+    halvings = max(0, math.ceil(math.log2(side / WORKING_SIDE) - 0.5)) if side > 0 else 0
+    return [widths[min(i, len(widths) - 1)] for i in range(halvings)]
 
 
 def encoder_config(
@@ -36,6 +54,8 @@ def encoder_config(
     channels: tuple[int, ...] = DEFAULT_CHANNELS,
     groups: int = 8,
     pool_after: int = DEFAULT_POOL_AFTER,
+    in_channels: int = 1,
+    stem: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Config dict of an :class:`Encoder` (what ``encoder.json`` holds)."""
     return {
@@ -44,7 +64,16 @@ def encoder_config(
         "channels": [int(c) for c in channels],
         "groups": int(groups),
         "pool_after": int(pool_after),
+        "in_channels": int(in_channels),
+        "stem": [int(c) for c in stem],
     }
+
+
+def encoder_config_for(
+    image_shape: tuple[int, int], in_channels: int, embedding_dim: int = 128
+) -> dict[str, Any]:
+    """The default encoder config for images of ``image_shape`` with ``in_channels``."""
+    return encoder_config(embedding_dim, in_channels=in_channels, stem=tuple(stem_for(image_shape)))
 
 
 def classifier_config(encoder: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -52,19 +81,32 @@ def classifier_config(encoder: dict[str, Any], num_classes: int) -> dict[str, An
     return {"kind": "classifier", "encoder": dict(encoder), "num_classes": int(num_classes)}
 
 
-def _conv_block(c_in: int, c_out: int, groups: int) -> list[nn.Module]:
+def _conv_block(c_in: int, c_out: int, groups: int, stride: int = 1) -> list[nn.Module]:
     return [
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
         nn.GroupNorm(min(groups, c_out), c_out),
         nn.ReLU(inplace=True),
     ]
 
 
-class Encoder(nn.Module):
-    """Small CNN: 3x3 conv blocks (GroupNorm, ReLU), one 2x2 max-pool after block
-    ``pool_after``, global average pooling, then a linear map to ``embedding_dim``.
+def receptive_field(config: dict[str, Any]) -> int:
+    """Side in input pixels of what one position of the encoder's last feature map sees."""
+    field, jump = 1, 1
+    for _ in config.get("stem", []):
+        field, jump = field + 2 * jump, jump * 2  # 3x3 conv, stride 2
+    for index in range(len(config["channels"])):
+        field += 2 * jump  # 3x3 conv, stride 1
+        if index == config["pool_after"]:
+            field, jump = field + jump, jump * 2  # 2x2 max-pool
+    return field
 
-    Works on any image size (the pooling is global); ``(n, 1, h, w)`` → ``(n, embedding_dim)``.
+
+class Encoder(nn.Module):
+    """Small CNN: a stem of stride-2 3x3 conv blocks (as many as the image size needs,
+    see :func:`stem_for`), 3x3 conv blocks (GroupNorm, ReLU) with one 2x2 max-pool after
+    block ``pool_after``, global average pooling, then a linear map to ``embedding_dim``.
+
+    ``(n, in_channels, h, w)`` → ``(n, embedding_dim)`` for any ``h, w``.
     """
 
     def __init__(
@@ -73,11 +115,16 @@ class Encoder(nn.Module):
         channels: tuple[int, ...] = DEFAULT_CHANNELS,
         groups: int = 8,
         pool_after: int = DEFAULT_POOL_AFTER,
+        in_channels: int = 1,
+        stem: tuple[int, ...] = (),
     ):
         super().__init__()
-        self.config = encoder_config(embedding_dim, channels, groups, pool_after)
+        self.config = encoder_config(embedding_dim, channels, groups, pool_after, in_channels, stem)
         layers: list[nn.Module] = []
-        c_in = 1
+        c_in = in_channels
+        for c_out in stem:
+            layers += _conv_block(c_in, c_out, groups, stride=2)
+            c_in = c_out
         for index, c_out in enumerate(channels):
             layers += _conv_block(c_in, c_out, groups)
             if index == pool_after:
@@ -86,9 +133,10 @@ class Encoder(nn.Module):
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, embedding_dim)
         self.embedding_dim = embedding_dim
+        self.in_channels = in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``(n, embedding_dim)`` of images ``(n, 1, h, w)``."""
+        """Embeddings ``(n, embedding_dim)`` of images ``(n, in_channels, h, w)``."""
         # mean over space = adaptive average pooling to 1x1, with a deterministic backward
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
@@ -104,7 +152,7 @@ class Classifier(nn.Module):
         self.config = classifier_config(encoder.config, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of images ``(n, 1, h, w)``."""
+        """Logits of images ``(n, in_channels, h, w)``."""
         return self.head(self.encoder(x))
 
 
@@ -132,6 +180,8 @@ def build_encoder(config: dict[str, Any]) -> Encoder:
         channels=tuple(int(c) for c in config.get("channels", DEFAULT_CHANNELS)),
         groups=int(config.get("groups", 8)),
         pool_after=int(config.get("pool_after", DEFAULT_POOL_AFTER)),
+        in_channels=int(config.get("in_channels", 1)),
+        stem=tuple(int(c) for c in config.get("stem", ())),
     )
 
 
@@ -169,9 +219,17 @@ def load_encoder(directory: str | Path) -> Encoder:
     return load_classifier(directory).encoder.eval()
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """``(n, h, w)`` array → ``(n, 1, h, w)`` float32 tensor (shares memory when it can)."""
+def as_image_batch(images: np.ndarray) -> np.ndarray:
+    """``(n, c, h, w)`` (or grayscale ``(n, h, w)``) images as a contiguous float32
+    ``(n, c, h, w)`` array, the models' and the ONNX export's input layout."""
     array = np.ascontiguousarray(images, dtype=np.float32)
-    if array.ndim != 3:
-        raise ValueError(f"images must be (n, h, w), got shape {array.shape}")
-    return torch.from_numpy(array).unsqueeze(1)
+    if array.ndim == 3:
+        return array[:, None]
+    if array.ndim != 4:
+        raise ValueError(f"images must be (n, c, h, w), got shape {array.shape}")
+    return array
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """:func:`as_image_batch` as a torch tensor (shares memory when it can)."""
+    return torch.from_numpy(as_image_batch(images))

@@ -34,7 +34,7 @@ def extract_features(
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Embeddings ``(n, d)`` float32 of images ``(n, h, w)`` (eval mode, no gradients).
+    """Embeddings ``(n, d)`` float32 of images ``(n, c, h, w)`` (eval mode, no gradients).
 
     Pass ``classifier.encoder`` for a classifier's features. The module is left on its own
     device and in its own train / eval mode.
@@ -48,7 +48,8 @@ def predict_logits(
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Logits ``(n, num_classes)`` float32 of images ``(n, h, w)`` (eval mode, no gradients)."""
+    """Logits ``(n, num_classes)`` float32 of images ``(n, c, h, w)`` (eval mode, no
+    gradients)."""
     return _batched_outputs(classifier, images, batch_size, device)
 
 

@@ -3,9 +3,9 @@
 ``register`` logs this file with ``mlflow.pyfunc.log_model(python_model=<this file>)`` when
 the hybrid head is the chosen variant, so nothing is pickled: the weights travel as
 safetensors artifacts (``encoder``: the federated classifier's folder, ``head``: the quantum
-stage's folder) and this code rebuilds the model from them. Input: images
-``(n, 1, h, w)`` float32; output: logits ``(n, num_classes)``; the circuit runs on the torch
-statevector backend on the CPU.
+stage's folder) and this code rebuilds the model from them. Input: images ``(n, c, h, w)``
+float32 (``c`` as the encoder was trained); output: logits ``(n, num_classes)``; the circuit
+runs on the torch statevector backend on the CPU.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from mlflow.pyfunc import PythonModel
 
 
 def hybrid_logits(encoder, head, images: np.ndarray) -> np.ndarray:
-    """Logits of images ``(n, 1, h, w)`` (or ``(n, h, w)``) through the encoder and head."""
+    """Logits of images ``(n, c, h, w)`` (or grayscale ``(n, h, w)``) through the encoder and
+    the head."""
     from pipelines.models.probes import extract_features
     from pipelines.quantum.hybrid import predict_logits
 
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim == 4:
-        images = images[:, 0]
     return predict_logits(head, extract_features(encoder, images))
 
 
@@ -38,7 +36,7 @@ class HybridClassifierModel(PythonModel):
         self.head = load_head(context.artifacts["head"], "hybrid")
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints
-        """Logits ``(n, num_classes)`` of images ``(n, 1, h, w)``."""
+        """Logits ``(n, num_classes)`` of images ``(n, c, h, w)``."""
         return hybrid_logits(self.encoder, self.head, np.asarray(model_input))
 
 

@@ -41,6 +41,7 @@ def compress(
         "lossy": encoding["kind"] != "float32",
         "rows": len(table),
         "image_shape": list(table.image_shape),
+        "channels": table.channels,
         "num_classes": table.num_classes,
         "pixel_min": float(table.images.min()),
         "pixel_max": float(table.images.max()),

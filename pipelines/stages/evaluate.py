@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import EvaluateParams, Params
-from pipelines.io import Paths, atomic_outputs, read_image_table, read_json, write_json
+from pipelines.io import (
+    Paths,
+    atomic_outputs,
+    read_client_shards,
+    read_image_table,
+    read_json,
+    write_json,
+)
 from pipelines.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -142,38 +149,33 @@ def plot_per_client(variants: dict[str, dict], path: Path) -> None:
 
 
 def variant_predictors(paths: Paths) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """name → function from images ``(n, h, w)`` to logits, for every model variant."""
-    import torch
-
+    """name → function from images ``(n, c, h, w)`` to logits, for every model variant."""
     from pipelines.models.encoder import load_classifier
+    from pipelines.models.probes import extract_features, predict_logits
     from pipelines.quantum.hybrid import load_heads
-    from pipelines.stages.optimize import onnx_logits, onnx_session, torch_logits
+    from pipelines.stages.optimize import onnx_logits, onnx_session
 
     classifier = load_classifier(paths.model_dir("federate"))
     optimized = paths.model_dir("optimize")
     fp32 = onnx_session(optimized / "model.onnx")
     int8 = onnx_session(optimized / "model.int8.onnx")
 
-    def features(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return classifier.encoder(torch.from_numpy(images[:, None].astype(np.float32))).numpy()
-
     predictors: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "federated": lambda x: torch_logits(classifier, x),
+        "federated": lambda x: predict_logits(classifier, x),
         "onnx_fp32": lambda x: onnx_logits(fp32, x),
         "onnx_int8": lambda x: onnx_logits(int8, x),
     }
+    encoder = classifier.encoder
     for name, head in load_heads(paths.model_dir("quantum")).items():
-        predictors[f"quantum_{name}"] = lambda x, head=head: head(features(x))
+        predictors[f"quantum_{name}"] = lambda x, head=head: head(extract_features(encoder, x))
     return predictors
 
 
 def client_histograms(paths: Paths, num_classes: int) -> dict[str, np.ndarray]:
     """Label histogram of every client shard."""
     histograms = {}
-    for shard in sorted((paths.partitions / "clients").glob("*.parquet")):
-        labels = read_image_table(shard).labels
-        histograms[shard.stem] = np.bincount(labels, minlength=num_classes).astype(float)
+    for shard, table in read_client_shards(paths.partitions):
+        histograms[shard.stem] = np.bincount(table.labels, minlength=num_classes).astype(float)
     return histograms
 
 

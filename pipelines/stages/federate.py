@@ -21,16 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pipelines.config import FederateParams, Params
-from pipelines.errors import DataError, GateError
+from pipelines.errors import GateError
 from pipelines.federated.privacy import DATA_TAG, EPSILON_METRIC
 from pipelines.io import (
     ImageTable,
     Paths,
     atomic_outputs,
+    concat_tables,
     content_sha256,
+    read_client_shards,
     read_image_table,
     save_weights,
     write_json,
@@ -161,18 +161,12 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
 
     p = params.federate
     encoder = load_encoder(paths.model_dir("pretrain"))
-    # the same reading as pretrain.read_clients, kept here so DVC tracks it as this stage's code
-    shards = sorted((paths.partitions / "clients").glob("client_*.parquet"))
-    if not shards:
-        raise DataError(str(paths.partitions / "clients"), "no client shards (has partition run?)")
-    clients = [read_image_table(shard) for shard in shards]
+    shard_tables = read_client_shards(paths.partitions)
+    shards = [path for path, _ in shard_tables]
+    clients = [table for _, table in shard_tables]
     val_path = paths.partitions / "val.parquet"
     val = read_image_table(val_path)
-    union = ImageTable(
-        np.concatenate([t.images for t in clients]),
-        np.concatenate([t.labels for t in clients]),
-        val.num_classes,
-    )
+    union = concat_tables(clients, val.num_classes)
     data_sha256 = content_sha256(union)
     tracker.log_dataset("clients", paths.partitions / "clients", data_sha256, "training")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")

@@ -1,9 +1,10 @@
 """Read the source ``ingest.source`` names, validate it, write one Parquet table and a manifest.
 
 Outputs in ``data/raw``: ``table.parquet`` (the image-table contract, float32 pixels at the
-source's own scale) and ``manifest.json`` (source, path, rows, shape, classes, pixel range,
-content and file sha256, schema). Any problem with the input is a DataError naming the
-file, field and row, raised before anything is written, so the previous outputs stay.
+source's own scale) and ``manifest.json`` (source, path, rows, shape, channels, the resize
+asked for, classes, pixel range, content and file sha256, schema). Any problem with the
+input is a DataError naming the file, field and row, raised before anything is written, so
+the previous outputs stay.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def describe(table: ImageTable, p: IngestParams, root: Path) -> dict[str, Any]:
         "source_files": files,
         "rows": len(table),
         "image_shape": [h, w],
+        "channels": table.channels,
+        "resize": list(p.resize) if p.resize is not None else None,
         "num_classes": table.num_classes,
         "class_counts": np.bincount(table.labels, minlength=table.num_classes).tolist(),
         "pixel_min": float(table.images.min()),
@@ -81,7 +84,13 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     table = ingest(p, paths.root)
     manifest = describe(table, p, paths.root)
     h, w = table.image_shape
-    metrics = {"rows": len(table), "num_classes": table.num_classes, "height": h, "width": w}
+    metrics = {
+        "rows": len(table),
+        "num_classes": table.num_classes,
+        "height": h,
+        "width": w,
+        "channels": table.channels,
+    }
     out, report = paths.raw, paths.report("ingest")
     with atomic_outputs(dirs=[out], files=[report]) as staged:
         table_path = staged.path(out) / TABLE_FILE
@@ -92,7 +101,13 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         write_json(staged.path(out) / MANIFEST_FILE, manifest)
         write_json(staged.path(report), metrics)
     log.info(
-        "wrote %d rows of %dx%d pixels, %d classes to %s", len(table), h, w, table.num_classes, out
+        "wrote %d rows of %dx%dx%d pixels, %d classes to %s",
+        len(table),
+        h,
+        w,
+        table.channels,
+        table.num_classes,
+        out,
     )
     tracker.log_metrics(metrics)
     tracker.log_dataset(

@@ -25,10 +25,12 @@ OUTPUT_NAME = "logits"
 
 
 def export_onnx(model, image_shape: tuple[int, int], path: Path, opset: int) -> None:
-    """Export a classifier taking ``(n, 1, h, w)`` float32 to ONNX with a dynamic batch axis."""
+    """Export a classifier taking ``(n, c, h, w)`` float32 (``c`` from its encoder config) to
+    ONNX with a dynamic batch axis."""
     import torch
 
-    example = torch.zeros(1, 1, *image_shape, dtype=torch.float32)
+    channels = int(model.encoder.config.get("in_channels", 1))
+    example = torch.zeros(1, channels, *image_shape, dtype=torch.float32)
     torch.onnx.export(
         model.eval(),
         (example,),
@@ -60,25 +62,14 @@ def onnx_session(path: Path):
 
 
 def onnx_logits(session, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Logits of ``images`` ``(n, h, w)`` from an onnxruntime session."""
-    x = images[:, None].astype(np.float32)
+    """Logits of ``images`` ``(n, c, h, w)`` from an onnxruntime session."""
+    from pipelines.models.encoder import as_image_batch
+
+    x = as_image_batch(images)
     parts = [
         session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size]})[0]
         for i in range(0, len(x), batch_size)
     ]
-    return np.concatenate(parts)
-
-
-def torch_logits(model, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Logits of ``images`` ``(n, h, w)`` from a torch classifier on CPU."""
-    import torch
-
-    model = model.eval().cpu()
-    with torch.no_grad():
-        parts = [
-            model(torch.from_numpy(images[i : i + batch_size, None].astype(np.float32))).numpy()
-            for i in range(0, len(images), batch_size)
-        ]
     return np.concatenate(parts)
 
 
@@ -106,12 +97,14 @@ def optimize(
     """Export + quantize ``model`` into ``out_dir`` and measure size, accuracy and latency."""
     import torch
 
+    from pipelines.models.probes import predict_logits
+
     fp32_path, int8_path = out_dir / "model.onnx", out_dir / "model.int8.onnx"
     export_onnx(model, image_shape, fp32_path, p.onnx_opset)
     quantize_int8(fp32_path, int8_path)
     fp32, int8 = onnx_session(fp32_path), onnx_session(int8_path)
 
-    reference = torch_logits(model, val_images)
+    reference = predict_logits(model, val_images)
     results: dict[str, float] = {}
     for name, logits in (
         ("torch", reference),
@@ -133,7 +126,7 @@ def optimize(
 
     torch.set_num_threads(1)
     predictors = {
-        "torch": lambda x: torch_logits(model, x),
+        "torch": lambda x: predict_logits(model, x),
         "onnx": lambda x: onnx_logits(fp32, x),
         "int8": lambda x: onnx_logits(int8, x),
     }
@@ -161,6 +154,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
                 "input_name": INPUT_NAME,
                 "output_name": OUTPUT_NAME,
                 "image_shape": list(val.image_shape),
+                "channels": val.channels,
                 "files": {"onnx": "model.onnx", "int8": "model.int8.onnx"},
                 "opset": params.optimize.onnx_opset,
             },

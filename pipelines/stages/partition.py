@@ -138,6 +138,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         **p.model_dump(mode="json"),
         "num_classes": table.num_classes,
         "image_shape": list(table.image_shape),
+        "channels": table.channels,
         "normalization": {
             "low": min(source["pixel_min"], 0.0),
             "high": source["pixel_max"],

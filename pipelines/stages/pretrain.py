@@ -17,15 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pipelines.config import Params, PretrainParams
-from pipelines.errors import DataError
 from pipelines.io import (
     ImageTable,
     Paths,
     atomic_outputs,
+    concat_tables,
     content_sha256,
+    read_client_shards,
     read_image_table,
     save_weights,
     write_json,
@@ -50,13 +49,20 @@ def pretrain(
     ``losses`` holds the mean NT-Xent of each epoch; ``on_epoch(epoch, loss)`` is called
     after each. The encoder comes back on CPU in eval mode.
     """
-    from pipelines.models.encoder import Encoder, ProjectionHead, to_tensor
+    from pipelines.models.encoder import (
+        ProjectionHead,
+        build_encoder,
+        encoder_config_for,
+        to_tensor,
+    )
     from pipelines.models.systems import SimCLRSystem, batch_loader, make_trainer, pl
 
     if len(unlabeled) == 0:
         raise ValueError("the unlabeled pool is empty")
     pl.seed_everything(seed, verbose=False)
-    encoder = Encoder(embedding_dim=p.embedding_dim)
+    encoder = build_encoder(
+        encoder_config_for(unlabeled.image_shape, unlabeled.channels, p.embedding_dim)
+    )
     head = ProjectionHead(p.embedding_dim, p.projection_dim)
     system = SimCLRSystem(
         encoder,
@@ -91,23 +97,6 @@ def probe_encoder(
     }
 
 
-def read_clients(partitions: Path) -> list[tuple[Path, ImageTable]]:
-    """Every client shard ``clients/client_*.parquet``, in name order."""
-    shards = sorted((partitions / "clients").glob("client_*.parquet"))
-    if not shards:
-        raise DataError(str(partitions / "clients"), "no client shards (has partition run?)")
-    return [(path, read_image_table(path)) for path in shards]
-
-
-def concat_tables(tables: list[ImageTable]) -> ImageTable:
-    """Rows of all ``tables`` in order, as one table."""
-    return ImageTable(
-        np.concatenate([t.images for t in tables]),
-        np.concatenate([t.labels for t in tables]),
-        max(t.num_classes for t in tables),
-    )
-
-
 def write_history(path: Path, losses: list[float]) -> None:
     """``epoch,train_loss`` CSV, one row per epoch."""
     with path.open("w", newline="") as handle:
@@ -124,7 +113,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     val_path = paths.partitions / "val.parquet"
     unlabeled = read_image_table(unlabeled_path)
     val = read_image_table(val_path)
-    labeled = concat_tables([table for _, table in read_clients(paths.partitions)])
+    labeled = concat_tables([table for _, table in read_client_shards(paths.partitions)])
     tracker.log_dataset("unlabeled", unlabeled_path, content_sha256(unlabeled), "training")
     tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(labeled), "probe")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")

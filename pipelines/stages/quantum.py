@@ -39,7 +39,14 @@ import numpy as np
 
 from pipelines.config import Params, QuantumParams
 from pipelines.errors import DataError
-from pipelines.io import ImageTable, Paths, atomic_outputs, read_image_table, write_json
+from pipelines.io import (
+    Paths,
+    atomic_outputs,
+    concat_tables,
+    read_client_shards,
+    read_image_table,
+    write_json,
+)
 from pipelines.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -258,54 +265,27 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
             )
 
 
-def encoder_features(encoder, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Embeddings ``(n, d)`` float32 of images ``(n, h, w)`` on CPU, eval mode, no gradients."""
-    import torch
-
-    encoder = encoder.eval().cpu()
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size, None]))
-            parts.append(encoder(x.float()).numpy())
-    if not parts:
-        return np.zeros((0, getattr(encoder, "embedding_dim", 0)), dtype=np.float32)
-    return np.concatenate(parts).astype(np.float32, copy=False)
-
-
-def read_training_union(partitions: Path) -> ImageTable:
-    """All client shards ``clients/client_*.parquet`` (name order) as one table."""
-    shards = sorted((partitions / "clients").glob("client_*.parquet"))
-    if not shards:
-        raise DataError(str(partitions / "clients"), "no client shards (has partition run?)")
-    tables = [read_image_table(path) for path in shards]
-    return ImageTable(
-        np.concatenate([t.images for t in tables]),
-        np.concatenate([t.labels for t in tables]),
-        max(t.num_classes for t in tables),
-    )
-
-
 def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
     """Train both heads on the federated encoder's features; write models/quantum + report."""
     from qiskit import qpy
 
     from pipelines.models.encoder import load_classifier
+    from pipelines.models.probes import extract_features
     from pipelines.quantum.hybrid import save_heads
 
     logging.getLogger("qiskit").setLevel(logging.WARNING)  # per-pass transpiler chatter
     p = params.quantum
     seed = params.common.seed
     classifier = load_classifier(paths.model_dir("federate"))
-    train = read_training_union(paths.partitions)
+    train = concat_tables([table for _, table in read_client_shards(paths.partitions)])
     val = read_image_table(paths.partitions / "val.parquet")
     test = read_image_table(paths.partitions / "test.parquet")
     num_classes = max(train.num_classes, val.num_classes, test.num_classes)
     log.info("features of %d train, %d val, %d test images", len(train), len(val), len(test))
-    val_features = encoder_features(classifier.encoder, val.images)
-    test_features = encoder_features(classifier.encoder, test.images)
+    val_features = extract_features(classifier.encoder, val.images)
+    test_features = extract_features(classifier.encoder, test.images)
     result = train_quantum_heads(
-        encoder_features(classifier.encoder, train.images),
+        extract_features(classifier.encoder, train.images),
         train.labels,
         val_features,
         val.labels,

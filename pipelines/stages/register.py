@@ -70,7 +70,7 @@ def log_onnx_model(paths: Paths, variant: str, example_input: np.ndarray, model_
     from pipelines.stages.optimize import onnx_logits, onnx_session
 
     model_path = paths.model_dir("optimize") / VARIANT_FILES[variant]
-    example_output = onnx_logits(onnx_session(model_path), example_input[:, 0])
+    example_output = onnx_logits(onnx_session(model_path), example_input)
     return mlflow.onnx.log_model(
         onnx.load(str(model_path)),
         name="model",
@@ -119,8 +119,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     metrics = read_json(paths.report("evaluate"))
     variant = metrics["chosen_variant"]
     test_accuracy = float(metrics["test_accuracy"])
-    example = read_image_table(paths.partitions / "test.parquet").images[:2]
-    example_input = example[:, None].astype(np.float32)
+    example_input = read_image_table(paths.partitions / "test.parquet").images[:2]
 
     client = tracker.client
     champion_version, champion_accuracy = current_champion(client, p.model_name)

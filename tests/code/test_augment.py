@@ -16,7 +16,7 @@ from pipelines.models.augment import (
 OFF = AugmentConfig(
     rotation_degrees=0.0,
     scale=(1.0, 1.0),
-    translate_px=0.0,
+    translate_fraction=0.0,
     brightness=0.0,
     contrast=0.0,
     erase_prob=0.0,

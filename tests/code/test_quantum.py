@@ -333,7 +333,7 @@ def test_run_writes_outputs_that_evaluate_can_load(tmp_path: Path):
 
     # The evaluate stage's path (encoder features → load_heads) reproduces the reported score.
     with torch.no_grad():
-        features = model.encoder(torch.from_numpy(test.images[:, None])).numpy()
+        features = model.encoder(torch.from_numpy(test.images)).numpy()
     heads = load_heads(out)
     for name in ("hybrid", "classical"):
         logits = heads[name](features)

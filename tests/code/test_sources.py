@@ -55,7 +55,7 @@ def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
 
 def test_digits_is_the_bundled_set(tmp_path):
     loaded = load_source(IngestParams(), tmp_path)
-    assert loaded.images.shape == (1797, 8, 8)
+    assert loaded.images.shape == (1797, 1, 8, 8)
     assert loaded.num_classes == 10
     assert loaded.images.max() == 16.0 and loaded.images.min() == 0.0
 
@@ -101,14 +101,14 @@ def test_npz_round_trip_3d_and_2d(tmp_path, table, flat):
 @pytest.mark.parametrize("compress", [False, True])
 def test_idx_round_trip_plain_and_gzip(tmp_path, table, compress):
     suffix = ".gz" if compress else ""
-    write_idx(tmp_path / f"img.idx{suffix}", table.images, compress)
+    write_idx(tmp_path / f"img.idx{suffix}", table.images[:, 0], compress)
     write_idx(tmp_path / f"lab.idx{suffix}", table.labels, compress)
     p = IngestParams(source="idx", path=f"img.idx{suffix}", labels_path=f"lab.idx{suffix}")
     assert_same(load_source(p, tmp_path), table)
 
 
 def test_idx_header_is_checked_against_size(tmp_path, table):
-    write_idx(tmp_path / "img.idx", table.images)
+    write_idx(tmp_path / "img.idx", table.images[:, 0])
     data = (tmp_path / "img.idx").read_bytes()
     (tmp_path / "cut.idx").write_bytes(data[:-5])
     assert read_idx(tmp_path / "img.idx").shape == (N, H, W)
@@ -126,23 +126,26 @@ def test_images_folder_classes_are_sorted_folder_names(tmp_path, table):
     for i, (image, label) in enumerate(zip(table.images, table.labels, strict=True)):
         folder = tmp_path / "tree" / sorted(names)[label]
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.astype(np.uint8), mode="L").save(folder / f"{i:03d}.png")
+        Image.fromarray(image[0].astype(np.uint8), mode="L").save(folder / f"{i:03d}.png")
     (tmp_path / "tree" / "ant" / "notes.txt").write_text("not an image")
     loaded = load_source(params("images", "tree"), tmp_path)
     order = np.argsort(table.labels, kind="stable")  # files come class by class
     assert_same(loaded, table.subset(order))
 
 
-def test_rgb_images_become_grayscale(tmp_path):
+def test_rgb_images_stay_colour_channel_first(tmp_path):
     from PIL import Image
 
     for label in (0, 1):
         (tmp_path / str(label)).mkdir()
-        rgb = np.full((3, 5, 3), 60 * (label + 1), dtype=np.uint8)
+        rgb = np.zeros((3, 5, 3), dtype=np.uint8)
+        rgb[..., 0], rgb[..., 2] = 60 * (label + 1), 7
         Image.fromarray(rgb, mode="RGB").save(tmp_path / str(label) / "a.png")
     loaded = load_source(params("images", tmp_path), tmp_path)
-    assert loaded.images.shape == (2, 3, 5)
-    np.testing.assert_allclose(loaded.images[1], 120.0, atol=1.0)
+    assert loaded.images.shape == (2, 3, 3, 5) and loaded.channels == 3
+    np.testing.assert_array_equal(loaded.images[1, 0], 120.0)
+    np.testing.assert_array_equal(loaded.images[1, 1], 0.0)
+    np.testing.assert_array_equal(loaded.images[1, 2], 7.0)
 
 
 def test_num_classes_from_params_or_max_label(tmp_path, table):
@@ -175,15 +178,15 @@ def test_csv_problems_name_column_row_and_line(tmp_path, table):
 
 
 def test_rows_to_images_square_root_or_error():
-    assert rows_to_images(np.zeros((2, 9)), None, "f").shape == (2, 3, 3)
+    assert rows_to_images(np.zeros((2, 9)), None, "f").shape == (2, 1, 3, 3)
     with pytest.raises(DataError, match="not a square number"):
         rows_to_images(np.zeros((2, 10)), None, "f")
 
 
 def test_validate_table_reports_first_non_finite_row(table):
     images = table.images.copy()
-    images[4, 1, 2] = np.inf
-    images[9, 0, 0] = np.nan
+    images[4, 0, 1, 2] = np.inf
+    images[9, 0, 0, 0] = np.nan
     with pytest.raises(DataError) as caught:
         validate_table(ImageTable(images, table.labels, CLASSES), "f.npz")
     assert caught.value.row == 4 and "pixel 6" in str(caught.value)

@@ -138,11 +138,11 @@ def nan_pixel_npz(root):
 
 def wrong_shape_npz(root):
     features, labels = rows()
-    np.savez(root / "shape.npz", x=features.reshape(N, 2, 2, 4), y=labels)
+    np.savez(root / "shape.npz", x=features.reshape(N, 2, 2, 2, 2), y=labels)
     return IngestParams(source="npz", path="shape.npz"), [
         "shape.npz",
         "field 'x'",
-        "(n, h, w) or (n, d)",
+        "(n, c, h, w) or (n, d)",
     ]
 
 

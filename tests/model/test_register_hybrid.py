@@ -40,7 +40,7 @@ def test_hybrid_variant_is_registered_and_predicts_like_the_head(tmp_path, monke
     paths.model_dir("federate").mkdir(parents=True)
     save_weights(model, paths.model_dir("federate"), model.config, name="model")
     with torch.no_grad():
-        features = model.encoder(torch.from_numpy(test.images[:, None])).numpy()
+        features = model.encoder(torch.from_numpy(test.images)).numpy()
     hybrid = HybridHead(features.shape[1], 2, 1, "linear", 3, seed=1)
     classical = ClassicalHead(features.shape[1], 2, 1, "linear", 3, seed=1)
     for head in (hybrid, classical):
@@ -68,8 +68,8 @@ def test_hybrid_variant_is_registered_and_predicts_like_the_head(tmp_path, monke
     assert version.tags["variant"] == "quantum_hybrid"
     assert version.tags["lepton.data_sha256"] == "abc123"
     loaded = mlflow.pyfunc.load_model("models:/hybrid-test@candidate")
-    logits = loaded.predict(test.images[:, None])
-    expected = hybrid_logits(model.encoder, hybrid, test.images[:, None])
+    logits = loaded.predict(test.images)
+    expected = hybrid_logits(model.encoder, hybrid, test.images)
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     # nothing in the logged model is a pickle: weights are safetensors, the model is code
     local = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "dl")))

@@ -210,6 +210,6 @@ def test_pretrain_and_federate_stages_write_their_outputs(tmp_path: Path, digits
     model = load_classifier(out)
     val = digits["val"]
     with torch.no_grad():
-        logits = model(torch.from_numpy(val.images[:, None]))
+        logits = model(torch.from_numpy(val.images))
     accuracy = float((logits.argmax(1).numpy() == val.labels).mean())
     assert accuracy == pytest.approx(metrics["val_accuracy"])
