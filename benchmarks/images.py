@@ -46,7 +46,11 @@ def run_case(name: str, scratch: Path) -> dict:
     root = make_workspace(scratch / name, overrides)
     start = time.perf_counter()
     done = subprocess.run(
-        [str(BIN / "dvc"), "repro"], cwd=root, env=workspace_env(root), capture_output=True, text=True
+        [str(BIN / "dvc"), "repro"],
+        cwd=root,
+        env=workspace_env(root),
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - start
     if done.returncode != 0:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,44 +84,89 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class ContentHasher:
+    """:func:`content_sha256` fed batch by batch: the same digest without the whole table in
+    memory (only its labels, 8 bytes a row)."""
+
+    def __init__(self, rows: int, channels: int, image_shape: tuple[int, int], num_classes: int):
+        h, w = image_shape
+        # grayscale hashes as before channels were stored: data versions keep their digests
+        shape = [rows, h, w] if channels == 1 else [rows, channels, h, w]
+        self._digest = hashlib.sha256(json.dumps([shape, num_classes]).encode())
+        self._labels: list[np.ndarray] = []
+
+    def update(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Add the next rows (images as stored in memory, any dtype; hashed as float32)."""
+        self._digest.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+        self._labels.append(np.ascontiguousarray(labels, dtype=np.int64))
+
+    def hexdigest(self) -> str:
+        """The digest of every row added so far."""
+        digest = self._digest.copy()
+        for labels in self._labels:
+            digest.update(labels.tobytes())
+        return digest.hexdigest()
+
+
 def content_sha256(table: ImageTable) -> str:
     """Hash of the table's content (shape, pixels, labels), independent of the file encoding."""
-    digest = hashlib.sha256()
-    n, c, h, w = table.images.shape
-    # grayscale hashes as before channels were stored: data versions keep their digests
-    shape = [n, h, w] if c == 1 else [n, c, h, w]
-    digest.update(json.dumps([shape, table.num_classes]).encode())
-    digest.update(np.ascontiguousarray(table.images, dtype=np.float32).tobytes())
-    digest.update(np.ascontiguousarray(table.labels, dtype=np.int64).tobytes())
-    return digest.hexdigest()
+    hasher = ContentHasher(len(table), table.channels, table.image_shape, table.num_classes)
+    hasher.update(table.images, table.labels)
+    return hasher.hexdigest()
+
+
+def integer_pixels_fit_uint8(images: np.ndarray) -> bool:
+    """Whether every pixel is a whole number in 0..255, so uint8 storage is lossless."""
+    if images.dtype == np.uint8:
+        return True
+    return bool(
+        images.size
+        and images.min() >= 0
+        and images.max() <= 255
+        and np.array_equal(images, np.rint(images))
+    )
 
 
 def image_table_to_arrow(
     table: ImageTable, pixel_dtype: str = "float32", extra_metadata: dict | None = None
 ):
     """Build the Arrow table of the data contract (images flattened into a fixed-size list)."""
-    import pyarrow as pa
 
-    n, d = len(table), table.pixels_per_image
-    flat = np.ascontiguousarray(table.images.reshape(n, d)).astype(pixel_dtype, copy=False)
-    values = pa.array(flat.reshape(-1))
-    image_col = pa.FixedSizeListArray.from_arrays(values, d)
     metadata = table_metadata(table)
     for key, value in (extra_metadata or {}).items():
         metadata[key.encode()] = json.dumps(value).encode()
+    return _arrow_rows(table.images, table.labels, pixel_dtype, metadata)
+
+
+def _arrow_rows(images: np.ndarray, labels: np.ndarray, pixel_dtype: str, metadata: dict):
+    import pyarrow as pa
+
+    n = len(images)
+    flat = np.ascontiguousarray(images.reshape(n, int(np.prod(images.shape[1:])))).astype(
+        pixel_dtype, copy=False
+    )
+    image_col = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
     schema = pa.schema(
         [pa.field(IMAGE_COLUMN, image_col.type), pa.field(LABEL_COLUMN, pa.int64())],
         metadata=metadata,
     )
-    return pa.Table.from_arrays([image_col, pa.array(table.labels.astype(np.int64))], schema=schema)
+    return pa.Table.from_arrays(
+        [image_col, pa.array(np.asarray(labels, dtype=np.int64))], schema=schema
+    )
 
 
-def table_metadata(table: ImageTable) -> dict[bytes, bytes]:
-    """The contract's schema metadata of ``table``: shape, channels, classes."""
+def table_metadata(table: ImageTable | TableLayout) -> dict[bytes, bytes]:
+    """The contract's schema metadata of a table or layout: shape, channels, classes."""
+    return _contract_metadata(table.channels, table.image_shape, table.num_classes)
+
+
+def _contract_metadata(
+    channels: int, image_shape: tuple[int, int], num_classes: int
+) -> dict[bytes, bytes]:
     return {
-        SHAPE_KEY: json.dumps(list(table.image_shape)).encode(),
-        CHANNELS_KEY: str(table.channels).encode(),
-        CLASSES_KEY: str(table.num_classes).encode(),
+        SHAPE_KEY: json.dumps([int(v) for v in image_shape]).encode(),
+        CHANNELS_KEY: str(int(channels)).encode(),
+        CLASSES_KEY: str(int(num_classes)).encode(),
     }
 
 
@@ -131,44 +176,194 @@ def metadata_shape(metadata: dict[bytes, bytes]) -> tuple[int, int, int]:
     return int(metadata.get(CHANNELS_KEY, b"1")), int(h), int(w)
 
 
-def write_image_table(table: ImageTable, path: str | Path, **parquet_options: Any) -> None:
-    """Write ``table`` as Parquet (zstd by default); pass pyarrow ``write_table`` options."""
-    import pyarrow.parquet as pq
+class ImageTableWriter:
+    """Writes a contract table to Parquet batch by batch (zstd by default), so a table larger
+    than memory can be written; use as a context manager, or call :meth:`close`.
 
+    ``parquet_options`` go to pyarrow's ``ParquetWriter``; ``row_group_size`` caps the rows
+    of a row group (a batch of fewer rows makes a smaller one).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        channels: int,
+        image_shape: tuple[int, int],
+        num_classes: int,
+        pixel_dtype: str = "float32",
+        extra_metadata: dict | None = None,
+        **parquet_options: Any,
+    ):
+        import pyarrow.parquet as pq
+
+        self.pixel_dtype = pixel_dtype
+        self.rows = 0
+        self._row_group_size = parquet_options.pop("row_group_size", None)
+        parquet_options.setdefault("compression", "zstd")
+        self._metadata = _contract_metadata(channels, image_shape, num_classes)
+        for key, value in (extra_metadata or {}).items():
+            self._metadata[key.encode()] = json.dumps(value).encode()
+        empty = np.zeros((0, channels, *image_shape), dtype=pixel_dtype)
+        schema = _arrow_rows(empty, np.zeros(0, np.int64), pixel_dtype, self._metadata).schema
+        self._writer = pq.ParquetWriter(str(path), schema, **parquet_options)
+
+    def write(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Append rows: images ``(b, c, h, w)`` and labels ``(b,)``."""
+        if len(labels) == 0:
+            return
+        arrow = _arrow_rows(images, labels, self.pixel_dtype, self._metadata)
+        self._writer.write_table(arrow, row_group_size=self._row_group_size)
+        self.rows += len(labels)
+
+    def close(self) -> None:
+        """Finish the file (its footer); the file is incomplete until then."""
+        self._writer.close()
+
+    def __enter__(self) -> ImageTableWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_image_table(table: ImageTable, path: str | Path, **parquet_options: Any) -> None:
+    """Write ``table`` as Parquet (zstd by default): :class:`ImageTableWriter` with one batch.
+
+    ``pixel_dtype`` (default float32) and ``extra_metadata`` go to the writer, the other
+    options to pyarrow."""
     pixel_dtype = parquet_options.pop("pixel_dtype", "float32")
     extra_metadata = parquet_options.pop("extra_metadata", None)
-    parquet_options.setdefault("compression", "zstd")
-    pq.write_table(
-        image_table_to_arrow(table, pixel_dtype, extra_metadata), str(path), **parquet_options
-    )
+    with ImageTableWriter(
+        path,
+        table.channels,
+        table.image_shape,
+        table.num_classes,
+        pixel_dtype,
+        extra_metadata,
+        **parquet_options,
+    ) as writer:
+        writer.write(table.images, table.labels)
 
 
-def read_image_table(path: str | Path) -> ImageTable:
-    """Read a Parquet file written by :func:`write_image_table`; errors name file and field."""
+@dataclass(frozen=True)
+class TableLayout:
+    """What a contract table holds, read without its pixels: rows, shape, classes, labels."""
+
+    rows: int
+    channels: int
+    image_shape: tuple[int, int]
+    num_classes: int
+    labels: np.ndarray
+    pixel_type: str  # the stored pixel type, e.g. "uint8" or "float"
+
+    @property
+    def pixels_per_image(self) -> int:
+        """Values per image: ``c * h * w``."""
+        return self.channels * self.image_shape[0] * self.image_shape[1]
+
+
+def _open_parquet(path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "file not found")
     try:
-        arrow = pq.read_table(str(path))
+        return pq.ParquetFile(str(path))
     except (pa.ArrowException, OSError) as exc:
         raise DataError(str(path), f"not a readable Parquet file ({exc})") from None
-    metadata = arrow.schema.metadata or {}
+
+
+def read_table_layout(path: str | Path, value_column: str = IMAGE_COLUMN) -> TableLayout:
+    """The layout of a contract table: its metadata and its label column only
+    (``value_column`` is the column holding each row's values: the images, or the PCA
+    coefficients of an encoded table)."""
+    path = Path(path)
+    handle = _open_parquet(path)
+    schema = handle.schema_arrow
+    metadata = schema.metadata or {}
     for key in (SHAPE_KEY, CLASSES_KEY):
         if key not in metadata:
             raise DataError(str(path), f"schema metadata lacks '{key.decode()}'")
-    for column in (IMAGE_COLUMN, LABEL_COLUMN):
-        if column not in arrow.column_names:
+    for column in (value_column, LABEL_COLUMN):
+        if column not in schema.names:
             raise DataError(str(path), "column missing", field=column)
     c, h, w = metadata_shape(metadata)
-    flat = np.asarray(
-        arrow.column(IMAGE_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    labels = handle.read(columns=[LABEL_COLUMN]).column(LABEL_COLUMN).to_numpy()
+    return TableLayout(
+        rows=handle.metadata.num_rows,
+        channels=c,
+        image_shape=(h, w),
+        num_classes=int(metadata[CLASSES_KEY]),
+        labels=np.asarray(labels, dtype=np.int64),
+        pixel_type="uint8"
+        if str(schema.field(value_column).type.value_type) == "uint8"
+        else "float",
     )
-    images = flat.astype(np.float32).reshape(arrow.num_rows, c, h, w)
-    labels = arrow.column(LABEL_COLUMN).to_numpy().astype(np.int64)
-    return ImageTable(images, labels, int(metadata[CLASSES_KEY]))
+
+
+def batch_rows_for(pixels_per_image: int, batch_bytes: int = 32 << 20) -> int:
+    """Rows of a streaming batch that holds about ``batch_bytes`` of float32 pixels."""
+    return max(1, batch_bytes // (4 * max(pixels_per_image, 1)))
+
+
+def iter_image_batches(
+    path: str | Path, batch_rows: int | None = None, columns: tuple[str, ...] = (IMAGE_COLUMN,)
+) -> Iterator[np.ndarray]:
+    """Images ``(b, c, h, w)`` float32 of a contract table, ``batch_rows`` at a time (default:
+    about 32 MB), in row order; memory stays bounded by the batch."""
+    path = Path(path)
+    layout = read_table_layout(path)
+    c, (h, w) = layout.channels, layout.image_shape
+    rows = batch_rows or batch_rows_for(layout.pixels_per_image)
+    for batch in _open_parquet(path).iter_batches(batch_size=rows, columns=list(columns)):
+        values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+        yield np.asarray(values).astype(np.float32).reshape(batch.num_rows, c, h, w)
+
+
+@dataclass(frozen=True)
+class TableStream:
+    """A table read batch by batch: its layout, and a function that starts a fresh pass over
+    its images ``(b, c, h, w)`` float32 in row order (labels are in the layout)."""
+
+    layout: TableLayout
+    batches: Callable[[], Iterator[np.ndarray]]
+
+    @classmethod
+    def from_table(cls, table: ImageTable) -> TableStream:
+        """An in-memory table as a stream of one batch."""
+        layout = TableLayout(
+            rows=len(table),
+            channels=table.channels,
+            image_shape=table.image_shape,
+            num_classes=table.num_classes,
+            labels=table.labels,
+            pixel_type="uint8" if table.images.dtype == np.uint8 else "float",
+        )
+        return cls(layout, lambda: iter([table.images.astype(np.float32, copy=False)]))
+
+    @classmethod
+    def from_file(cls, path: str | Path, batch_rows: int | None = None) -> TableStream:
+        """A contract Parquet file, ``batch_rows`` rows a batch (default about 32 MB)."""
+        return cls(read_table_layout(path), lambda: iter_image_batches(path, batch_rows))
+
+    def batches_with_labels(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(first row, images, labels)`` of each batch of a fresh pass."""
+        start = 0
+        for images in self.batches():
+            stop = start + len(images)
+            yield start, images, self.layout.labels[start:stop]
+            start = stop
+
+
+def read_image_table(path: str | Path) -> ImageTable:
+    """Read a Parquet file written by :func:`write_image_table` or :class:`ImageTableWriter`;
+    errors name file and field."""
+    layout = read_table_layout(path)
+    batches = list(iter_image_batches(path))
+    c, (h, w) = layout.channels, layout.image_shape
+    images = np.concatenate(batches) if batches else np.zeros((0, c, h, w), np.float32)
+    return ImageTable(images, layout.labels, layout.num_classes)
 
 
 def read_client_shards(partitions: str | Path) -> list[tuple[Path, ImageTable]]:

@@ -4,19 +4,26 @@ An encoded folder holds ``table.parquet`` (zstd Parquet) and, for PCA, ``pca_bas
 How to decode is written in the Parquet schema metadata (``lepton.encoding``), so the table
 file describes itself:
 
-- ``float32``: the image-table contract of :mod:`pipelines.io`, lossless.
+- ``lossless``: the image-table contract of :mod:`pipelines.io`, pixels stored as the raw
+  table stores them (uint8 for whole numbers in 0..255, else float32). Files from before
+  this name say ``float32``; they decode the same way.
 - ``uint8``: pixels quantized to 256 levels, ``x = offset + scale * q`` with one scale for
   the whole table (pixels share a range); the error is at most ``scale / 2``.
 - ``pca``: column ``coefficients`` (n, k) float32 (or uint8 with one scale per component
   when ``quantize_uint8`` is also on); ``x = mean + coefficients @ components``, with
-  ``mean`` and ``components`` in the safetensors file.
+  ``mean`` and ``components`` in the safetensors file. The basis is fitted on at most
+  :data:`PCA_FIT_ROWS` rows (evenly spaced when the table has more).
+
+Every encoding streams: the table is read, encoded, written and decoded back in batches of
+about 32 MB, so a table larger than memory compresses in bounded memory.
 
 Parquet options come from :class:`CompressParams`. With both ``byte_stream_split`` and
 ``use_dictionary`` on, the value column (pixels or coefficients) gets byte-stream-split and
 the label column gets the dictionary: Parquet would otherwise pick the dictionary for both,
 and byte-stream-split would never apply.
 
-Use :func:`read_compressed` to read an encoded folder back as an :class:`ImageTable`.
+Use :func:`read_compressed` to read an encoded folder back as an :class:`ImageTable`, or
+:func:`compressed_stream` to read it batch by batch.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +40,14 @@ import numpy as np
 from pipelines.config import CompressParams
 from pipelines.errors import DataError
 from pipelines.io import (
-    CLASSES_KEY,
     IMAGE_COLUMN,
     LABEL_COLUMN,
-    SHAPE_KEY,
     ImageTable,
-    image_table_to_arrow,
-    metadata_shape,
+    ImageTableWriter,
+    TableLayout,
+    TableStream,
+    batch_rows_for,
+    read_table_layout,
     table_metadata,
 )
 
@@ -48,12 +57,14 @@ TABLE_FILE = "table.parquet"
 BASIS_FILE = "pca_basis.safetensors"
 COEFFICIENTS_COLUMN = "coefficients"
 ENCODING_KEY = b"lepton.encoding"
+PCA_FIT_ROWS = 20_000  # rows the PCA basis is fitted on, at most
+LOSSLESS_KINDS = ("lossless", "float32")
 
 
-def raw_bytes(table: ImageTable) -> int:
+def raw_bytes(layout: TableLayout | ImageTable) -> int:
     """Size of the table as plain arrays: float32 pixels plus int64 labels."""
-    n = len(table)
-    return n * table.pixels_per_image * 4 + n * 8
+    rows = layout.rows if isinstance(layout, TableLayout) else len(layout)
+    return rows * layout.pixels_per_image * 4 + rows * 8
 
 
 def quantize_uint8(values: np.ndarray, per_column: bool = False) -> tuple[np.ndarray, Any, Any]:
@@ -99,122 +110,218 @@ def _parquet_options(p: CompressParams, value_column: str) -> dict[str, Any]:
     return options
 
 
-def _list_column(values: np.ndarray):
+def _coefficient_writer(path: Path, k: int, dtype: str, metadata: dict, options: dict):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    value = pa.uint8() if dtype == "uint8" else pa.float32()
+    schema = pa.schema(
+        [
+            pa.field(COEFFICIENTS_COLUMN, pa.list_(value, k)),
+            pa.field(LABEL_COLUMN, pa.int64()),
+        ],
+        metadata=metadata,
+    )
+    return pq.ParquetWriter(str(path), schema, **options)
+
+
+def _write_coefficients(writer, coefficients: np.ndarray, labels: np.ndarray, options) -> None:
     import pyarrow as pa
 
-    n, d = values.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), d)
+    k = coefficients.shape[1]
+    column = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(coefficients).reshape(-1)), k
+    )
+    table = pa.Table.from_arrays([column, pa.array(labels.astype(np.int64))], schema=writer.schema)
+    writer.write_table(table, row_group_size=options.get("row_group_size"))
 
 
-def encode_table(table: ImageTable, directory: str | Path, p: CompressParams) -> dict[str, Any]:
-    """Write ``table`` into ``directory`` with the encoding ``p`` asks for; return its description.
+def pixel_range(stream: TableStream) -> tuple[float, float]:
+    """Smallest and largest pixel of a stream (one pass)."""
+    low, high = np.inf, -np.inf
+    for images in stream.batches():
+        low, high = min(low, float(images.min())), max(high, float(images.max()))
+    return low, high
+
+
+def _fit_rows(rows: int) -> np.ndarray:
+    """Rows the PCA basis is fitted on: all, or PCA_FIT_ROWS evenly spaced ones."""
+    if rows <= PCA_FIT_ROWS:
+        return np.arange(rows)
+    return np.unique(np.linspace(0, rows - 1, PCA_FIT_ROWS).round().astype(np.int64))
+
+
+def _sample_rows(stream: TableStream, rows: np.ndarray) -> np.ndarray:
+    parts = []
+    for start, images, _ in stream.batches_with_labels():
+        pick = rows[(rows >= start) & (rows < start + len(images))] - start
+        parts.append(images.reshape(len(images), -1)[pick])
+    return np.concatenate(parts)
+
+
+def encode_stream(stream: TableStream, directory: str | Path, p: CompressParams) -> dict[str, Any]:
+    """Write ``stream`` into ``directory`` with the encoding ``p`` asks for, batch by batch;
+    return its description.
 
     ``p.pca_components`` larger than the data allows (``min(n, c * h * w)``) is lowered, with
     a warning; the description says how many components were kept.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    n, d = len(table), table.pixels_per_image
-    flat = table.images.reshape(n, d)
+    layout = stream.layout
+    n, d = layout.rows, layout.pixels_per_image
+    path = directory / TABLE_FILE
     if p.pca_components == 0:
+        options = _parquet_options(p, IMAGE_COLUMN)
         if p.quantize_uint8:
-            q, scale, offset = quantize_uint8(flat)
-            encoding = {"kind": "uint8", "scale": float(scale), "offset": float(offset)}
-            arrow = image_table_to_arrow(
-                ImageTable(q.reshape(table.images.shape), table.labels, table.num_classes), "uint8"
-            )
+            low, high = pixel_range(stream)
+            scale = (high - low) / 255.0 if high > low else 1.0
+            encoding = {"kind": "uint8", "scale": float(scale), "offset": float(low)}
+            dtype = "uint8"
         else:
-            encoding = {"kind": "float32"}
-            arrow = image_table_to_arrow(table)
-        value_column = IMAGE_COLUMN
-    else:
-        from safetensors.numpy import save_file
+            encoding = {"kind": "lossless"}
+            dtype = "uint8" if layout.pixel_type == "uint8" else "float32"
+        with ImageTableWriter(
+            path,
+            layout.channels,
+            layout.image_shape,
+            layout.num_classes,
+            dtype,
+            {ENCODING_KEY.decode(): encoding},
+            **options,
+        ) as writer:
+            for _, images, labels in stream.batches_with_labels():
+                if p.quantize_uint8:
+                    images = np.clip(np.rint((images.astype(np.float64) - low) / scale), 0, 255)
+                writer.write(images, labels)
+        return encoding
 
-        k = min(p.pca_components, n, d)
-        if k < p.pca_components:
-            log.warning(
-                "pca_components=%d lowered to %d (n=%d, pixels=%d)", p.pca_components, k, n, d
+    from safetensors.numpy import save_file
+
+    k = min(p.pca_components, n, d)
+    if k < p.pca_components:
+        log.warning("pca_components=%d lowered to %d (n=%d, pixels=%d)", p.pca_components, k, n, d)
+    mean, components = fit_pca(_sample_rows(stream, _fit_rows(n)), k)
+    save_file({"mean": mean, "components": components}, str(directory / BASIS_FILE))
+
+    def coefficients() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _, images, labels in stream.batches_with_labels():
+            yield (
+                ((images.reshape(len(images), d) - mean) @ components.T).astype(np.float32),
+                labels,
             )
-        mean, components = fit_pca(flat, k)
-        coefficients = ((flat - mean) @ components.T).astype(np.float32)
-        save_file({"mean": mean, "components": components}, str(directory / BASIS_FILE))
-        encoding = {"kind": "pca", "components": k, "basis_file": BASIS_FILE}
-        if p.quantize_uint8:
-            coefficients, scale, offset = quantize_uint8(coefficients, per_column=True)
-            encoding["coefficients"] = {
-                "kind": "uint8",
-                "scale": np.asarray(scale).tolist(),
-                "offset": np.asarray(offset).tolist(),
-            }
-        else:
-            encoding["coefficients"] = {"kind": "float32"}
-        value_column = COEFFICIENTS_COLUMN
-        arrow = pa.table(
-            {
-                COEFFICIENTS_COLUMN: _list_column(coefficients),
-                LABEL_COLUMN: pa.array(table.labels.astype(np.int64)),
-            }
-        )
-    metadata = {**table_metadata(table), ENCODING_KEY: json.dumps(encoding).encode()}
-    arrow = arrow.replace_schema_metadata(metadata)
-    pq.write_table(arrow, str(directory / TABLE_FILE), **_parquet_options(p, value_column))
+
+    encoding: dict[str, Any] = {"kind": "pca", "components": k, "basis_file": BASIS_FILE}
+    if p.quantize_uint8:
+        low, high = np.full(k, np.inf), np.full(k, -np.inf)
+        for values, _ in coefficients():
+            low, high = np.minimum(low, values.min(0)), np.maximum(high, values.max(0))
+        scale = np.where(high > low, (high - low) / 255.0, 1.0)
+        encoding["coefficients"] = {
+            "kind": "uint8",
+            "scale": scale.tolist(),
+            "offset": low.tolist(),
+        }
+    else:
+        encoding["coefficients"] = {"kind": "float32"}
+    metadata = {
+        **table_metadata(layout),
+        ENCODING_KEY: json.dumps(encoding).encode(),
+    }
+    options = _parquet_options(p, COEFFICIENTS_COLUMN)
+    row_group_size = options.pop("row_group_size")
+    dtype = "uint8" if p.quantize_uint8 else "float32"
+    writer = _coefficient_writer(path, k, dtype, metadata, options)
+    try:
+        for values, labels in coefficients():
+            if p.quantize_uint8:
+                values = np.clip(np.rint((values.astype(np.float64) - low) / scale), 0, 255)
+            _write_coefficients(
+                writer, values.astype(dtype), labels, {"row_group_size": row_group_size}
+            )
+    finally:
+        writer.close()
     return encoding
 
 
-def read_compressed(directory: str | Path) -> ImageTable:
-    """Decode a folder written by :func:`encode_table` (any encoding) into float32 images."""
-    import pyarrow as pa
+def encode_table(table: ImageTable, directory: str | Path, p: CompressParams) -> dict[str, Any]:
+    """:func:`encode_stream` of an in-memory table."""
+    return encode_stream(_table_stream(table), directory, p)
+
+
+def _table_stream(table: ImageTable) -> TableStream:
+    from pipelines.io import integer_pixels_fit_uint8
+
+    stream = TableStream.from_table(table)
+    if integer_pixels_fit_uint8(table.images):
+        from dataclasses import replace
+
+        stream = TableStream(replace(stream.layout, pixel_type="uint8"), stream.batches)
+    return stream
+
+
+def compressed_stream(directory: str | Path, batch_rows: int | None = None) -> TableStream:
+    """An encoded folder (any encoding) read back batch by batch as float32 images."""
     import pyarrow.parquet as pq
 
     directory = Path(directory)
     path = directory / TABLE_FILE
     if not path.is_file():
         raise DataError(str(path), "file not found (has the compress stage run?)")
-    try:
-        arrow = pq.read_table(str(path))
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(str(path), f"not a readable Parquet file ({exc})") from None
-    metadata = arrow.schema.metadata or {}
-    for key in (SHAPE_KEY, CLASSES_KEY, ENCODING_KEY):
-        if key not in metadata:
-            raise DataError(str(path), f"schema metadata lacks '{key.decode()}'")
-    c, h, w = metadata_shape(metadata)
+    metadata = pq.read_schema(str(path)).metadata or {}
+    if ENCODING_KEY not in metadata:
+        raise DataError(str(path), f"schema metadata lacks '{ENCODING_KEY.decode()}'")
     encoding = json.loads(metadata[ENCODING_KEY])
-    n = arrow.num_rows
     kind = encoding["kind"]
-    value_column = COEFFICIENTS_COLUMN if kind == "pca" else IMAGE_COLUMN
-    for column in (value_column, LABEL_COLUMN):
-        if column not in arrow.column_names:
-            raise DataError(str(path), "column missing", field=column)
-    labels = arrow.column(LABEL_COLUMN).to_numpy().astype(np.int64)
-    if kind in ("float32", "uint8"):
-        flat = _list_values(arrow, IMAGE_COLUMN, n)
-        if kind == "uint8":
-            flat = dequantize_uint8(flat, encoding["scale"], encoding["offset"])
-    elif kind == "pca":
-        from safetensors.numpy import load_file
-
-        basis_path = directory / encoding["basis_file"]
-        if not basis_path.is_file():
-            raise DataError(str(basis_path), "PCA basis file not found")
-        basis = load_file(str(basis_path))
-        coefficients = _list_values(arrow, COEFFICIENTS_COLUMN, n)
-        spec = encoding["coefficients"]
-        if spec["kind"] == "uint8":
-            coefficients = dequantize_uint8(coefficients, spec["scale"], spec["offset"])
-        flat = coefficients.astype(np.float32) @ basis["components"] + basis["mean"]
-    else:
+    if kind not in (*LOSSLESS_KINDS, "uint8", "pca"):
         raise DataError(str(path), f"unknown encoding '{kind}'", field=ENCODING_KEY.decode())
-    images = np.ascontiguousarray(flat, dtype=np.float32).reshape(n, c, h, w)
-    return ImageTable(images, labels, int(metadata[CLASSES_KEY]))
+    value_column = COEFFICIENTS_COLUMN if kind == "pca" else IMAGE_COLUMN
+    layout = read_table_layout(path, value_column)
+    c, (h, w) = layout.channels, layout.image_shape
+    decode = _decoder(directory, encoding)
+    rows = batch_rows or batch_rows_for(layout.pixels_per_image)
+
+    def batches() -> Iterator[np.ndarray]:
+        handle = pq.ParquetFile(str(path))
+        for batch in handle.iter_batches(batch_size=rows, columns=[value_column]):
+            values = np.asarray(batch.column(0).flatten().to_numpy(zero_copy_only=False))
+            flat = decode(values.reshape(batch.num_rows, -1))
+            yield np.ascontiguousarray(flat, dtype=np.float32).reshape(batch.num_rows, c, h, w)
+
+    return TableStream(layout, batches)
 
 
-def _list_values(arrow, column: str, n: int) -> np.ndarray:
-    values = arrow.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(values).reshape(n, -1)
+def _decoder(directory: Path, encoding: dict[str, Any]):
+    """values read from the file ``(b, k)`` → flat float32 pixels ``(b, c * h * w)``."""
+    kind = encoding["kind"]
+    if kind in LOSSLESS_KINDS:
+        return lambda values: values.astype(np.float32)
+    if kind == "uint8":
+        return lambda values: dequantize_uint8(values, encoding["scale"], encoding["offset"])
+    from safetensors.numpy import load_file
+
+    basis_path = directory / encoding["basis_file"]
+    if not basis_path.is_file():
+        raise DataError(str(basis_path), "PCA basis file not found")
+    basis = load_file(str(basis_path))
+    spec = encoding["coefficients"]
+
+    def decode_pca(values: np.ndarray) -> np.ndarray:
+        if spec["kind"] == "uint8":
+            values = dequantize_uint8(values, spec["scale"], spec["offset"])
+        return values.astype(np.float32) @ basis["components"] + basis["mean"]
+
+    return decode_pca
+
+
+def read_compressed(directory: str | Path) -> ImageTable:
+    """Decode a folder written by :func:`encode_stream` (any encoding) into float32 images."""
+    stream = compressed_stream(directory)
+    layout = stream.layout
+    parts = list(stream.batches())
+    c, (h, w) = layout.channels, layout.image_shape
+    images = np.concatenate(parts) if parts else np.zeros((0, c, h, w), np.float32)
+    return ImageTable(images, layout.labels, layout.num_classes)
 
 
 def folder_bytes(directory: str | Path) -> int:
@@ -227,45 +334,113 @@ def folder_bytes(directory: str | Path) -> int:
     )
 
 
+class ErrorMeter:
+    """Reconstruction error accumulated batch by batch: RMSE, max absolute error and relative
+    RMSE ``||decoded - original|| / ||original||``."""
+
+    def __init__(self) -> None:
+        self.squared = self.original_squared = self.max_abs = 0.0
+        self.count = 0
+
+    def update(self, original: np.ndarray, decoded: np.ndarray) -> None:
+        """Add one batch of original and decoded pixels."""
+        diff = decoded.astype(np.float64) - original.astype(np.float64)
+        self.squared += float(np.sum(diff**2))
+        self.original_squared += float(np.sum(original.astype(np.float64) ** 2))
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max()) if diff.size else 0.0)
+        self.count += diff.size
+
+    def metrics(self) -> dict[str, float]:
+        """``reconstruction_rmse``, ``max_abs_error``, ``relative_rmse``."""
+        rmse = float(np.sqrt(self.squared / self.count)) if self.count else 0.0
+        norm = float(np.sqrt(self.original_squared / self.count)) if self.count else 0.0
+        return {
+            "reconstruction_rmse": rmse,
+            "max_abs_error": self.max_abs,
+            "relative_rmse": rmse / norm if norm > 0 else 0.0,
+        }
+
+
 def reconstruction_error(original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
-    """RMSE, max absolute error and relative RMSE ``||decoded - original|| / ||original||``."""
-    diff = decoded.astype(np.float64) - original.astype(np.float64)
-    rmse = float(np.sqrt(np.mean(diff**2))) if diff.size else 0.0
-    norm = float(np.sqrt(np.mean(original.astype(np.float64) ** 2))) if diff.size else 0.0
-    return {
-        "reconstruction_rmse": rmse,
-        "max_abs_error": float(np.abs(diff).max()) if diff.size else 0.0,
-        "relative_rmse": rmse / norm if norm > 0 else 0.0,
-    }
+    """RMSE, max absolute error and relative RMSE of one pair of arrays."""
+    meter = ErrorMeter()
+    meter.update(original, decoded)
+    return meter.metrics()
 
 
-def compress_table(
-    table: ImageTable, directory: str | Path, p: CompressParams
-) -> tuple[dict[str, Any], ImageTable, dict[str, float]]:
-    """Encode ``table`` into ``directory``, decode it back and measure.
+class _RowReader:
+    """Rows of a batch iterator taken in other batch sizes; times the iterator's work."""
 
-    Returns ``(encoding, decoded table, metrics)`` with metrics ``compression_ratio``
-    (raw float32 + int64 bytes over bytes on disk), ``encode_mb_per_s``,
-    ``decode_mb_per_s`` (raw MB per second), the reconstruction errors,
-    ``file_bytes`` and ``raw_bytes``.
+    def __init__(self, batches: Iterator[np.ndarray]):
+        self._batches = batches
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self.seconds = 0.0
+
+    def take(self, rows: int) -> np.ndarray:
+        """The next ``rows`` rows."""
+        while self._buffered < rows:
+            start = time.perf_counter()
+            batch = next(self._batches, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                raise DataError("decoded table", f"ended {rows - self._buffered} rows early")
+            self._buffer.append(batch)
+            self._buffered += len(batch)
+        joined = self._buffer[0] if len(self._buffer) == 1 else np.concatenate(self._buffer)
+        head, rest = joined[:rows], joined[rows:]
+        self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
+        return head
+
+
+def compress_stream(
+    stream: TableStream, directory: str | Path, p: CompressParams
+) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:
+    """Encode ``stream`` into ``directory``, decode it back batch by batch and measure.
+
+    Returns ``(encoding, metrics, decoded)``: metrics ``compression_ratio`` (raw float32 +
+    int64 bytes over bytes on disk), ``encode_mb_per_s``, ``decode_mb_per_s`` (raw MB per
+    second), the reconstruction errors, ``file_bytes`` and ``raw_bytes``; ``decoded`` holds
+    the decoded pixel range and content sha256.
     """
-    raw = raw_bytes(table)
+    from pipelines.io import ContentHasher
+
+    layout = stream.layout
+    raw = raw_bytes(layout)
     start = time.perf_counter()
-    encoding = encode_table(table, directory, p)
+    encoding = encode_stream(stream, directory, p)
     encode_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    decoded = read_compressed(directory)
-    decode_seconds = time.perf_counter() - start
-    if not np.array_equal(decoded.labels, table.labels):
+    decoded_stream = compressed_stream(directory)
+    if not np.array_equal(decoded_stream.layout.labels, layout.labels):
         raise DataError(str(directory), "labels changed in the round trip", field=LABEL_COLUMN)
+    meter = ErrorMeter()
+    hasher = ContentHasher(layout.rows, layout.channels, layout.image_shape, layout.num_classes)
+    low, high = np.inf, -np.inf
+    decoded_rows = _RowReader(decoded_stream.batches())
+    for _, original, labels in stream.batches_with_labels():
+        decoded = decoded_rows.take(len(original))
+        meter.update(original, decoded)
+        hasher.update(decoded, labels)
+        low, high = min(low, float(decoded.min())), max(high, float(decoded.max()))
+    decode_seconds = decoded_rows.seconds
     size = folder_bytes(directory)
     megabytes = raw / 1e6
     metrics = {
         "compression_ratio": raw / size,
         "encode_mb_per_s": megabytes / max(encode_seconds, 1e-9),
         "decode_mb_per_s": megabytes / max(decode_seconds, 1e-9),
-        **reconstruction_error(table.images, decoded.images),
+        **meter.metrics(),
         "file_bytes": float(size),
         "raw_bytes": float(raw),
     }
-    return encoding, decoded, metrics
+    summary = {"pixel_min": low, "pixel_max": high, "content_sha256": hasher.hexdigest()}
+    return encoding, metrics, summary
+
+
+def compress_table(
+    table: ImageTable, directory: str | Path, p: CompressParams
+) -> tuple[dict[str, Any], ImageTable, dict[str, float]]:
+    """:func:`compress_stream` of an in-memory table; returns ``(encoding, decoded table,
+    metrics)``."""
+    encoding, metrics, _ = compress_stream(_table_stream(table), directory, p)
+    return encoding, read_compressed(directory), metrics

@@ -29,6 +29,7 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +50,42 @@ from pipelines.data.validate import (
     numeric_column_values,
     rows_to_images,
     validate_columns,
+    validate_labels,
+    validate_pixels,
     validate_table,
 )
 from pipelines.errors import DataError
-from pipelines.io import CLASSES_KEY, IMAGE_COLUMN, SHAPE_KEY, ImageTable, metadata_shape
+from pipelines.io import (
+    CLASSES_KEY,
+    IMAGE_COLUMN,
+    SHAPE_KEY,
+    ImageTable,
+    TableLayout,
+    TableStream,
+    batch_rows_for,
+    integer_pixels_fit_uint8,
+    metadata_shape,
+)
 
 MAX_CLASSES = 100_000  # the bound on ingest.num_classes
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _class_count(
+    labels: np.ndarray, p: IngestParams, file: str, num_classes: int | None, field: str
+) -> int:
+    """``ingest.num_classes``, else what the file says, else the largest label + 1."""
+    classes = p.num_classes or num_classes
+    if classes is None:
+        classes = max(int(labels.max()) + 1, 0)
+        if classes > MAX_CLASSES:
+            raise DataError(
+                file,
+                f"largest label {classes - 1} implies {classes} classes; set ingest.num_classes",
+                field=field,
+                row=int(labels.argmax()),
+            )
+    return int(classes)
 
 
 def _finish(
@@ -70,17 +100,8 @@ def _finish(
         raise DataError(file, f"{len(images)} images but {len(labels)} labels", field=fields[1])
     if len(labels) == 0:
         raise DataError(file, "no rows (the table is empty)")
-    classes = p.num_classes or num_classes
-    if classes is None:
-        classes = max(int(labels.max()) + 1, 0)
-        if classes > MAX_CLASSES:
-            raise DataError(
-                file,
-                f"largest label {classes - 1} implies {classes} classes; set ingest.num_classes",
-                field=fields[1],
-                row=int(labels.argmax()),
-            )
-    table = ImageTable(np.ascontiguousarray(images, dtype=np.float32), labels, int(classes))
+    classes = _class_count(labels, p, file, num_classes, fields[1])
+    table = ImageTable(np.ascontiguousarray(images, dtype=np.float32), labels, classes)
     validate_table(table, file, p.num_classes, image_field=fields[0], label_field=fields[1])
     return table
 
@@ -369,6 +390,103 @@ LOADERS: dict[str, Callable[[IngestParams, Path], ImageTable]] = {
     "idx": load_idx,
     "images": load_images,
 }
+
+
+def open_source(p: IngestParams, root: Path) -> TableStream:
+    """The source as a validated stream, resized to ``ingest.resize``.
+
+    A Parquet file in the image-table contract (fixed-size list column) streams in batches,
+    each checked as it is read, so memory stays bounded whatever its size; every other
+    source is loaded (and checked) whole, then streamed as one batch. The layout's
+    ``pixel_type`` is ``uint8`` when every pixel is a whole number in 0..255 (stored so,
+    losslessly), else ``float``.
+    """
+    if p.source == "parquet":
+        stream = _stream_contract_parquet(p, root)
+        if stream is not None:
+            return stream
+    table = load_source(p, root)
+    stream = TableStream.from_table(table)
+    if p.resize is None and integer_pixels_fit_uint8(table.images):
+        stream = TableStream(replace(stream.layout, pixel_type="uint8"), stream.batches)
+    return stream
+
+
+def _stream_contract_parquet(p: IngestParams, root: Path) -> TableStream | None:
+    """A contract Parquet file (fixed-size list images, shape metadata) as a checked stream;
+    None for any other Parquet layout, which :func:`load_parquet` reads whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = check_file(resolve(p.path, root))
+    file = str(path)
+    try:
+        handle = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            file, f"not a readable Parquet file (truncated or corrupt?): {exc}"
+        ) from None
+    schema = handle.schema_arrow
+    metadata = schema.metadata or {}
+    if (
+        IMAGE_COLUMN not in schema.names
+        or not pa.types.is_fixed_size_list(schema.field(IMAGE_COLUMN).type)
+        or SHAPE_KEY not in metadata
+        or p.image_shape is not None
+    ):
+        return None
+    if handle.metadata.num_rows == 0:
+        raise DataError(file, "no rows (the table is empty)")
+    if p.label_column not in schema.names:
+        raise DataError(file, "label column missing; set ingest.label_column", field=p.label_column)
+    c, h, w = metadata_shape(metadata)
+    width = schema.field(IMAGE_COLUMN).type.list_size
+    if c * h * w != width:
+        raise DataError(
+            file,
+            f"schema metadata says {c}x{h}x{w} images, rows have {width} values",
+            field=IMAGE_COLUMN,
+        )
+    column = handle.read(columns=[p.label_column]).column(p.label_column)
+    labels = labels_to_int64(
+        numeric_column_values(column, file, p.label_column), file, field=p.label_column
+    )
+    file_classes = int(metadata[CLASSES_KEY]) if CLASSES_KEY in metadata else None
+    classes = _class_count(labels, p, file, file_classes, p.label_column)
+    validate_labels(labels, classes, file, p.num_classes, p.label_column)
+    value_type = schema.field(IMAGE_COLUMN).type.value_type
+    stored_uint8 = pa.types.is_uint8(value_type) and p.resize is None
+    shape = p.resize if p.resize is not None else (h, w)
+    layout = TableLayout(
+        len(labels), c, tuple(shape), classes, labels, "uint8" if stored_uint8 else "float"
+    )
+
+    def batches():
+        import pyarrow.compute as pc
+
+        first = 0
+        rows = batch_rows_for(width)
+        for batch in handle.iter_batches(batch_size=rows, columns=[IMAGE_COLUMN]):
+            images = batch.column(0)
+            if images.null_count:
+                row = first_true(pc.is_null(images).to_numpy(zero_copy_only=False))
+                raise DataError(file, "missing image", field=IMAGE_COLUMN, row=first + row)
+            values = images.flatten()
+            if values.null_count:
+                index = first_true(pc.is_null(values).to_numpy(zero_copy_only=False))
+                raise DataError(
+                    file,
+                    f"missing value at pixel {index % width}",
+                    field=IMAGE_COLUMN,
+                    row=first + index // width,
+                )
+            pixels = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
+            pixels = pixels.reshape(batch.num_rows, c, h, w)
+            validate_pixels(pixels, file, IMAGE_COLUMN, first)
+            first += batch.num_rows
+            yield resize_images(pixels, p.resize) if p.resize is not None else pixels
+
+    return TableStream(layout, batches)
 
 
 def load_source(p: IngestParams, root: Path) -> ImageTable:

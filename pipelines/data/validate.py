@@ -226,6 +226,13 @@ def validate_table(
         )
     if images.dtype.kind != "f":
         raise DataError(file, f"pixels must be float, got {images.dtype}", field=image_field)
+    validate_pixels(images, file, image_field)
+    validate_labels(labels, table.num_classes, file, num_classes, label_field)
+
+
+def validate_pixels(images: np.ndarray, file: str, field: str, first_row: int = 0) -> None:
+    """Every pixel of a batch ``(b, ...)`` is finite; else a DataError with the row
+    (``first_row`` is the batch's first row in the file)."""
     finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
     row = first_true(~finite)
     if row is not None:
@@ -234,20 +241,26 @@ def validate_table(
         raise DataError(
             file,
             f"pixel {pixel} is {flat[pixel]} (values must be finite numbers)",
-            field=image_field,
-            row=row,
+            field=field,
+            row=first_row + row,
         )
+
+
+def validate_labels(
+    labels: np.ndarray, classes: int, file: str, num_classes: int | None, field: str
+) -> None:
+    """Labels are integers in ``[0, classes)`` with at least two classes; ``num_classes`` is
+    ``ingest.num_classes`` (named in the message when set)."""
     if labels.dtype.kind not in "iu":
-        raise DataError(file, f"labels must be integers, got {labels.dtype}", field=label_field)
-    classes = table.num_classes if num_classes is None else num_classes
+        raise DataError(file, f"labels must be integers, got {labels.dtype}", field=field)
     bad = first_true((labels < 0) | (labels >= classes))
     if bad is not None:
         raise DataError(
             file,
             f"label {int(labels[bad])} is outside [0, {classes})"
             + (f" (ingest.num_classes is {num_classes})" if num_classes is not None else ""),
-            field=label_field,
+            field=field,
             row=bad,
         )
     if classes < 2:
-        raise DataError(file, f"labels hold {classes} class; need at least 2", field=label_field)
+        raise DataError(file, f"labels hold {classes} class; need at least 2", field=field)

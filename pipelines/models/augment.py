@@ -6,8 +6,10 @@ strength is relative to the image (a shift of an eighth of the side is one pixel
 3.5 at 28x28), so the same config suits every size. The views keep a small object
 recognisable: a mild random affine (rotation, scale, translation), brightness / contrast
 jitter, erasing a square patch, and gaussian noise. RGB images also get SimCLR's colour
-augmentations, sized for objects whose colour carries no class: per-channel gain jitter,
-a random channel order and random grayscale.
+augmentations, sized for objects whose colour carries no class: per-channel inversion and
+gain jitter, a random channel order and random grayscale. Inverting a channel maps a
+light-on-dark object to a dark-on-light one, so the two views of an image can differ in
+both colour and contrast polarity.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ class AugmentConfig:
     erase_prob: float = 0.5
     erase_fraction: float = 0.25
     noise_std: float = 0.05
+    colour_prob: float = 0.5  # RGB only: chance that a view gets the colour changes below
     color_jitter: float = 0.4  # RGB only: each channel's gain in 1 ± this
+    channel_invert_prob: float = 0.5  # RGB only: chance of inverting each channel (x -> 1 - x)
     channel_shuffle_prob: float = 0.5  # RGB only: chance of a random channel order
     grayscale_prob: float = 0.2  # RGB only: chance of a grayscale view
 
@@ -111,13 +115,17 @@ def jitter_colour(
     gain: float,
     shuffle_prob: float,
     grayscale_prob: float,
+    invert_prob: float = 0.0,
 ) -> torch.Tensor:
-    """RGB views: scale each channel by ``1 ± gain``, permute the channels with probability
-    ``shuffle_prob`` and average them to gray with probability ``grayscale_prob``."""
+    """RGB views: invert each channel with probability ``invert_prob``, scale it by
+    ``1 ± gain``, permute the channels with probability ``shuffle_prob`` and average them to
+    gray with probability ``grayscale_prob``."""
     n, c = images.shape[:2]
     device = images.device
+    invert = torch.rand(n, c, 1, 1, generator=generator, device=device) < invert_prob
+    x = torch.where(invert, 1.0 - images, images)
     gains = 1 - gain + 2 * gain * torch.rand(n, c, generator=generator, device=device)
-    x = images * gains.view(n, c, 1, 1).to(images.dtype)
+    x = x * gains.view(n, c, 1, 1).to(images.dtype)
     order = torch.rand(n, c, generator=generator, device=device).argsort(dim=1)
     shuffle = torch.rand(n, generator=generator, device=device) < shuffle_prob
     order = torch.where(shuffle[:, None], order, torch.arange(c, device=device))
@@ -153,10 +161,19 @@ def augment(
             config.translate_fraction,
             padding_mode="border" if colour else "zeros",
         )
-    if colour and (config.color_jitter or config.channel_shuffle_prob or config.grayscale_prob):
-        x = jitter_colour(
-            x, generator, config.color_jitter, config.channel_shuffle_prob, config.grayscale_prob
+    if colour and config.colour_prob:
+        changed = jitter_colour(
+            x,
+            generator,
+            config.color_jitter,
+            config.channel_shuffle_prob,
+            config.grayscale_prob,
+            config.channel_invert_prob,
         )
+        # views left in their own colours let the first steps learn from colour and shape
+        # together; the changed ones then force shape alone
+        keep = torch.rand(len(x), generator=generator, device=x.device) >= config.colour_prob
+        x = torch.where(keep.view(-1, 1, 1, 1), x, changed)
     if config.brightness or config.contrast:
         x = jitter_intensity(x, generator, config.brightness, config.contrast)
     if config.erase_prob and config.erase_fraction:

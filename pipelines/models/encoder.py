@@ -56,9 +56,11 @@ def encoder_config(
     pool_after: int = DEFAULT_POOL_AFTER,
     in_channels: int = 1,
     stem: tuple[int, ...] = (),
+    standardize_input: bool = False,
 ) -> dict[str, Any]:
     """Config dict of an :class:`Encoder` (what ``encoder.json`` holds)."""
     return {
+        "standardize_input": bool(standardize_input),
         "kind": "encoder",
         "embedding_dim": int(embedding_dim),
         "channels": [int(c) for c in channels],
@@ -72,8 +74,14 @@ def encoder_config(
 def encoder_config_for(
     image_shape: tuple[int, int], in_channels: int, embedding_dim: int = 128
 ) -> dict[str, Any]:
-    """The default encoder config for images of ``image_shape`` with ``in_channels``."""
-    return encoder_config(embedding_dim, in_channels=in_channels, stem=tuple(stem_for(image_shape)))
+    """The default encoder config for images of ``image_shape`` with ``in_channels``:
+    colour images are standardized per image and channel (see :class:`Encoder`)."""
+    return encoder_config(
+        embedding_dim,
+        in_channels=in_channels,
+        stem=tuple(stem_for(image_shape)),
+        standardize_input=in_channels > 1,
+    )
 
 
 def classifier_config(encoder: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -101,6 +109,19 @@ def receptive_field(config: dict[str, Any]) -> int:
     return field
 
 
+def standardize(x: torch.Tensor, eps: float = 5e-2) -> torch.Tensor:
+    """Each image's channels shifted to mean 0 over space, then the image scaled to unit
+    standard deviation (one scale for all its channels, so a channel with little contrast
+    stays faint instead of having its noise blown up).
+
+    The mean colour of an image (its background, for an object on a plain ground) then no
+    longer reaches the first layers: colour, which the random-colour augmentations teach the
+    encoder to ignore, stops being the easiest feature to learn."""
+    centred = x - x.mean(dim=(2, 3), keepdim=True)
+    std = centred.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
+    return centred / (std + eps)
+
+
 class Encoder(nn.Module):
     """Small CNN: a stem of stride-2 3x3 conv blocks (as many as the image size needs,
     see :func:`stem_for`), 3x3 conv blocks (GroupNorm, ReLU) with one 2x2 max-pool after
@@ -117,9 +138,13 @@ class Encoder(nn.Module):
         pool_after: int = DEFAULT_POOL_AFTER,
         in_channels: int = 1,
         stem: tuple[int, ...] = (),
+        standardize_input: bool = False,
     ):
         super().__init__()
-        self.config = encoder_config(embedding_dim, channels, groups, pool_after, in_channels, stem)
+        self.config = encoder_config(
+            embedding_dim, channels, groups, pool_after, in_channels, stem, standardize_input
+        )
+        self.standardize_input = standardize_input
         layers: list[nn.Module] = []
         c_in = in_channels
         for c_out in stem:
@@ -137,6 +162,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings ``(n, embedding_dim)`` of images ``(n, in_channels, h, w)``."""
+        if self.standardize_input:
+            x = standardize(x)
         # mean over space = adaptive average pooling to 1x1, with a deterministic backward
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
@@ -182,6 +209,7 @@ def build_encoder(config: dict[str, Any]) -> Encoder:
         pool_after=int(config.get("pool_after", DEFAULT_POOL_AFTER)),
         in_channels=int(config.get("in_channels", 1)),
         stem=tuple(int(c) for c in config.get("stem", ())),
+        standardize_input=bool(config.get("standardize_input", False)),
     )
 
 

@@ -14,16 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import CompressParams, Params
-from pipelines.data.codecs import TABLE_FILE, compress_table
-from pipelines.io import (
-    ImageTable,
-    Paths,
-    atomic_outputs,
-    content_sha256,
-    read_image_table,
-    read_json,
-    write_json,
-)
+from pipelines.data.codecs import LOSSLESS_KINDS, TABLE_FILE, compress_stream, pixel_range
+from pipelines.io import Paths, TableStream, atomic_outputs, read_json, write_json
 from pipelines.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -32,22 +24,25 @@ MANIFEST_FILE = "manifest.json"
 
 
 def compress(
-    table: ImageTable, directory: Path, p: CompressParams
+    stream: TableStream, directory: Path, p: CompressParams
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Encode ``table`` into ``directory``; return the manifest fields and the metrics."""
-    encoding, decoded, measured = compress_table(table, directory, p)
+    """Encode ``stream`` into ``directory`` batch by batch; return the manifest fields and the
+    metrics."""
+    encoding, measured, decoded = compress_stream(stream, directory, p)
+    layout = stream.layout
+    source_range = pixel_range(stream) if p.quantize_uint8 or p.pca_components else None
     manifest = {
         "encoding": encoding,
-        "lossy": encoding["kind"] != "float32",
-        "rows": len(table),
-        "image_shape": list(table.image_shape),
-        "channels": table.channels,
-        "num_classes": table.num_classes,
-        "pixel_min": float(table.images.min()),
-        "pixel_max": float(table.images.max()),
-        "decoded_pixel_min": float(decoded.images.min()),
-        "decoded_pixel_max": float(decoded.images.max()),
-        "decoded_content_sha256": content_sha256(decoded),
+        "lossy": encoding["kind"] not in LOSSLESS_KINDS,
+        "rows": layout.rows,
+        "image_shape": list(layout.image_shape),
+        "channels": layout.channels,
+        "num_classes": layout.num_classes,
+        "pixel_min": source_range[0] if source_range else decoded["pixel_min"],
+        "pixel_max": source_range[1] if source_range else decoded["pixel_max"],
+        "decoded_pixel_min": decoded["pixel_min"],
+        "decoded_pixel_max": decoded["pixel_max"],
+        "decoded_content_sha256": decoded["content_sha256"],
         "reconstruction_rmse": measured["reconstruction_rmse"],
         "max_abs_error": measured["max_abs_error"],
         "parquet": p.model_dump(
@@ -61,10 +56,10 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     """Compress ``data/raw`` into ``data/compressed``; return ratio, MB/s and errors."""
     p = params.compress
     raw_manifest = read_json(paths.raw / "manifest.json")
-    table = read_image_table(paths.raw / "table.parquet")
+    stream = TableStream.from_file(paths.raw / "table.parquet")
     out, report = paths.compressed, paths.report("compress")
     with atomic_outputs(dirs=[out], files=[report]) as staged:
-        manifest, metrics = compress(table, staged.path(out), p)
+        manifest, metrics = compress(stream, staged.path(out), p)
         manifest["source_content_sha256"] = raw_manifest["content_sha256"]
         write_json(staged.path(out) / MANIFEST_FILE, manifest)
         write_json(staged.path(report), metrics)

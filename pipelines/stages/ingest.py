@@ -23,14 +23,15 @@ from pipelines.data.source_files import (
     resolve,
     source_paths,
 )
-from pipelines.data.sources import load_source
+from pipelines.data.sources import open_source
 from pipelines.io import (
-    ImageTable,
+    ContentHasher,
+    ImageTableWriter,
     Paths,
+    TableLayout,
+    TableStream,
     atomic_outputs,
-    content_sha256,
     sha256_file,
-    write_image_table,
     write_json,
 )
 from pipelines.tracking import StageTracker
@@ -41,14 +42,27 @@ TABLE_FILE = "table.parquet"
 MANIFEST_FILE = "manifest.json"
 
 
-def ingest(p: IngestParams, root: Path) -> ImageTable:
-    """Load and validate the configured source (relative paths are relative to ``root``)."""
-    return load_source(p, root)
+def write_raw_table(stream: TableStream, path: Path) -> dict[str, Any]:
+    """Write ``stream`` batch by batch as the contract table ``path`` (uint8 pixels when the
+    layout says they fit losslessly, else float32); return the rows, pixel range and
+    content sha256 measured on the way."""
+    layout = stream.layout
+    hasher = ContentHasher(layout.rows, layout.channels, layout.image_shape, layout.num_classes)
+    low, high = np.inf, -np.inf
+    pixel_dtype = "uint8" if layout.pixel_type == "uint8" else "float32"
+    with ImageTableWriter(
+        path, layout.channels, layout.image_shape, layout.num_classes, pixel_dtype
+    ) as writer:
+        for _, images, labels in stream.batches_with_labels():
+            low, high = min(low, float(images.min())), max(high, float(images.max()))
+            hasher.update(images, labels)
+            writer.write(images, labels)
+    return {"pixel_min": low, "pixel_max": high, "content_sha256": hasher.hexdigest()}
 
 
-def describe(table: ImageTable, p: IngestParams, root: Path) -> dict[str, Any]:
-    """The manifest fields that depend only on the table and the params."""
-    h, w = table.image_shape
+def describe(layout: TableLayout, p: IngestParams, root: Path) -> dict[str, Any]:
+    """The manifest fields that depend only on the layout and the params."""
+    h, w = layout.image_shape
     hashes = HashCache(root / HASH_CACHE_FILE)  # the source probe hashed them already
     files = [
         {"path": str(path), "sha256": hashes.sha256(path)}
@@ -60,15 +74,13 @@ def describe(table: ImageTable, p: IngestParams, root: Path) -> dict[str, Any]:
         "path": p.path,
         "labels_path": p.labels_path,
         "source_files": files,
-        "rows": len(table),
+        "rows": layout.rows,
         "image_shape": [h, w],
-        "channels": table.channels,
+        "channels": layout.channels,
         "resize": list(p.resize) if p.resize is not None else None,
-        "num_classes": table.num_classes,
-        "class_counts": np.bincount(table.labels, minlength=table.num_classes).tolist(),
-        "pixel_min": float(table.images.min()),
-        "pixel_max": float(table.images.max()),
-        "content_sha256": content_sha256(table),
+        "pixel_type": layout.pixel_type,
+        "num_classes": layout.num_classes,
+        "class_counts": np.bincount(layout.labels, minlength=layout.num_classes).tolist(),
     }
     if p.source == "images":
         manifest["class_names"] = [d.name for d in class_folders(resolve(p.path, root))]
@@ -76,25 +88,30 @@ def describe(table: ImageTable, p: IngestParams, root: Path) -> dict[str, Any]:
 
 
 def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
-    """Ingest the source into ``data/raw``; return rows, classes and image size."""
+    """Ingest the source into ``data/raw``; return rows, classes and image size.
+
+    A contract Parquet source streams through in batches (bounded memory); the others are
+    read whole (see :func:`pipelines.data.sources.open_source`).
+    """
     import pyarrow.parquet as pq
 
     p = params.ingest
     log.info("reading source %s%s", p.source, f" from {p.path}" if p.path else "")
-    table = ingest(p, paths.root)
-    manifest = describe(table, p, paths.root)
-    h, w = table.image_shape
+    stream = open_source(p, paths.root)
+    layout = stream.layout
+    manifest = describe(layout, p, paths.root)
+    h, w = layout.image_shape
     metrics = {
-        "rows": len(table),
-        "num_classes": table.num_classes,
+        "rows": layout.rows,
+        "num_classes": layout.num_classes,
         "height": h,
         "width": w,
-        "channels": table.channels,
+        "channels": layout.channels,
     }
     out, report = paths.raw, paths.report("ingest")
     with atomic_outputs(dirs=[out], files=[report]) as staged:
         table_path = staged.path(out) / TABLE_FILE
-        write_image_table(table, table_path)
+        manifest.update(write_raw_table(stream, table_path))
         schema = pq.read_schema(table_path)
         manifest["file_sha256"] = sha256_file(table_path)
         manifest["schema"] = {field.name: str(field.type) for field in schema}
@@ -102,11 +119,11 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         write_json(staged.path(report), metrics)
     log.info(
         "wrote %d rows of %dx%dx%d pixels, %d classes to %s",
-        len(table),
+        layout.rows,
         h,
         w,
-        table.channels,
-        table.num_classes,
+        layout.channels,
+        layout.num_classes,
         out,
     )
     tracker.log_metrics(metrics)

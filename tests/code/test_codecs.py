@@ -49,7 +49,7 @@ def low_rank_table(n: int = 60, rank: int = 6, seed: int = 0) -> ImageTable:
 def test_lossless_round_trip_is_exact(tmp_path):
     table = low_rank_table()
     encoding, decoded, metrics = compress_table(table, tmp_path, CompressParams())
-    assert encoding == {"kind": "float32"}
+    assert encoding == {"kind": "lossless"}
     np.testing.assert_array_equal(read_compressed(tmp_path).images, table.images)
     np.testing.assert_array_equal(decoded.labels, table.labels)
     assert decoded.num_classes == 4
