@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import Params, PartitionParams
-from pipelines.data.codecs import read_compressed
+from pipelines.data.codecs import compressed_stream
 from pipelines.data.splits import (
     label_histograms,
     label_skew,
@@ -34,12 +34,13 @@ from pipelines.data.splits import (
     split_holdout,
 )
 from pipelines.io import (
+    ContentHasher,
     ImageTable,
+    ImageTableWriter,
     Paths,
+    TableStream,
     atomic_outputs,
-    content_sha256,
     read_json,
-    write_image_table,
     write_json,
 )
 from pipelines.tracking import StageTracker
@@ -56,20 +57,113 @@ def normalize_pixels(images: np.ndarray, low: float, high: float) -> tuple[np.nd
     return np.clip(scaled, 0.0, 1.0).astype(np.float32), clipped
 
 
-def partition(table: ImageTable, p: PartitionParams, seed: int) -> dict[str, Any]:
-    """Split ``table``: returns the tables by name and the per-client label histograms."""
-    train, val, test = split_holdout(table.labels, p.test_fraction, p.val_fraction, seed)
-    pool = table.subset(train)
-    labeled = pool.subset(select_labeled(pool.labels, p.labeled_fraction, seed))
-    shards = shard_clients(labeled.labels, p.num_clients, p.skew, p.alpha, p.min_client_rows, seed)
+def partition_rows(labels: np.ndarray, p: PartitionParams, seed: int) -> dict[str, Any]:
+    """Which rows go where: sorted row indices into the whole table for ``test``, ``val``,
+    ``unlabeled`` (the training pool), ``labeled`` and each of ``clients``, plus ``shards``:
+    each client's rows as indices into ``labeled``. Only the labels are needed."""
+    train, val, test = split_holdout(labels, p.test_fraction, p.val_fraction, seed)
+    labeled = train[select_labeled(labels[train], p.labeled_fraction, seed)]
+    shards = shard_clients(labels[labeled], p.num_clients, p.skew, p.alpha, p.min_client_rows, seed)
     return {
-        "test": table.subset(test),
-        "val": table.subset(val),
-        "unlabeled": pool,
+        "test": test,
+        "val": val,
+        "unlabeled": train,
         "labeled": labeled,
-        "clients": [labeled.subset(s) for s in shards],
-        "histograms": label_histograms(labeled.labels, shards, table.num_classes),
+        "clients": [labeled[s] for s in shards],
+        "shards": shards,
     }
+
+
+def client_label_histograms(
+    labels: np.ndarray, rows: dict[str, Any], num_classes: int
+) -> np.ndarray:
+    """Label counts ``(clients, num_classes)`` of the client shards :func:`partition_rows`
+    made."""
+    return label_histograms(labels[rows["labeled"]], rows["shards"], num_classes)
+
+
+def partition(table: ImageTable, p: PartitionParams, seed: int) -> dict[str, Any]:
+    """Split an in-memory ``table``: the tables by name and the per-client label histograms."""
+    rows = partition_rows(table.labels, p, seed)
+    histograms = client_label_histograms(table.labels, rows, table.num_classes)
+    return {
+        **{name: table.subset(rows[name]) for name in ("test", "val", "unlabeled", "labeled")},
+        "clients": [table.subset(c) for c in rows["clients"]],
+        "histograms": histograms,
+    }
+
+
+class _RowRouter:
+    """Sends each streamed row to the outputs whose sorted row indices hold it."""
+
+    def __init__(self, outputs: dict[str, tuple[np.ndarray, ImageTableWriter, Any]]):
+        self.outputs = outputs
+
+    def route(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+        """Write the rows ``start .. start + len(images)`` to their outputs."""
+        stop = start + len(images)
+        for rows, writer, hasher in self.outputs.values():
+            lo, hi = np.searchsorted(rows, [start, stop])
+            if hi > lo:
+                local = rows[lo:hi] - start
+                writer.write(images[local], labels[local])
+                if hasher is not None:
+                    hasher.update(images[local], labels[local])
+
+
+def write_partitions(
+    stream: TableStream, rows: dict[str, Any], low: float, high: float, folder: Path
+) -> tuple[dict[str, str], float]:
+    """Normalize the streamed table batch by batch and write every split into ``folder``
+    (``clients/`` must exist); return the content sha256 of test, val, unlabeled and
+    labeled, and the share of pixels clipped by the normalization."""
+    layout = stream.layout
+    outputs: dict[str, tuple[np.ndarray, ImageTableWriter, Any]] = {}
+    for name in ("test", "val", "unlabeled", "labeled"):
+        indices = rows[name]
+        writer = (
+            ImageTableWriter(
+                folder / f"{name}.parquet",
+                layout.channels,
+                layout.image_shape,
+                layout.num_classes,
+            )
+            if name != "labeled"
+            else _NullWriter()
+        )
+        hasher = ContentHasher(
+            len(indices), layout.channels, layout.image_shape, layout.num_classes
+        )
+        outputs[name] = (indices, writer, hasher)
+    for index, indices in enumerate(rows["clients"]):
+        path = folder / "clients" / f"{client_name(index)}.parquet"
+        writer = ImageTableWriter(path, layout.channels, layout.image_shape, layout.num_classes)
+        outputs[client_name(index)] = (indices, writer, None)
+    router = _RowRouter(outputs)
+    clipped = total = 0.0
+    try:
+        for start, images, labels in stream.batches_with_labels():
+            scaled, share = normalize_pixels(images, low, high)
+            clipped += share * scaled.size
+            total += scaled.size
+            router.route(start, scaled, labels)
+    finally:
+        for _, writer, _ in outputs.values():
+            writer.close()
+    digests = {
+        name: outputs[name][2].hexdigest() for name in ("test", "val", "unlabeled", "labeled")
+    }
+    return digests, clipped / total if total else 0.0
+
+
+class _NullWriter:
+    """A writer that keeps nothing (the labeled union is hashed, not written)."""
+
+    def write(self, images: np.ndarray, labels: np.ndarray) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def client_name(index: int) -> str:
@@ -113,52 +207,53 @@ def plot_client_labels(histograms: np.ndarray, p: PartitionParams, path: Path) -
 
 
 def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
-    """Partition ``data/compressed`` into ``data/partitions``; return row counts and skew."""
+    """Partition ``data/compressed`` into ``data/partitions`` batch by batch (bounded memory);
+    return row counts and skew."""
     p, seed = params.partition, params.common.seed
     source = read_json(paths.compressed / "manifest.json")
-    decoded = read_compressed(paths.compressed)
-    images, clipped = normalize_pixels(decoded.images, source["pixel_min"], source["pixel_max"])
-    table = ImageTable(images, decoded.labels, decoded.num_classes)
-    parts = partition(table, p, seed)
-    histograms = parts["histograms"]
+    stream = compressed_stream(paths.compressed)
+    layout = stream.layout
+    rows = partition_rows(layout.labels, p, seed)
+    histograms = client_label_histograms(layout.labels, rows, layout.num_classes)
     sizes = histograms.sum(1)
     metrics = {
-        "train_rows": len(parts["unlabeled"]),
-        "labeled_rows": len(parts["labeled"]),
-        "val_rows": len(parts["val"]),
-        "test_rows": len(parts["test"]),
+        "train_rows": len(rows["unlabeled"]),
+        "labeled_rows": len(rows["labeled"]),
+        "val_rows": len(rows["val"]),
+        "test_rows": len(rows["test"]),
         "num_clients": p.num_clients,
         "min_client_rows": int(sizes.min()),
         "max_client_rows": int(sizes.max()),
         "label_skew": label_skew(histograms),
     }
     names = [client_name(i) for i in range(p.num_clients)]
-    manifest = {
-        "seed": seed,
-        **p.model_dump(mode="json"),
-        "num_classes": table.num_classes,
-        "image_shape": list(table.image_shape),
-        "channels": table.channels,
-        "normalization": {
-            "low": min(source["pixel_min"], 0.0),
-            "high": source["pixel_max"],
-            "clipped_fraction": clipped,
-        },
-        "rows": {k: metrics[k] for k in ("train_rows", "labeled_rows", "val_rows", "test_rows")},
-        "client_rows": dict(zip(names, sizes.tolist(), strict=True)),
-        "client_label_histograms": dict(zip(names, histograms.tolist(), strict=True)),
-        "label_skew": metrics["label_skew"],
-        "unlabeled_note": "unlabeled.parquet keeps the true labels; pretraining ignores them",
-        "source_content_sha256": source.get("source_content_sha256"),
-    }
     out, report = paths.partitions, paths.report("partition")
     with atomic_outputs(dirs=[out], files=[report]) as staged:
         folder = staged.path(out)
         (folder / "clients").mkdir()
-        for name in ("test", "val", "unlabeled"):
-            write_image_table(parts[name], folder / f"{name}.parquet")
-        for name, shard in zip(names, parts["clients"], strict=True):
-            write_image_table(shard, folder / "clients" / f"{name}.parquet")
+        digests, clipped = write_partitions(
+            stream, rows, source["pixel_min"], source["pixel_max"], folder
+        )
+        manifest = {
+            "seed": seed,
+            **p.model_dump(mode="json"),
+            "num_classes": layout.num_classes,
+            "image_shape": list(layout.image_shape),
+            "channels": layout.channels,
+            "normalization": {
+                "low": min(source["pixel_min"], 0.0),
+                "high": source["pixel_max"],
+                "clipped_fraction": clipped,
+            },
+            "rows": {
+                k: metrics[k] for k in ("train_rows", "labeled_rows", "val_rows", "test_rows")
+            },
+            "client_rows": dict(zip(names, sizes.tolist(), strict=True)),
+            "client_label_histograms": dict(zip(names, histograms.tolist(), strict=True)),
+            "label_skew": metrics["label_skew"],
+            "unlabeled_note": "unlabeled.parquet keeps the true labels; pretraining ignores them",
+            "source_content_sha256": source.get("source_content_sha256"),
+        }
         write_json(folder / "manifest.json", manifest)
         plot_client_labels(histograms, p, folder / "client_labels.png")
         write_json(staged.path(report), metrics)
@@ -172,12 +267,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     )
     tracker.log_metrics(metrics)
     for name, context in (("test", "evaluation"), ("val", "validation"), ("unlabeled", "training")):
-        tracker.log_dataset(
-            name, out / f"{name}.parquet", digest=content_sha256(parts[name]), context=context
-        )
-    tracker.log_dataset(
-        "clients", out / "clients", digest=content_sha256(parts["labeled"]), context="training"
-    )
+        tracker.log_dataset(name, out / f"{name}.parquet", digest=digests[name], context=context)
+    tracker.log_dataset("clients", out / "clients", digest=digests["labeled"], context="training")
     tracker.log_artifact(out / "manifest.json")
     tracker.log_artifact(out / "client_labels.png")
     return metrics
