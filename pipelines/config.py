@@ -93,6 +93,16 @@ class PretrainParams(_Section):
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     temperature: float = Field(0.2, gt=0.0, le=10.0)
     knn_k: int = Field(10, ge=1, le=1000)
+    # distributed data parallel: processes per node (CPU processes or GPUs) and nodes
+    strategy: Literal["single", "ddp"] = "single"
+    devices: int = Field(1, ge=1, le=1024)
+    num_nodes: int = Field(1, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _ddp_needs_more_than_one_process(self) -> PretrainParams:
+        if self.strategy == "single" and (self.devices > 1 or self.num_nodes > 1):
+            raise ValueError("pretrain.devices or pretrain.num_nodes above 1 need strategy 'ddp'")
+        return self
 
 
 class DPParams(_Section):
@@ -112,6 +122,7 @@ class FederateParams(_Section):
     local_epochs: int = Field(2, ge=1, le=1000)
     batch_size: int = Field(16, ge=1, le=65536)
     learning_rate: float = Field(0.002, gt=0.0, le=10.0)
+    augment: bool = False  # clients train on random views of their rows (augment.py)
     client_fraction: float = Field(1.0, gt=0.0, le=1.0)
     min_clients: int = Field(1, ge=1, le=100_000)
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"

@@ -47,6 +47,7 @@ from pipelines.io import (
     TableLayout,
     TableStream,
     batch_rows_for,
+    open_parquet_file,
     read_table_layout,
     table_metadata,
 )
@@ -282,7 +283,7 @@ def compressed_stream(directory: str | Path, batch_rows: int | None = None) -> T
     rows = batch_rows or batch_rows_for(layout.pixels_per_image)
 
     def batches() -> Iterator[np.ndarray]:
-        handle = pq.ParquetFile(str(path))
+        handle = open_parquet_file(path)
         for batch in handle.iter_batches(batch_size=rows, columns=[value_column]):
             values = np.asarray(batch.column(0).flatten().to_numpy(zero_copy_only=False))
             flat = decode(values.reshape(batch.num_rows, -1))

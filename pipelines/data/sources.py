@@ -65,6 +65,7 @@ from pipelines.io import (
     batch_rows_for,
     integer_pixels_fit_uint8,
     metadata_shape,
+    open_parquet_file,
 )
 
 MAX_CLASSES = 100_000  # the bound on ingest.num_classes
@@ -416,12 +417,11 @@ def _stream_contract_parquet(p: IngestParams, root: Path) -> TableStream | None:
     """A contract Parquet file (fixed-size list images, shape metadata) as a checked stream;
     None for any other Parquet layout, which :func:`load_parquet` reads whole."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path = check_file(resolve(p.path, root))
     file = str(path)
     try:
-        handle = pq.ParquetFile(path)
+        handle = open_parquet_file(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
             file, f"not a readable Parquet file (truncated or corrupt?): {exc}"

@@ -98,13 +98,20 @@ def train_client(
     samples, mean training loss of the last local epoch)``. An empty shard returns the
     global state unchanged, 0 samples and a NaN loss.
     """
+    from pipelines.models.augment import FINE_TUNE_AUGMENT
     from pipelines.models.systems import ClassifierSystem, batch_loader, make_trainer
 
     if len(client_table) == 0:
         return {k: v.detach().cpu().clone() for k, v in global_state.items()}, 0, math.nan
     model = client_model(model_config, global_state)
     mu = params.proximal_mu if params.strategy == "fedprox" else 0.0
-    system = ClassifierSystem(model, learning_rate=params.learning_rate, proximal_mu=mu)
+    system = ClassifierSystem(
+        model,
+        learning_rate=params.learning_rate,
+        proximal_mu=mu,
+        augment_config=FINE_TUNE_AUGMENT if params.augment else None,
+        seed=seed,
+    )
     loader = batch_loader(
         to_tensor(client_table.images),
         torch.from_numpy(np.ascontiguousarray(client_table.labels, dtype=np.int64)),

@@ -39,6 +39,11 @@ class AugmentConfig:
     grayscale_prob: float = 0.2  # RGB only: chance of a grayscale view
 
 
+# views for supervised fine-tuning: the same geometry and colour changes, without the erased
+# patches and the noise that only contrastive learning needs
+FINE_TUNE_AUGMENT = AugmentConfig(erase_prob=0.0, noise_std=0.0)
+
+
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator, device=generator.device)
 

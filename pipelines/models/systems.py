@@ -96,12 +96,20 @@ def _prepare_lightning_once() -> None:
 
 
 def make_trainer(
-    max_epochs: int, device: str = "auto", callbacks: list | None = None
+    max_epochs: int,
+    device: str = "auto",
+    callbacks: list | None = None,
+    *,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
 ) -> pl.Trainer:
-    """A quiet single-device Trainer: no progress bar, logger, checkpoints or model summary.
+    """A quiet Trainer: no progress bar, logger, checkpoints or model summary.
 
-    ``device`` is ``common.device``. Deterministic algorithms are switched on for CPU, where
-    they cost nothing; on CUDA some backward kernels have no deterministic version.
+    ``device`` is ``common.device``. One device unless ``strategy="ddp"`` with ``devices``
+    processes per node on ``num_nodes`` nodes (see :mod:`pipelines.models.distributed`).
+    Deterministic algorithms are switched on for CPU, where they cost nothing; on CUDA some
+    backward kernels have no deterministic version.
     """
     _prepare_lightning_once()
     _quiet_lightning_warnings()
@@ -109,7 +117,9 @@ def make_trainer(
     return pl.Trainer(
         max_epochs=max_epochs,
         accelerator=accelerator,
-        devices=1,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -150,11 +160,13 @@ class _EpochLossSystem(pl.LightningModule):
         self._on_epoch_end = on_epoch_end
         self._loss_sum: torch.Tensor | None = None
         self._count = 0
+        self.rows_seen = 0  # training rows over all epochs (on this process)
 
     def _track(self, loss: torch.Tensor, batch_size: int) -> None:
         detached = loss.detach() * batch_size
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self._count += batch_size
+        self.rows_seen += batch_size
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum, self._count = None, 0
@@ -227,6 +239,9 @@ class SimCLRSystem(_EpochLossSystem):
 class ClassifierSystem(_EpochLossSystem):
     """Cross-entropy training of a :class:`Classifier` with Adam (constant learning rate).
 
+    With an ``augment_config``, each batch is replaced by one random view of it
+    (:func:`~pipelines.models.augment.augment`, generator seeded with ``seed``).
+
     With ``proximal_mu > 0`` the loss adds FedProx's proximal term
     ``mu / 2 * ||w - w_anchor||^2`` over the trainable parameters, ``w_anchor`` being their
     values at construction (the global model a client starts from). The tracked loss is the
@@ -240,9 +255,14 @@ class ClassifierSystem(_EpochLossSystem):
         weight_decay: float = 0.0,
         on_epoch_end: EpochHook | None = None,
         proximal_mu: float = 0.0,
+        augment_config: AugmentConfig | None = None,
+        seed: int = 0,
     ):
         super().__init__(on_epoch_end)
         self.classifier = classifier
+        self.augment_config = augment_config
+        self.seed = seed
+        self._generator: torch.Generator | None = None
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.proximal_mu = float(proximal_mu)
@@ -260,8 +280,14 @@ class ClassifierSystem(_EpochLossSystem):
         )
         return 0.5 * self.proximal_mu * total
 
+    def on_fit_start(self) -> None:
+        if self.augment_config is not None:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        if self.augment_config is not None:
+            images = augment(images, self._generator, self.augment_config)
         loss = F.cross_entropy(self.classifier(images), labels)
         self._track(loss, len(images))
         return loss + self.proximal_term() if self._anchor else loss

@@ -27,6 +27,7 @@ from pipelines.io import (
     read_client_shards,
     read_image_table,
     save_weights,
+    write_image_table,
     write_json,
 )
 from pipelines.tracking import StageTracker
@@ -59,10 +60,11 @@ def pretrain(
 
     if len(unlabeled) == 0:
         raise ValueError("the unlabeled pool is empty")
+    config = encoder_config_for(unlabeled.image_shape, unlabeled.channels, p.embedding_dim)
+    if p.strategy == "ddp":
+        return _pretrain_ddp(unlabeled, config, p, seed, device, on_epoch)
     pl.seed_everything(seed, verbose=False)
-    encoder = build_encoder(
-        encoder_config_for(unlabeled.image_shape, unlabeled.channels, p.embedding_dim)
-    )
+    encoder = build_encoder(config)
     head = ProjectionHead(p.embedding_dim, p.projection_dim)
     system = SimCLRSystem(
         encoder,
@@ -76,6 +78,40 @@ def pretrain(
     loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
     make_trainer(p.epochs, device).fit(system, loader)
     return encoder.cpu().eval(), list(system.history)
+
+
+def _pretrain_ddp(
+    unlabeled: ImageTable,
+    config: dict,
+    p: PretrainParams,
+    seed: int,
+    device: str,
+    on_epoch: Callable[[int, float], None] | None,
+) -> tuple[Encoder, list[float]]:
+    """:func:`pretrain` in DDP processes (:mod:`pipelines.models.distributed`)."""
+    import tempfile
+
+    from pipelines.models.devices import resolve_accelerator
+    from pipelines.models.distributed import fit_distributed
+
+    with tempfile.TemporaryDirectory(prefix="lepton-ddp-") as scratch:
+        table = Path(scratch) / "unlabeled.parquet"
+        write_image_table(unlabeled, table)
+        encoder, losses, result = fit_distributed(
+            table,
+            config,
+            p.model_dump(mode="json"),
+            seed,
+            resolve_accelerator(device),
+            Path(scratch) / "out",
+        )
+    log.info(
+        "DDP over %d processes, rows per rank %s", result["world_size"], result["rows_per_rank"]
+    )
+    if on_epoch is not None:
+        for epoch, loss in enumerate(losses, start=1):
+            on_epoch(epoch, loss)
+    return encoder, losses
 
 
 def probe_encoder(
