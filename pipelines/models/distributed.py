@@ -47,6 +47,11 @@ def torchrun_command(spec_path: Path, devices: int, num_nodes: int) -> list[str]
     return [*command, "-m", "pipelines.models.distributed", str(spec_path)]
 
 
+def node_rank() -> int:
+    """This node's rank in a multi-node run (``NODE_RANK``; 0 when unset)."""
+    return int(os.environ.get("NODE_RANK", "0"))
+
+
 def fit_distributed(
     table_path: Path,
     encoder_config: dict[str, Any],
@@ -56,7 +61,8 @@ def fit_distributed(
     workdir: Path,
 ) -> tuple[Any, list[float], dict[str, Any]]:
     """Run the DDP fit described by ``params`` (the pretrain section) on the unlabeled table
-    ``table_path``; return ``(encoder on CPU in eval mode, losses per epoch, result)``.
+    ``table_path``; return ``(encoder on CPU in eval mode, losses per epoch, result)``. On a
+    node other than node 0 the encoder is None: node 0 holds the result.
 
     ``result`` holds ``world_size`` and the rows each rank trained on. A failed process is
     a RuntimeError with the tail of the launcher's output.
@@ -86,6 +92,8 @@ def fit_distributed(
     if code != 0:
         tail = errors.read_text()[-3000:]
         raise RuntimeError(f"DDP pretraining failed (exit {code}):\n{tail}")
+    if params["num_nodes"] > 1 and node_rank() != 0:
+        return None, [], {"world_size": params["devices"] * params["num_nodes"]}
     result = json.loads((workdir / RESULT_FILE).read_text())
     state, config = load_weights(workdir, WEIGHTS_FILE)
     encoder = build_encoder(config)

@@ -44,11 +44,12 @@ def pretrain(
     seed: int,
     device: str = "auto",
     on_epoch: Callable[[int, float], None] | None = None,
-) -> tuple[Encoder, list[float]]:
+) -> tuple[Encoder | None, list[float]]:
     """SimCLR-pretrain a fresh encoder on ``unlabeled.images``; returns ``(encoder, losses)``.
 
     ``losses`` holds the mean NT-Xent of each epoch; ``on_epoch(epoch, loss)`` is called
-    after each. The encoder comes back on CPU in eval mode.
+    after each. The encoder comes back on CPU in eval mode; with ``strategy: ddp`` on a node
+    other than node 0 it is None (node 0 holds the trained encoder).
     """
     from pipelines.models.encoder import (
         ProjectionHead,
@@ -87,7 +88,7 @@ def _pretrain_ddp(
     seed: int,
     device: str,
     on_epoch: Callable[[int, float], None] | None,
-) -> tuple[Encoder, list[float]]:
+) -> tuple[Encoder | None, list[float]]:
     """:func:`pretrain` in DDP processes (:mod:`pipelines.models.distributed`)."""
     import tempfile
 
@@ -105,6 +106,8 @@ def _pretrain_ddp(
             resolve_accelerator(device),
             Path(scratch) / "out",
         )
+    if encoder is None:
+        return None, losses
     log.info(
         "DDP over %d processes, rows per rank %s", result["world_size"], result["rows_per_rank"]
     )
@@ -167,6 +170,9 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     start = time.perf_counter()
     encoder, losses = pretrain(unlabeled, p, params.common.seed, params.common.device, on_epoch)
     seconds = time.perf_counter() - start
+    if encoder is None:  # a DDP worker node: node 0 writes the outputs
+        log.info("DDP node done in %.1f s; node 0 writes models/pretrain", seconds)
+        return {"seconds": seconds}
     probes = probe_encoder(encoder, labeled, val, p.knn_k, params.common.device)
     metrics = {
         "train_loss": losses[-1],
