@@ -63,5 +63,7 @@ def test_rgb_class_folders_run_end_to_end_and_serve_rgb(tmp_path: Path):
     assert logits.shape == (32, 10)
     accuracy = float((logits.argmax(1) == test.labels[:32]).mean())
     assert accuracy > 0.3
-    with pytest.raises(Exception):  # a grayscale batch does not fit the RGB signature
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="shape"):  # grayscale does not fit the signature
         loaded.predict(test.images[:4, :1])
