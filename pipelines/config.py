@@ -27,6 +27,8 @@ class CommonParams(_Section):
     seed: int = Field(42, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mlflow_experiment: str = Field("lepton", min_length=1)
+    # a training split whose float32 pixels exceed this is read from disk in chunks (pretrain)
+    memory_budget_mb: int = Field(2048, ge=16, le=10_000_000)
 
 
 class RuntimeParams(_Section):

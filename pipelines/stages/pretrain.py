@@ -18,14 +18,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.config import Params, PretrainParams
+from pipelines.errors import ConfigError
 from pipelines.io import (
+    ContentHasher,
     ImageTable,
     Paths,
+    TableStream,
     atomic_outputs,
     concat_tables,
     content_sha256,
     read_client_shards,
     read_image_table,
+    read_table_layout,
     save_weights,
     write_image_table,
     write_json,
@@ -39,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def pretrain(
-    unlabeled: ImageTable,
+    unlabeled: ImageTable | TableStream,
     p: PretrainParams,
     seed: int,
     device: str = "auto",
@@ -47,6 +51,8 @@ def pretrain(
 ) -> tuple[Encoder | None, list[float]]:
     """SimCLR-pretrain a fresh encoder on ``unlabeled.images``; returns ``(encoder, losses)``.
 
+    A :class:`TableStream` instead of a table is read from disk chunk by chunk each epoch
+    (:class:`~pipelines.models.streaming.StreamingImages`), for pools larger than memory.
     ``losses`` holds the mean NT-Xent of each epoch; ``on_epoch(epoch, loss)`` is called
     after each. The encoder comes back on CPU in eval mode; with ``strategy: ddp`` on a node
     other than node 0 it is None (node 0 holds the trained encoder).
@@ -59,10 +65,16 @@ def pretrain(
     )
     from pipelines.models.systems import SimCLRSystem, batch_loader, make_trainer, pl
 
-    if len(unlabeled) == 0:
+    shape = unlabeled.layout if isinstance(unlabeled, TableStream) else unlabeled
+    if len(shape.labels) == 0:
         raise ValueError("the unlabeled pool is empty")
-    config = encoder_config_for(unlabeled.image_shape, unlabeled.channels, p.embedding_dim)
+    config = encoder_config_for(shape.image_shape, shape.channels, p.embedding_dim)
     if p.strategy == "ddp":
+        if isinstance(unlabeled, TableStream):
+            raise ConfigError(
+                "pretrain.strategy 'ddp' reads the unlabeled pool into each process's memory; "
+                "raise common.memory_budget_mb above its size or use strategy 'single'"
+            )
         return _pretrain_ddp(unlabeled, config, p, seed, device, on_epoch)
     pl.seed_everything(seed, verbose=False)
     encoder = build_encoder(config)
@@ -76,9 +88,36 @@ def pretrain(
         seed=seed,
         on_epoch_end=on_epoch,
     )
-    loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
+    if isinstance(unlabeled, TableStream):
+        from torch.utils.data import DataLoader
+
+        from pipelines.models.streaming import StreamingImages
+
+        loader = DataLoader(StreamingImages(unlabeled, p.batch_size, seed), batch_size=None)
+    else:
+        loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
     make_trainer(p.epochs, device).fit(system, loader)
     return encoder.cpu().eval(), list(system.history)
+
+
+def read_within_budget(path: Path, budget_mb: int) -> ImageTable | TableStream:
+    """The table at ``path`` in memory, or as a stream when its float32 pixels exceed
+    ``budget_mb`` (``common.memory_budget_mb``)."""
+    layout = read_table_layout(path)
+    if layout.rows * layout.pixels_per_image * 4 > budget_mb * 1e6:
+        return TableStream.from_file(path)
+    return read_image_table(path)
+
+
+def stream_sha256(data: ImageTable | TableStream) -> str:
+    """:func:`content_sha256` of a table, or of a stream in one pass."""
+    if isinstance(data, ImageTable):
+        return content_sha256(data)
+    layout = data.layout
+    hasher = ContentHasher(layout.rows, layout.channels, layout.image_shape, layout.num_classes)
+    for _, images, labels in data.batches_with_labels():
+        hasher.update(images, labels)
+    return hasher.hexdigest()
 
 
 def _pretrain_ddp(
@@ -150,10 +189,10 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     p = params.pretrain
     unlabeled_path = paths.partitions / "unlabeled.parquet"
     val_path = paths.partitions / "val.parquet"
-    unlabeled = read_image_table(unlabeled_path)
+    unlabeled = read_within_budget(unlabeled_path, params.common.memory_budget_mb)
     val = read_image_table(val_path)
     labeled = concat_tables([table for _, table in read_client_shards(paths.partitions)])
-    tracker.log_dataset("unlabeled", unlabeled_path, content_sha256(unlabeled), "training")
+    tracker.log_dataset("unlabeled", unlabeled_path, stream_sha256(unlabeled), "training")
     tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(labeled), "probe")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
 
@@ -161,11 +200,14 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         tracker.log_metrics({"epoch_train_loss": loss}, step=epoch)
         log.info("epoch %d/%d train_loss=%.4f", epoch, p.epochs, loss)
 
+    shape = unlabeled.layout if isinstance(unlabeled, TableStream) else unlabeled
     log.info(
-        "SimCLR on %d unlabeled images %s, %d epochs",
-        len(unlabeled),
-        unlabeled.image_shape,
+        "SimCLR on %d unlabeled images %s x %d channels, %d epochs%s",
+        len(shape.labels),
+        shape.image_shape,
+        shape.channels,
         p.epochs,
+        " (read from disk in chunks)" if isinstance(unlabeled, TableStream) else "",
     )
     start = time.perf_counter()
     encoder, losses = pretrain(unlabeled, p, params.common.seed, params.common.device, on_epoch)
@@ -179,7 +221,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         **probes,
         "epochs": p.epochs,
         "seconds": seconds,
-        "samples_per_s": p.epochs * len(unlabeled) / seconds,
+        "samples_per_s": p.epochs * len(shape.labels) / seconds,
     }
     log.info(
         "val kNN accuracy %.4f, linear probe %.4f (%.1f s)",

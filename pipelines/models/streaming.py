@@ -1,0 +1,46 @@
+"""Training batches read from a Parquet table in chunks, for splits larger than memory.
+
+:class:`StreamingImages` is a torch ``IterableDataset`` over a :class:`~pipelines.io.
+TableStream`: each epoch reads the table once, chunk by chunk (about 32 MB of float32
+pixels each, in file order), shuffles the rows inside each chunk with a generator seeded by
+``seed`` and the epoch, and yields batches of ``batch_size`` images ``(b, c, h, w)``. Memory
+holds one chunk at a time. The shuffle is local to a chunk, so a table written in label
+order trains on label-ordered chunks: partition writes every split in row order of the
+source, which is not sorted by label unless the source is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from pipelines.io import TableStream
+
+
+class StreamingImages(IterableDataset):
+    """Batches of images of a table streamed from disk, reshuffled within chunks each epoch."""
+
+    def __init__(self, stream: TableStream, batch_size: int, seed: int = 0):
+        super().__init__()
+        self.stream = stream
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        carry: np.ndarray | None = None
+        for chunk in self.stream.batches():
+            chunk = chunk[rng.permutation(len(chunk))]
+            if carry is not None and len(carry):
+                chunk = np.concatenate([carry, chunk])
+            whole = len(chunk) - len(chunk) % self.batch_size
+            for start in range(0, whole, self.batch_size):
+                yield (torch.from_numpy(chunk[start : start + self.batch_size]),)
+            carry = chunk[whole:]
+        if carry is not None and len(carry):
+            yield (torch.from_numpy(np.ascontiguousarray(carry)),)
