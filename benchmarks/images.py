@@ -8,26 +8,28 @@ reads the chosen model's test accuracy, the federated model's and the SSL kNN pr
 - ``rgb32``: the same digits as 32x32 RGB PNG class folders in random colours;
 - ``digits8_labels10``: 8x8 with ``partition.labeled_fraction: 0.1``.
 
-    .venv/bin/python benchmarks/images.py [--cases digits8,digits28] [--out FILE.json]
+    .venv/bin/python benchmarks/images.py [--cases digits8,digits28] [--set federate.augment=true]
+                                          [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from measured import run_measured  # noqa: E402 (sibling module)
 from results_json import header, write_json  # noqa: E402 (sibling module)
 
 from pipelines.data.examples import write_example  # noqa: E402
-from tests.conftest import BIN, make_workspace, workspace_env  # noqa: E402
+from tests.conftest import BIN, make_workspace  # noqa: E402
 
 CASES = {
     "digits8": (None, {}),
@@ -37,33 +39,25 @@ CASES = {
 }
 
 
-def run_case(name: str, scratch: Path) -> dict:
-    """One case through `dvc repro`: seconds and the accuracies it reaches."""
+def run_case(name: str, scratch: Path, extra: list[str]) -> dict:
+    """One case through `dvc repro` (``extra``: ``section.key=value`` params for every case):
+    seconds and the accuracies it reaches."""
     example, overrides = CASES[name]
     overrides = {k: dict(v) for k, v in overrides.items()}
+    for item in extra:
+        key, value = item.split("=", 1)
+        section, field = key.split(".", 1)
+        overrides.setdefault(section, {})[field] = yaml.safe_load(value)
     if example is not None:
         overrides["ingest"] = write_example(example, scratch / f"{name}-data")
     root = make_workspace(scratch / name, overrides)
-    start = time.perf_counter()
-    done = subprocess.run(
-        [str(BIN / "dvc"), "repro"],
-        cwd=root,
-        env=workspace_env(root),
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"{name}: dvc repro failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    measured = run_measured([str(BIN / "dvc"), "repro"], root)
     metrics = json.loads((root / "reports/metrics.json").read_text())
     pretrain = json.loads((root / "reports/pretrain.json").read_text())
     ingest = json.loads((root / "reports/ingest.json").read_text())
-    stage_seconds = {}
-    for line in done.stdout.splitlines():
-        if "finished in" in line:  # progress lines of `lepton stage run`
-            stage_seconds[line.split()[0]] = line
     return {
-        "seconds": round(seconds, 1),
+        "seconds": measured["seconds"],
+        "peak_rss_mb": measured["peak_rss_mb"],
         "image": [ingest["height"], ingest["width"], ingest.get("channels", 1)],
         "test_accuracy": metrics["test_accuracy"],
         "chosen_variant": metrics["chosen_variant"],
@@ -76,15 +70,20 @@ def run_case(name: str, scratch: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/images.json")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.cases.split(","):
             print(f"{name} ...", flush=True)
-            results[name] = run_case(name, Path(scratch))
+            results[name] = run_case(name, Path(scratch), args.sets)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
-    payload = {**header("images"), "params": "default params.yaml", "cases": results}
+    payload = {
+        **header("images"),
+        "params": "default params.yaml" + (f" with {args.sets}" if args.sets else ""),
+        "cases": results,
+    }
     if "digits8" in results:
         base = results["digits8"]["seconds"]
         payload["seconds_vs_digits8"] = {

@@ -15,10 +15,8 @@ data, which is what grows with rows. For each stage and kind it fits ``time ~ ro
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +24,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from measured import run_measured  # noqa: E402 (sibling module)
 from results_json import header, write_json  # noqa: E402 (sibling module)
 
 from pipelines.data.examples import coloured_digits, digits_28x28  # noqa: E402
 from pipelines.io import ImageTableWriter  # noqa: E402
 from pipelines.registry import STAGE_NAMES  # noqa: E402
-from tests.conftest import BIN, make_workspace, workspace_env  # noqa: E402
+from tests.conftest import BIN, make_workspace  # noqa: E402
 
 BUDGET = {
     "pretrain": {"epochs": 1},
@@ -81,19 +80,8 @@ def run_pipeline(root: Path) -> dict[str, dict]:
     """Every stage once, in order, each under GNU time: seconds and peak RSS."""
     stages = {}
     for stage in STAGE_NAMES:
-        start = time.perf_counter()
-        done = subprocess.run(
-            ["/usr/bin/time", "-f", "%M", str(BIN / "lepton"), "stage", "run", stage],
-            cwd=root,
-            env=workspace_env(root),
-            capture_output=True,
-            text=True,
-        )
-        seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            sys.exit(f"{stage} failed in {root}:\n{done.stderr[-3000:]}")
-        peak = int(done.stderr.strip().splitlines()[-1]) / 1024
-        stages[stage] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1)}
+        measured = run_measured([str(BIN / "lepton"), "stage", "run", stage], root)
+        stages[stage] = {k: measured[k] for k in ("seconds", "peak_rss_mb")}
     return stages
 
 

@@ -13,7 +13,6 @@ throughput in raw MB/s (rows x 784 bytes).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,11 +23,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from measured import run_measured  # noqa: E402 (sibling module)
 from results_json import header, write_json  # noqa: E402 (sibling module)
 
 from pipelines.data.examples import digits_28x28  # noqa: E402
 from pipelines.io import ImageTableWriter  # noqa: E402
-from tests.conftest import BIN, make_workspace, workspace_env  # noqa: E402
+from tests.conftest import BIN, make_workspace  # noqa: E402
 
 STAGES = ("ingest", "compress", "partition")
 
@@ -53,23 +53,6 @@ def write_synthetic(path: Path, rows: int, batch: int = 50_000, seed: int = 0) -
             writer.write(images.astype(np.uint8)[:, None], labels[pick])
 
 
-def run_stage(stage: str, root: Path) -> dict:
-    """One `lepton stage run` under GNU time: seconds and the peak RSS of its process."""
-    start = time.perf_counter()
-    done = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", str(BIN / "lepton"), "stage", "run", stage],
-        cwd=root,
-        env=workspace_env(root),
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"{stage} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    peak_kb = int(done.stderr.strip().splitlines()[-1])
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024, 1)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -90,7 +73,8 @@ def main() -> None:
         )
         stages = {}
         for stage in STAGES:
-            stages[stage] = run_stage(stage, root)
+            measured = run_measured([str(BIN / "lepton"), "stage", "run", stage], root)
+            stages[stage] = {k: measured[k] for k in ("seconds", "peak_rss_mb")}
             stages[stage]["raw_mb_per_s"] = round(raw_mb / stages[stage]["seconds"], 1)
             print(f"{stage}: {stages[stage]}", flush=True)
         sizes = {

@@ -169,6 +169,20 @@ def fingerprint_source() -> None:
     )
 
 
+@app.command("example-data")
+def example_data(
+    name: str = typer.Argument(..., help="digits28 (IDX), rgb32 (PNG folders) or rgb32-npz."),
+    folder: Path = typer.Argument(..., help="Folder to write into (created)."),
+) -> None:
+    """Write an example image set made from the bundled digits and print its ingest params."""
+    from pipelines.data.examples import EXAMPLES, write_example
+
+    if name not in EXAMPLES:
+        _fail(f"unknown example '{name}'; known: {', '.join(EXAMPLES)}", 2)
+    ingest = write_example(name, folder.resolve())
+    typer.echo("\n".join(f"--set ingest.{key}={value}" for key, value in ingest.items()))
+
+
 @app.command("params")
 def params_check(
     set_: list[str] = typer.Option([], "--set", help="Override a param: section.key=value."),

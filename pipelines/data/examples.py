@@ -10,7 +10,8 @@ They are what the benchmarks and tests run the pipeline on beyond 8x8 grayscale:
   foreground and background colour per image (at least ``MIN_COLOUR_DISTANCE`` apart in
   RGB), so colour carries no class.
 
-``lepton data example NAME DIR`` writes one of them (see ``--help``).
+``lepton example-data NAME DIR`` writes one of them and prints the ``--set ingest.*``
+overrides that read it.
 """
 
 from __future__ import annotations

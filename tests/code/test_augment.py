@@ -21,6 +21,7 @@ OFF = AugmentConfig(
     contrast=0.0,
     erase_prob=0.0,
     noise_std=0.0,
+    colour_prob=0.0,
 )
 
 

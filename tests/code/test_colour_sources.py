@@ -164,3 +164,19 @@ def test_ingest_manifest_records_channels_and_resize(tmp_path, rgb):
     assert manifest["channels"] == 3 and manifest["resize"] == [10, 10]
     assert manifest["image_shape"] == [10, 10] and metrics["channels"] == 3
     assert read_image_table(tmp_path / "data/raw/table.parquet").images.shape == (N, 3, 10, 10)
+
+
+def test_example_data_command_writes_a_set_ingest_reads(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    result = CliRunner().invoke(app, ["example-data", "rgb32-npz", str(tmp_path / "ex")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    sets = dict(line.removeprefix("--set ingest.").split("=", 1) for line in lines)
+    loaded = load_source(IngestParams(**sets), tmp_path)
+    assert loaded.images.shape == (1797, 3, 32, 32) and loaded.num_classes == 10
+    # foreground and background differ in every image: no digit is invisible
+    spread = loaded.images.reshape(1797, 3, -1).std(axis=2).max(axis=1)
+    assert spread.min() > 20

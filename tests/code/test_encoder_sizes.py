@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from pipelines.models.encoder import (
     receptive_field,
     stem_for,
 )
+from tests.code.test_augment import OFF
 
 SIZES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 
@@ -82,18 +85,7 @@ def test_augment_shapes_and_range_at_every_size(c: int, h: int, w: int) -> None:
 
 
 def only_shift() -> AugmentConfig:
-    return AugmentConfig(
-        rotation_degrees=0.0,
-        scale=(1.0, 1.0),
-        brightness=0.0,
-        contrast=0.0,
-        erase_prob=0.0,
-        noise_std=0.0,
-        color_jitter=0.0,
-        channel_shuffle_prob=0.0,
-        grayscale_prob=0.0,
-        channel_invert_prob=0.0,
-    )
+    return replace(OFF, translate_fraction=0.125)
 
 
 def mean_column(images: torch.Tensor) -> torch.Tensor:
@@ -116,15 +108,7 @@ def test_translation_is_relative_to_the_image_side() -> None:
 
 
 def test_colour_augmentations_change_colour_only_for_rgb() -> None:
-    colour = AugmentConfig(
-        rotation_degrees=0.0,
-        scale=(1.0, 1.0),
-        translate_fraction=0.0,
-        brightness=0.0,
-        contrast=0.0,
-        erase_prob=0.0,
-        noise_std=0.0,
-    )
+    colour = replace(OFF, colour_prob=AugmentConfig().colour_prob)
     rgb = torch.zeros(64, 3, 8, 8)
     rgb[:, 0] = 0.8  # red images
     out = augment(rgb, torch.Generator().manual_seed(2), colour)

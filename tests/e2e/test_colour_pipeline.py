@@ -4,14 +4,14 @@ back with `mlflow.pyfunc` predicting on RGB input."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipelines.data.examples import coloured_digits, write_class_folders
-from tests.conftest import BIN, TINY_OVERRIDES, make_workspace, workspace_env
+from tests.conftest import BIN, TINY_OVERRIDES, make_workspace
+from tests.e2e.test_pipeline import run
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +26,7 @@ def test_rgb_class_folders_run_end_to_end_and_serve_rgb(tmp_path: Path):
     # colour digits need more steps than the tiny grayscale runs to leave chance
     overrides["federate"] = {"rounds": 6, "local_epochs": 2}
     root = make_workspace(tmp_path / "ws", overrides)
-    done = subprocess.run(
-        [str(BIN / "dvc"), "repro"],
-        cwd=root,
-        env=workspace_env(root),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    done = run([str(BIN / "dvc"), "repro"], root, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     manifest = json.loads((root / "data/raw/manifest.json").read_text())
