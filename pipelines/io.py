@@ -127,17 +127,6 @@ def integer_pixels_fit_uint8(images: np.ndarray) -> bool:
     )
 
 
-def image_table_to_arrow(
-    table: ImageTable, pixel_dtype: str = "float32", extra_metadata: dict | None = None
-):
-    """Build the Arrow table of the data contract (images flattened into a fixed-size list)."""
-
-    metadata = table_metadata(table)
-    for key, value in (extra_metadata or {}).items():
-        metadata[key.encode()] = json.dumps(value).encode()
-    return _arrow_rows(table.images, table.labels, pixel_dtype, metadata)
-
-
 def _arrow_rows(images: np.ndarray, labels: np.ndarray, pixel_dtype: str, metadata: dict):
     import pyarrow as pa
 
