@@ -306,16 +306,16 @@ def batch_rows_for(pixels_per_image: int, batch_bytes: int = 32 << 20) -> int:
     return max(1, batch_bytes // (4 * max(pixels_per_image, 1)))
 
 
-def iter_image_batches(
-    path: str | Path, batch_rows: int | None = None, columns: tuple[str, ...] = (IMAGE_COLUMN,)
-) -> Iterator[np.ndarray]:
+def iter_image_batches(path: str | Path, batch_rows: int | None = None) -> Iterator[np.ndarray]:
     """Images ``(b, c, h, w)`` float32 of a contract table, ``batch_rows`` at a time (default:
     about 32 MB), in row order; memory stays bounded by the batch."""
-    path = Path(path)
-    layout = read_table_layout(path)
+    return _pixel_batches(Path(path), read_table_layout(path), batch_rows)
+
+
+def _pixel_batches(path: Path, layout: TableLayout, batch_rows: int | None) -> Iterator[np.ndarray]:
     c, (h, w) = layout.channels, layout.image_shape
     rows = batch_rows or batch_rows_for(layout.pixels_per_image)
-    for batch in _open_parquet(path).iter_batches(batch_size=rows, columns=list(columns)):
+    for batch in _open_parquet(path).iter_batches(batch_size=rows, columns=[IMAGE_COLUMN]):
         values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
         yield np.asarray(values).astype(np.float32).reshape(batch.num_rows, c, h, w)
 
@@ -330,21 +330,23 @@ class TableStream:
 
     @classmethod
     def from_table(cls, table: ImageTable) -> TableStream:
-        """An in-memory table as a stream of one batch."""
+        """An in-memory table as a stream of one batch (``pixel_type`` uint8 when every pixel
+        is a whole number in 0..255)."""
         layout = TableLayout(
             rows=len(table),
             channels=table.channels,
             image_shape=table.image_shape,
             num_classes=table.num_classes,
             labels=table.labels,
-            pixel_type="uint8" if table.images.dtype == np.uint8 else "float",
+            pixel_type="uint8" if integer_pixels_fit_uint8(table.images) else "float",
         )
         return cls(layout, lambda: iter([table.images.astype(np.float32, copy=False)]))
 
     @classmethod
     def from_file(cls, path: str | Path, batch_rows: int | None = None) -> TableStream:
         """A contract Parquet file, ``batch_rows`` rows a batch (default about 32 MB)."""
-        return cls(read_table_layout(path), lambda: iter_image_batches(path, batch_rows))
+        layout = read_table_layout(path)
+        return cls(layout, lambda: _pixel_batches(Path(path), layout, batch_rows))
 
     def batches_with_labels(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """``(first row, images, labels)`` of each batch of a fresh pass."""
@@ -354,12 +356,32 @@ class TableStream:
             yield start, images, self.layout.labels[start:stop]
             start = stop
 
+    def content_sha256(self) -> str:
+        """:func:`content_sha256` of the stream's table, in one pass."""
+        layout = self.layout
+        hasher = ContentHasher(layout.rows, layout.channels, layout.image_shape, layout.num_classes)
+        for _, images, labels in self.batches_with_labels():
+            hasher.update(images, labels)
+        return hasher.hexdigest()
+
+
+def read_within_budget(path: str | Path, budget_mb: float) -> ImageTable | TableStream:
+    """The contract table at ``path`` in memory, or as a stream when its float32 pixels exceed
+    ``budget_mb`` (``common.memory_budget_mb``)."""
+    layout = read_table_layout(path)
+    if layout.rows * layout.pixels_per_image * 4 > budget_mb * 1e6:
+        return TableStream(layout, lambda: _pixel_batches(Path(path), layout, None))
+    return _read_with_layout(Path(path), layout)
+
 
 def read_image_table(path: str | Path) -> ImageTable:
     """Read a Parquet file written by :func:`write_image_table` or :class:`ImageTableWriter`;
     errors name file and field."""
-    layout = read_table_layout(path)
-    batches = list(iter_image_batches(path))
+    return _read_with_layout(Path(path), read_table_layout(path))
+
+
+def _read_with_layout(path: Path, layout: TableLayout) -> ImageTable:
+    batches = list(_pixel_batches(path, layout, None))
     c, (h, w) = layout.channels, layout.image_shape
     images = np.concatenate(batches) if batches else np.zeros((0, c, h, w), np.float32)
     return ImageTable(images, layout.labels, layout.num_classes)

@@ -126,7 +126,7 @@ def _coefficient_writer(path: Path, k: int, dtype: str, metadata: dict, options:
     return pq.ParquetWriter(str(path), schema, **options)
 
 
-def _write_coefficients(writer, coefficients: np.ndarray, labels: np.ndarray, options) -> None:
+def _write_coefficients(writer, coefficients: np.ndarray, labels: np.ndarray, rows) -> None:
     import pyarrow as pa
 
     k = coefficients.shape[1]
@@ -134,7 +134,7 @@ def _write_coefficients(writer, coefficients: np.ndarray, labels: np.ndarray, op
         pa.array(np.ascontiguousarray(coefficients).reshape(-1)), k
     )
     table = pa.Table.from_arrays([column, pa.array(labels.astype(np.int64))], schema=writer.schema)
-    writer.write_table(table, row_group_size=options.get("row_group_size"))
+    writer.write_table(table, row_group_size=rows)
 
 
 def pixel_range(stream: TableStream) -> tuple[float, float]:
@@ -237,9 +237,7 @@ def encode_stream(stream: TableStream, directory: str | Path, p: CompressParams)
         for values, labels in coefficients():
             if p.quantize_uint8:
                 values = np.clip(np.rint((values.astype(np.float64) - low) / scale), 0, 255)
-            _write_coefficients(
-                writer, values.astype(dtype), labels, {"row_group_size": row_group_size}
-            )
+            _write_coefficients(writer, values.astype(dtype), labels, row_group_size)
     finally:
         writer.close()
     return encoding
@@ -247,18 +245,7 @@ def encode_stream(stream: TableStream, directory: str | Path, p: CompressParams)
 
 def encode_table(table: ImageTable, directory: str | Path, p: CompressParams) -> dict[str, Any]:
     """:func:`encode_stream` of an in-memory table."""
-    return encode_stream(_table_stream(table), directory, p)
-
-
-def _table_stream(table: ImageTable) -> TableStream:
-    from pipelines.io import integer_pixels_fit_uint8
-
-    stream = TableStream.from_table(table)
-    if integer_pixels_fit_uint8(table.images):
-        from dataclasses import replace
-
-        stream = TableStream(replace(stream.layout, pixel_type="uint8"), stream.batches)
-    return stream
+    return encode_stream(TableStream.from_table(table), directory, p)
 
 
 def compressed_stream(directory: str | Path, batch_rows: int | None = None) -> TableStream:
@@ -402,7 +389,8 @@ def compress_stream(
     Returns ``(encoding, metrics, decoded)``: metrics ``compression_ratio`` (raw float32 +
     int64 bytes over bytes on disk), ``encode_mb_per_s``, ``decode_mb_per_s`` (raw MB per
     second), the reconstruction errors, ``file_bytes`` and ``raw_bytes``; ``decoded`` holds
-    the decoded pixel range and content sha256.
+    the decoded pixel range and content sha256, and the source's pixel range (measured in the
+    same comparison pass).
     """
     from pipelines.io import ContentHasher
 
@@ -416,13 +404,16 @@ def compress_stream(
         raise DataError(str(directory), "labels changed in the round trip", field=LABEL_COLUMN)
     meter = ErrorMeter()
     hasher = ContentHasher(layout.rows, layout.channels, layout.image_shape, layout.num_classes)
-    low, high = np.inf, -np.inf
+    low, high = np.inf, -np.inf  # decoded pixels
+    source_low, source_high = np.inf, -np.inf
     decoded_rows = _RowReader(decoded_stream.batches())
     for _, original, labels in stream.batches_with_labels():
         decoded = decoded_rows.take(len(original))
         meter.update(original, decoded)
         hasher.update(decoded, labels)
         low, high = min(low, float(decoded.min())), max(high, float(decoded.max()))
+        source_low = min(source_low, float(original.min()))
+        source_high = max(source_high, float(original.max()))
     decode_seconds = decoded_rows.seconds
     size = folder_bytes(directory)
     megabytes = raw / 1e6
@@ -434,7 +425,13 @@ def compress_stream(
         "file_bytes": float(size),
         "raw_bytes": float(raw),
     }
-    summary = {"pixel_min": low, "pixel_max": high, "content_sha256": hasher.hexdigest()}
+    summary = {
+        "pixel_min": low,
+        "pixel_max": high,
+        "source_pixel_min": source_low,
+        "source_pixel_max": source_high,
+        "content_sha256": hasher.hexdigest(),
+    }
     return encoding, metrics, summary
 
 
@@ -443,5 +440,5 @@ def compress_table(
 ) -> tuple[dict[str, Any], ImageTable, dict[str, float]]:
     """:func:`compress_stream` of an in-memory table; returns ``(encoding, decoded table,
     metrics)``."""
-    encoding, metrics, _ = compress_stream(_table_stream(table), directory, p)
+    encoding, metrics, _ = compress_stream(TableStream.from_table(table), directory, p)
     return encoding, read_compressed(directory), metrics

@@ -29,7 +29,6 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +62,6 @@ from pipelines.io import (
     TableLayout,
     TableStream,
     batch_rows_for,
-    integer_pixels_fit_uint8,
     metadata_shape,
     open_parquet_file,
 )
@@ -144,20 +142,59 @@ def _is_list(kind) -> bool:
     )
 
 
+def _contract_labels(column, p: IngestParams, file: str) -> np.ndarray:
+    """The label column of a contract table as int64, checked."""
+    values = numeric_column_values(column, file, p.label_column)
+    return labels_to_int64(values, file, field=p.label_column)
+
+
+def _contract_shape(metadata: dict, width: int, file: str) -> tuple[int, int, int]:
+    """``(c, h, w)`` from the contract's metadata; it must match the rows' ``width``."""
+    c, h, w = metadata_shape(metadata)  # the contract's own layout: channel-first
+    if c * h * w != width:
+        raise DataError(
+            file,
+            f"schema metadata says {c}x{h}x{w} images, rows have {width} values",
+            field=IMAGE_COLUMN,
+        )
+    return c, h, w
+
+
+def _check_no_missing_image(column, file: str, first_row: int = 0) -> None:
+    """A null entry of an image list column is a DataError with its row."""
+    import pyarrow.compute as pc
+
+    if column.null_count:
+        row = first_true(pc.is_null(column).to_numpy(zero_copy_only=False))
+        raise DataError(file, "missing image", field=IMAGE_COLUMN, row=first_row + row)
+
+
+def _image_values(column, width: int, file: str, first_row: int = 0) -> np.ndarray:
+    """A list column of images as float32 rows ``(n, width)``; a missing image or pixel is a
+    DataError with its row (``first_row``: the row of the column's first entry)."""
+    import pyarrow.compute as pc
+
+    _check_no_missing_image(column, file, first_row)
+    values = column.flatten()
+    if values.null_count:
+        index = first_true(pc.is_null(values).to_numpy(zero_copy_only=False))
+        raise DataError(
+            file,
+            f"missing value at pixel {index % width}",
+            field=IMAGE_COLUMN,
+            row=first_row + index // width,
+        )
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width)
+
+
 def _contract_parquet(arrow, p: IngestParams, file: str) -> ImageTable:
     import pyarrow.compute as pc
 
     if p.label_column not in arrow.column_names:
         raise DataError(file, "label column missing; set ingest.label_column", field=p.label_column)
-    labels = labels_to_int64(
-        numeric_column_values(arrow.column(p.label_column), file, p.label_column),
-        file,
-        field=p.label_column,
-    )
+    labels = _contract_labels(arrow.column(p.label_column), p, file)
     column = arrow.column(IMAGE_COLUMN).combine_chunks()
-    if column.null_count:
-        row = first_true(pc.is_null(column).to_numpy(zero_copy_only=False))
-        raise DataError(file, "missing image", field=IMAGE_COLUMN, row=row)
+    _check_no_missing_image(column, file)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     row = first_true(lengths != lengths[0])
     if row is not None:
@@ -168,24 +205,11 @@ def _contract_parquet(arrow, p: IngestParams, file: str) -> ImageTable:
             row=row,
         )
     width = int(lengths[0])
-    values = column.flatten()
-    if values.null_count:
-        index = first_true(pc.is_null(values).to_numpy(zero_copy_only=False))
-        raise DataError(
-            file, f"missing value at pixel {index % width}", field=IMAGE_COLUMN, row=index // width
-        )
-    features = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
-    features = features.reshape(len(labels), width)
+    features = _image_values(column, width, file)
     metadata = arrow.schema.metadata or {}
     classes = int(metadata[CLASSES_KEY]) if CLASSES_KEY in metadata else None
     if p.image_shape is None and SHAPE_KEY in metadata:
-        c, h, w = metadata_shape(metadata)  # the contract's own layout: channel-first
-        if c * h * w != width:
-            raise DataError(
-                file,
-                f"schema metadata says {c}x{h}x{w} images, rows have {width} values",
-                field=IMAGE_COLUMN,
-            )
+        c, h, w = _contract_shape(metadata, width, file)
         return _finish(features.reshape(-1, c, h, w), labels, p, file, classes)
     return _finish(rows_to_images(features, p.image_shape, file), labels, p, file, classes)
 
@@ -406,11 +430,7 @@ def open_source(p: IngestParams, root: Path) -> TableStream:
         stream = _stream_contract_parquet(p, root)
         if stream is not None:
             return stream
-    table = load_source(p, root)
-    stream = TableStream.from_table(table)
-    if p.resize is None and integer_pixels_fit_uint8(table.images):
-        stream = TableStream(replace(stream.layout, pixel_type="uint8"), stream.batches)
-    return stream
+    return TableStream.from_table(load_source(p, root))
 
 
 def _stream_contract_parquet(p: IngestParams, root: Path) -> TableStream | None:
@@ -439,18 +459,9 @@ def _stream_contract_parquet(p: IngestParams, root: Path) -> TableStream | None:
         raise DataError(file, "no rows (the table is empty)")
     if p.label_column not in schema.names:
         raise DataError(file, "label column missing; set ingest.label_column", field=p.label_column)
-    c, h, w = metadata_shape(metadata)
     width = schema.field(IMAGE_COLUMN).type.list_size
-    if c * h * w != width:
-        raise DataError(
-            file,
-            f"schema metadata says {c}x{h}x{w} images, rows have {width} values",
-            field=IMAGE_COLUMN,
-        )
-    column = handle.read(columns=[p.label_column]).column(p.label_column)
-    labels = labels_to_int64(
-        numeric_column_values(column, file, p.label_column), file, field=p.label_column
-    )
+    c, h, w = _contract_shape(metadata, width, file)
+    labels = _contract_labels(handle.read(columns=[p.label_column]).column(p.label_column), p, file)
     file_classes = int(metadata[CLASSES_KEY]) if CLASSES_KEY in metadata else None
     classes = _class_count(labels, p, file, file_classes, p.label_column)
     validate_labels(labels, classes, file, p.num_classes, p.label_column)
@@ -462,26 +473,9 @@ def _stream_contract_parquet(p: IngestParams, root: Path) -> TableStream | None:
     )
 
     def batches():
-        import pyarrow.compute as pc
-
         first = 0
-        rows = batch_rows_for(width)
-        for batch in handle.iter_batches(batch_size=rows, columns=[IMAGE_COLUMN]):
-            images = batch.column(0)
-            if images.null_count:
-                row = first_true(pc.is_null(images).to_numpy(zero_copy_only=False))
-                raise DataError(file, "missing image", field=IMAGE_COLUMN, row=first + row)
-            values = images.flatten()
-            if values.null_count:
-                index = first_true(pc.is_null(values).to_numpy(zero_copy_only=False))
-                raise DataError(
-                    file,
-                    f"missing value at pixel {index % width}",
-                    field=IMAGE_COLUMN,
-                    row=first + index // width,
-                )
-            pixels = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
-            pixels = pixels.reshape(batch.num_rows, c, h, w)
+        for batch in handle.iter_batches(batch_size=batch_rows_for(width), columns=[IMAGE_COLUMN]):
+            pixels = _image_values(batch.column(0), width, file, first).reshape(-1, c, h, w)
             validate_pixels(pixels, file, IMAGE_COLUMN, first)
             first += batch.num_rows
             yield resize_images(pixels, p.resize) if p.resize is not None else pixels

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import CompressParams, Params
-from pipelines.data.codecs import LOSSLESS_KINDS, TABLE_FILE, compress_stream, pixel_range
+from pipelines.data.codecs import LOSSLESS_KINDS, TABLE_FILE, compress_stream
 from pipelines.io import Paths, TableStream, atomic_outputs, read_json, write_json
 from pipelines.tracking import StageTracker
 
@@ -30,7 +30,6 @@ def compress(
     metrics."""
     encoding, measured, decoded = compress_stream(stream, directory, p)
     layout = stream.layout
-    source_range = pixel_range(stream) if p.quantize_uint8 or p.pca_components else None
     manifest = {
         "encoding": encoding,
         "lossy": encoding["kind"] not in LOSSLESS_KINDS,
@@ -38,8 +37,8 @@ def compress(
         "image_shape": list(layout.image_shape),
         "channels": layout.channels,
         "num_classes": layout.num_classes,
-        "pixel_min": source_range[0] if source_range else decoded["pixel_min"],
-        "pixel_max": source_range[1] if source_range else decoded["pixel_max"],
+        "pixel_min": decoded["source_pixel_min"],
+        "pixel_max": decoded["source_pixel_max"],
         "decoded_pixel_min": decoded["pixel_min"],
         "decoded_pixel_max": decoded["pixel_max"],
         "decoded_content_sha256": decoded["content_sha256"],

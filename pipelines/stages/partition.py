@@ -96,7 +96,7 @@ def partition(table: ImageTable, p: PartitionParams, seed: int) -> dict[str, Any
 class _RowRouter:
     """Sends each streamed row to the outputs whose sorted row indices hold it."""
 
-    def __init__(self, outputs: dict[str, tuple[np.ndarray, ImageTableWriter, Any]]):
+    def __init__(self, outputs: dict[str, tuple[np.ndarray, ImageTableWriter | None, Any]]):
         self.outputs = outputs
 
     def route(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
@@ -106,7 +106,8 @@ class _RowRouter:
             lo, hi = np.searchsorted(rows, [start, stop])
             if hi > lo:
                 local = rows[lo:hi] - start
-                writer.write(images[local], labels[local])
+                if writer is not None:
+                    writer.write(images[local], labels[local])
                 if hasher is not None:
                     hasher.update(images[local], labels[local])
 
@@ -118,18 +119,15 @@ def write_partitions(
     (``clients/`` must exist); return the content sha256 of test, val, unlabeled and
     labeled, and the share of pixels clipped by the normalization."""
     layout = stream.layout
-    outputs: dict[str, tuple[np.ndarray, ImageTableWriter, Any]] = {}
+    outputs: dict[str, tuple[np.ndarray, ImageTableWriter | None, Any]] = {}
     for name in ("test", "val", "unlabeled", "labeled"):
         indices = rows[name]
-        writer = (
+        writer = (  # the labeled union is hashed, not written (the client shards hold it)
             ImageTableWriter(
-                folder / f"{name}.parquet",
-                layout.channels,
-                layout.image_shape,
-                layout.num_classes,
+                folder / f"{name}.parquet", layout.channels, layout.image_shape, layout.num_classes
             )
             if name != "labeled"
-            else _NullWriter()
+            else None
         )
         hasher = ContentHasher(
             len(indices), layout.channels, layout.image_shape, layout.num_classes
@@ -149,21 +147,12 @@ def write_partitions(
             router.route(start, scaled, labels)
     finally:
         for _, writer, _ in outputs.values():
-            writer.close()
+            if writer is not None:
+                writer.close()
     digests = {
         name: outputs[name][2].hexdigest() for name in ("test", "val", "unlabeled", "labeled")
     }
     return digests, clipped / total if total else 0.0
-
-
-class _NullWriter:
-    """A writer that keeps nothing (the labeled union is hashed, not written)."""
-
-    def write(self, images: np.ndarray, labels: np.ndarray) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def client_name(index: int) -> str:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 from pipelines.config import Params, PretrainParams
 from pipelines.errors import ConfigError
 from pipelines.io import (
-    ContentHasher,
     ImageTable,
     Paths,
     TableStream,
@@ -29,7 +28,7 @@ from pipelines.io import (
     content_sha256,
     read_client_shards,
     read_image_table,
-    read_table_layout,
+    read_within_budget,
     save_weights,
     write_image_table,
     write_json,
@@ -98,26 +97,6 @@ def pretrain(
         loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
     make_trainer(p.epochs, device).fit(system, loader)
     return encoder.cpu().eval(), list(system.history)
-
-
-def read_within_budget(path: Path, budget_mb: int) -> ImageTable | TableStream:
-    """The table at ``path`` in memory, or as a stream when its float32 pixels exceed
-    ``budget_mb`` (``common.memory_budget_mb``)."""
-    layout = read_table_layout(path)
-    if layout.rows * layout.pixels_per_image * 4 > budget_mb * 1e6:
-        return TableStream.from_file(path)
-    return read_image_table(path)
-
-
-def stream_sha256(data: ImageTable | TableStream) -> str:
-    """:func:`content_sha256` of a table, or of a stream in one pass."""
-    if isinstance(data, ImageTable):
-        return content_sha256(data)
-    layout = data.layout
-    hasher = ContentHasher(layout.rows, layout.channels, layout.image_shape, layout.num_classes)
-    for _, images, labels in data.batches_with_labels():
-        hasher.update(images, labels)
-    return hasher.hexdigest()
 
 
 def _pretrain_ddp(
@@ -192,7 +171,12 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     unlabeled = read_within_budget(unlabeled_path, params.common.memory_budget_mb)
     val = read_image_table(val_path)
     labeled = concat_tables([table for _, table in read_client_shards(paths.partitions)])
-    tracker.log_dataset("unlabeled", unlabeled_path, stream_sha256(unlabeled), "training")
+    unlabeled_sha256 = (
+        unlabeled.content_sha256()
+        if isinstance(unlabeled, TableStream)
+        else content_sha256(unlabeled)
+    )
+    tracker.log_dataset("unlabeled", unlabeled_path, unlabeled_sha256, "training")
     tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(labeled), "probe")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
 

@@ -102,8 +102,8 @@ def test_pretrain_reads_a_pool_over_the_budget_from_disk(tmp_path):
     from sklearn.datasets import load_digits
 
     from pipelines.config import PretrainParams
-    from pipelines.io import write_image_table
-    from pipelines.stages.pretrain import pretrain, read_within_budget, stream_sha256
+    from pipelines.io import read_within_budget, write_image_table
+    from pipelines.stages.pretrain import pretrain
 
     data = load_digits()
     pool = ImageTable((data.images[:300] / 16).astype(np.float32), data.target[:300], 10)
@@ -111,7 +111,7 @@ def test_pretrain_reads_a_pool_over_the_budget_from_disk(tmp_path):
     streamed = read_within_budget(tmp_path / "u.parquet", budget_mb=0.05)
     assert isinstance(streamed, TableStream)
     assert isinstance(read_within_budget(tmp_path / "u.parquet", budget_mb=16), ImageTable)
-    assert stream_sha256(streamed) == content_sha256(pool)
+    assert streamed.content_sha256() == content_sha256(pool)
     p = PretrainParams(epochs=3, batch_size=64, embedding_dim=16)
     encoder, losses = pretrain(streamed, p, 0, "cpu")
     assert len(losses) == 3 and losses[-1] < losses[0]
