@@ -117,35 +117,55 @@ def run_federated(config, state, clients, val, test, params: FederateParams, see
     }
 
 
-def run_centralized(config, state, clients, val, test, params: FederateParams, seed: int):
+def run_centralized(
+    config, state, clients, val, test, params: FederateParams, seed: int, ddp: dict | None = None
+):
     """One fit on the union of the clients for ``rounds × local_epochs`` epochs at the
     clients' batch size and learning rate: the sample-gradient steps of a federated run with
-    every client in every round."""
+    every client in every round.
+
+    With ``ddp`` (``{"devices": n, "num_nodes": m}``) the fit runs in Lightning DDP processes
+    (:func:`pipelines.models.distributed.fit_classifier_distributed`), ``batch_size`` rows a
+    step over all ranks."""
+    import tempfile
+
     from pipelines.federated.fedavg import train_client
-    from pipelines.io import ImageTable
+    from pipelines.io import concat_tables, write_image_table
+    from pipelines.models.distributed import fit_classifier_distributed
     from pipelines.models.encoder import build_classifier
 
-    union = ImageTable(
-        np.concatenate([c.images for c in clients]),
-        np.concatenate([c.labels for c in clients]),
-        val.num_classes,
-    )
+    union = concat_tables(clients, val.num_classes)
     epochs = params.rounds * params.local_epochs
     started = time.perf_counter()
-    trained, _, _ = train_client(
-        state,
-        union,
-        params.model_copy(update={"local_epochs": epochs}),
-        seed,
-        "cpu",
-        model_config=config,
-    )
+    if ddp:
+        fit = {
+            "epochs": epochs,
+            "batch_size": params.batch_size,
+            "learning_rate": params.learning_rate,
+            **ddp,
+        }
+        with tempfile.TemporaryDirectory(prefix="lepton-central-ddp-") as scratch:
+            table = Path(scratch) / "union.parquet"
+            write_image_table(union, table)
+            model, _, _ = fit_classifier_distributed(
+                table, config, state, fit, seed, "cpu", Path(scratch) / "out"
+            )
+    else:
+        trained, _, _ = train_client(
+            state,
+            union,
+            params.model_copy(update={"local_epochs": epochs}),
+            seed,
+            "cpu",
+            model_config=config,
+        )
+        model = build_classifier(config)
+        model.load_state_dict(trained)
+        model.eval()
     seconds = time.perf_counter() - started
-    model = build_classifier(config)
-    model.load_state_dict(trained)
-    model.eval()
     return {
         "epochs": epochs,
+        **({"ddp_processes": ddp["devices"] * ddp["num_nodes"]} if ddp else {}),
         "val_accuracy": round(accuracy(model, val), 4),
         "test_accuracy": round(accuracy(model, test), 4),
         "seconds": round(seconds, 2),
@@ -203,9 +223,9 @@ def gap_over_seeds(encoder, table, params: FederateParams, args) -> dict:
                 variant.batch_size,
             )
             if key not in centralized:
-                centralized[key] = run_centralized(config, state, clients, val, test, variant, 0)[
-                    "test_accuracy"
-                ]
+                centralized[key] = run_centralized(
+                    config, state, clients, val, test, variant, 0, args.ddp
+                )["test_accuracy"]
             rows.append(
                 {
                     "seed": seed,
@@ -448,7 +468,19 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quick", action="store_true", help="2 rounds, 2 pretrain epochs")
+    parser.add_argument(
+        "--strategy",
+        choices=("single", "ddp"),
+        default="single",
+        help="pretraining and the centralized baseline: one process, or Lightning DDP",
+    )
+    parser.add_argument("--devices", type=int, default=1, help="DDP processes per node")
+    parser.add_argument("--num-nodes", type=int, default=1, help="DDP nodes (torchrun)")
     args = parser.parse_args()
+    if args.strategy == "single" and (args.devices, args.num_nodes) != (1, 1):
+        parser.error("--devices and --num-nodes above 1 need --strategy ddp")
+    ddp = {"devices": args.devices, "num_nodes": args.num_nodes} if args.strategy == "ddp" else None
+    args.ddp = ddp  # the centralized runs of every section but the overhead pairs
     logging.basicConfig(level=logging.WARNING)
     from pipelines.models.systems import pl
     from pipelines.stages.partition import partition
@@ -456,7 +488,12 @@ def main() -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rounds = 2 if args.quick else args.rounds
-    pretrain_params = PretrainParams(epochs=2) if args.quick else PretrainParams()
+    pretrain_params = PretrainParams(
+        epochs=2 if args.quick else PretrainParams().epochs,
+        strategy=args.strategy,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+    )
     table = load_table()
     base = partition(table, PartitionParams(num_clients=args.clients, skew="iid"), args.seed)
     print(f"pretraining the encoder ({pretrain_params.epochs} epochs) ...", file=sys.stderr)
@@ -466,6 +503,8 @@ def main() -> int:
         **header("federated"),
         "clients": args.clients,
         "rounds": rounds,
+        "strategy": args.strategy,
+        **({"ddp": ddp} if ddp else {}),
         "splits": {},
     }
     params = FederateParams(rounds=rounds)
@@ -481,7 +520,7 @@ def main() -> int:
                 config, state, clients, val, test, params.model_copy(update=overrides), args.seed
             )
         print(f"{split}: centralized ...", file=sys.stderr, flush=True)
-        result["centralized"] = run_centralized(config, state, clients, val, test, params, 0)
+        result["centralized"] = run_centralized(config, state, clients, val, test, params, 0, ddp)
         payload["splits"][split] = result
         plot(split, result, args.out.with_name(f"{args.out.stem}_{split}.png"))
 

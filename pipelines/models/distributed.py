@@ -1,4 +1,5 @@
-"""SimCLR pretraining with distributed data parallel (DDP) through Lightning.
+"""Fits with distributed data parallel (DDP) through Lightning: SimCLR pretraining and the
+supervised classifier fit of the centralized baseline.
 
 ``pretrain.strategy: ddp`` runs the fit in ``pretrain.devices`` processes per node on
 ``pretrain.num_nodes`` nodes, launched by ``torch.distributed.run`` (torchrun) as
@@ -6,8 +7,11 @@
 rank: gloo on CPU, NCCL on CUDA (one GPU a process). Lightning shards the rows with a
 ``DistributedSampler``; each rank draws its own augmentations (seed + rank), takes
 ``batch_size / world size`` rows a step (so a step sees ``batch_size`` rows in all) and
-averages gradients with the others. Rank 0 writes the encoder and the loss history (its
-own mean NT-Xent per epoch) into the spec's folder, which the stage then reads back.
+averages gradients with the others. Rank 0 writes the trained weights and the loss history
+(its own mean loss per epoch) into the spec's folder, which the caller then reads back.
+The spec's ``kind`` picks the fit: ``simclr`` (:func:`fit_distributed`, the pretrain stage)
+or ``classifier`` (:func:`fit_classifier_distributed`, cross-entropy from given weights:
+``benchmarks/federated.py --strategy ddp``).
 
 One node: the stage starts torchrun itself (``--standalone``). Several nodes: the stage
 runs on every node (e.g. a PyTorchJob or one DockerOperator per node) with
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "spec.json"
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "encoder"  # safetensors + json, pipelines.io.save_weights
+INITIAL_FILE = "initial"  # the classifier fit's start weights
 
 
 def torchrun_command(spec_path: Path, devices: int, num_nodes: int) -> list[str]:
@@ -60,20 +65,63 @@ def fit_distributed(
     accelerator: str,
     workdir: Path,
 ) -> tuple[Any, list[float], dict[str, Any]]:
-    """Run the DDP fit described by ``params`` (the pretrain section) on the unlabeled table
-    ``table_path``; return ``(encoder on CPU in eval mode, losses per epoch, result)``. On a
-    node other than node 0 the encoder is None: node 0 holds the result.
+    """Run the DDP SimCLR fit described by ``params`` (the pretrain section) on the unlabeled
+    table ``table_path``; return ``(encoder on CPU in eval mode, losses per epoch, result)``.
+    On a node other than node 0 the encoder is None: node 0 holds the result.
 
     ``result`` holds ``world_size`` and the rows each rank trained on. A failed process is
     a RuntimeError with the tail of the launcher's output.
     """
-    from pipelines.io import load_weights
     from pipelines.models.encoder import build_encoder
+
+    spec = {"kind": "simclr", "model_config": encoder_config}
+    return _launch(spec, table_path, params, seed, accelerator, workdir, build_encoder)
+
+
+def fit_classifier_distributed(
+    table_path: Path,
+    classifier_config: dict[str, Any],
+    initial_state: dict[str, Any],
+    params: dict[str, Any],
+    seed: int,
+    accelerator: str,
+    workdir: Path,
+) -> tuple[Any, list[float], dict[str, Any]]:
+    """Cross-entropy fit of a classifier from ``initial_state`` on the labeled table
+    ``table_path`` in DDP processes; returns ``(classifier on CPU in eval mode, losses per
+    epoch, result)`` as :func:`fit_distributed` does.
+
+    ``params`` needs ``epochs``, ``batch_size`` (rows a step over all ranks),
+    ``learning_rate`` (Adam, as :class:`~pipelines.models.systems.ClassifierSystem`),
+    ``devices`` and ``num_nodes``.
+    """
+    from pipelines.io import save_weights
+    from pipelines.models.encoder import build_classifier
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = build_classifier(classifier_config)
+    start.load_state_dict(initial_state)
+    save_weights(start, workdir, classifier_config, name=INITIAL_FILE)
+    spec = {"kind": "classifier", "model_config": classifier_config}
+    return _launch(spec, table_path, params, seed, accelerator, workdir, build_classifier)
+
+
+def _launch(
+    spec: dict[str, Any],
+    table_path: Path,
+    params: dict[str, Any],
+    seed: int,
+    accelerator: str,
+    workdir: Path,
+    build,
+) -> tuple[Any, list[float], dict[str, Any]]:
+    """Write the spec, run torchrun on it, read back what rank 0 wrote."""
+    from pipelines.io import load_weights
 
     workdir.mkdir(parents=True, exist_ok=True)
     spec = {
+        **spec,
         "table": str(table_path),
-        "encoder_config": encoder_config,
         "params": params,
         "seed": seed,
         "accelerator": accelerator,
@@ -91,31 +139,24 @@ def fit_distributed(
         code = process.wait()
     if code != 0:
         tail = errors.read_text()[-3000:]
-        raise RuntimeError(f"DDP pretraining failed (exit {code}):\n{tail}")
+        raise RuntimeError(f"DDP {spec['kind']} fit failed (exit {code}):\n{tail}")
     if params["num_nodes"] > 1 and node_rank() != 0:
         return None, [], {"world_size": params["devices"] * params["num_nodes"]}
     result = json.loads((workdir / RESULT_FILE).read_text())
     state, config = load_weights(workdir, WEIGHTS_FILE)
-    encoder = build_encoder(config)
-    encoder.load_state_dict(state)
-    return encoder.eval(), list(result["losses"]), result
+    model = build(config)
+    model.load_state_dict(state)
+    return model.eval(), list(result["losses"]), result
 
 
-def _worker(spec_path: Path) -> None:
-    """One DDP rank (started by torchrun): fit, then rank 0 writes the encoder."""
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from pipelines.io import read_image_table, save_weights
+def _simclr_fit(spec: dict[str, Any], rank: int, on_epoch):
+    """The SimCLR system of a ``simclr`` spec, the module to save and its dataset tensors."""
+    from pipelines.io import read_image_table
     from pipelines.models.encoder import ProjectionHead, build_encoder, to_tensor
-    from pipelines.models.systems import SimCLRSystem, make_trainer, pl
+    from pipelines.models.systems import SimCLRSystem
 
-    spec = json.loads(spec_path.read_text())
     p = spec["params"]
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    pl.seed_everything(spec["seed"], verbose=False)  # same initial weights on every rank
-    encoder = build_encoder(spec["encoder_config"])
+    encoder = build_encoder(spec["model_config"])
     head = ProjectionHead(p["embedding_dim"], p["projection_dim"])
     system = SimCLRSystem(
         encoder,
@@ -124,13 +165,55 @@ def _worker(spec_path: Path) -> None:
         learning_rate=p["learning_rate"],
         weight_decay=p["weight_decay"],
         seed=spec["seed"] + rank,
-        on_epoch_end=lambda epoch, loss: (
-            print(f"epoch {epoch} train_loss={loss:.4f}", flush=True) if rank == 0 else None
-        ),
+        on_epoch_end=on_epoch,
     )
-    images = to_tensor(read_image_table(spec["table"]).images)
+    return system, encoder, (to_tensor(read_image_table(spec["table"]).images),)
+
+
+def _classifier_fit(spec: dict[str, Any], rank: int, on_epoch):
+    """The cross-entropy system of a ``classifier`` spec, from its start weights."""
+    import numpy as np
+    import torch
+
+    from pipelines.io import load_weights, read_image_table
+    from pipelines.models.encoder import build_classifier, to_tensor
+    from pipelines.models.systems import ClassifierSystem
+
+    state, config = load_weights(Path(spec["out"]), INITIAL_FILE)
+    model = build_classifier(config)
+    model.load_state_dict(state)
+    system = ClassifierSystem(
+        model, learning_rate=spec["params"]["learning_rate"], on_epoch_end=on_epoch
+    )
+    table = read_image_table(spec["table"])
+    labels = torch.from_numpy(np.ascontiguousarray(table.labels, dtype=np.int64))
+    return system, model, (to_tensor(table.images), labels)
+
+
+FITS = {"simclr": _simclr_fit, "classifier": _classifier_fit}
+
+
+def _worker(spec_path: Path) -> None:
+    """One DDP rank (started by torchrun): fit, then rank 0 writes the trained weights."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipelines.io import save_weights
+    from pipelines.models.systems import make_trainer, pl
+
+    spec = json.loads(spec_path.read_text())
+    p = spec["params"]
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    pl.seed_everything(spec["seed"], verbose=False)  # same initial weights on every rank
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if rank == 0:
+            print(f"epoch {epoch} train_loss={loss:.4f}", flush=True)
+
+    system, trained, tensors = FITS[spec.get("kind", "simclr")](spec, rank, on_epoch)
     loader = DataLoader(
-        TensorDataset(images),
+        TensorDataset(*tensors),
         batch_size=max(1, p["batch_size"] // world),
         shuffle=True,
         generator=torch.Generator().manual_seed(spec["seed"]),
@@ -147,7 +230,7 @@ def _worker(spec_path: Path) -> None:
     gathered = trainer.strategy.all_gather(rows).reshape(-1).tolist()
     if trainer.global_rank == 0:
         out = Path(spec["out"])
-        save_weights(encoder.cpu(), out, encoder.config, name=WEIGHTS_FILE)
+        save_weights(trained.cpu(), out, trained.config, name=WEIGHTS_FILE)
         result = {
             "losses": list(system.history),
             "world_size": trainer.world_size,
