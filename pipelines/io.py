@@ -9,6 +9,7 @@ grayscale) and ``lepton.num_classes``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -387,14 +388,54 @@ def _read_with_layout(path: Path, layout: TableLayout) -> ImageTable:
     return ImageTable(images, layout.labels, layout.num_classes)
 
 
-def read_client_shards(partitions: str | Path) -> list[tuple[Path, ImageTable]]:
-    """Every client shard ``clients/client_*.parquet`` of a partitions folder, in name
-    order, with its path; no shard is a DataError naming the folder."""
+def client_shard_paths(partitions: str | Path) -> list[Path]:
+    """The client shards ``clients/client_*.parquet`` of a partitions folder, in name order;
+    none is a DataError naming the folder."""
     folder = Path(partitions) / "clients"
     shards = sorted(folder.glob("client_*.parquet"))
     if not shards:
         raise DataError(str(folder), "no client shards (has partition run?)")
-    return [(path, read_image_table(path)) for path in shards]
+    return shards
+
+
+def read_client_shards(partitions: str | Path) -> list[tuple[Path, ImageTable]]:
+    """Every client shard of a partitions folder (:func:`client_shard_paths`) in memory,
+    with its path."""
+    return [(path, read_image_table(path)) for path in client_shard_paths(partitions)]
+
+
+def read_client_shards_within_budget(
+    partitions: str | Path, budget_mb: float
+) -> list[tuple[Path, ImageTable | TableStream]]:
+    """The client shards in memory, or every one as a :class:`TableStream` when their
+    float32 pixels together exceed ``budget_mb`` (``common.memory_budget_mb``)."""
+    paths = client_shard_paths(partitions)
+    layouts = [read_table_layout(path) for path in paths]
+    if sum(lay.rows * lay.pixels_per_image * 4 for lay in layouts) > budget_mb * 1e6:
+        return [
+            (path, TableStream(lay, functools.partial(_pixel_batches, path, lay, None)))
+            for path, lay in zip(paths, layouts, strict=True)
+        ]
+    return [(path, _read_with_layout(path, lay)) for path, lay in zip(paths, layouts, strict=True)]
+
+
+def table_rows(table: ImageTable | TableStream) -> int:
+    """Rows of a table in memory or of a stream."""
+    return table.layout.rows if isinstance(table, TableStream) else len(table)
+
+
+def union_sha256(tables: list[ImageTable | TableStream], num_classes: int) -> str:
+    """:func:`content_sha256` of the rows of ``tables`` in order (as one table of
+    ``num_classes`` classes), each read once; streams never whole in memory."""
+    first = tables[0].layout if isinstance(tables[0], TableStream) else tables[0]
+    hasher = ContentHasher(
+        sum(table_rows(t) for t in tables), first.channels, first.image_shape, num_classes
+    )
+    for table in tables:
+        stream = table if isinstance(table, TableStream) else TableStream.from_table(table)
+        for _, images, labels in stream.batches_with_labels():
+            hasher.update(images, labels)
+    return hasher.hexdigest()
 
 
 def concat_tables(tables: list[ImageTable], num_classes: int | None = None) -> ImageTable:

@@ -40,7 +40,7 @@ from pipelines.federated.strategies import (
     min_updates_for,
     screen_updates,
 )
-from pipelines.io import ImageTable
+from pipelines.io import ImageTable, TableStream, table_rows
 from pipelines.models.encoder import Classifier, build_classifier, to_tensor
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,30 @@ def client_model(model_config: dict[str, Any], state: Mapping[str, torch.Tensor]
     return model.train()
 
 
+def client_loader(client_table: ImageTable | TableStream, batch_size: int, seed: int):
+    """Shuffled ``(images, labels)`` batches of a client's rows: from memory, or read from
+    disk chunk by chunk for a :class:`~pipelines.io.TableStream` (shards over
+    ``common.memory_budget_mb``, :class:`~pipelines.models.streaming.StreamingImages`)."""
+    from torch.utils.data import DataLoader
+
+    from pipelines.models.streaming import StreamingImages
+    from pipelines.models.systems import batch_loader
+
+    if isinstance(client_table, TableStream):
+        dataset = StreamingImages(client_table, batch_size, seed, with_labels=True)
+        return DataLoader(dataset, batch_size=None)
+    return batch_loader(
+        to_tensor(client_table.images),
+        torch.from_numpy(np.ascontiguousarray(client_table.labels, dtype=np.int64)),
+        batch_size=batch_size,
+        shuffle=True,
+        seed=seed,
+    )
+
+
 def train_client(
     global_state: Mapping[str, torch.Tensor],
-    client_table: ImageTable,
+    client_table: ImageTable | TableStream,
     params: FederateParams,
     seed: int,
     device: str = "auto",
@@ -96,12 +117,14 @@ def train_client(
     ``params.local_epochs`` epochs (Adam, ``params.learning_rate``, batches of
     ``params.batch_size`` shuffled with ``seed``) and returns ``(state on CPU, number of
     samples, mean training loss of the last local epoch)``. An empty shard returns the
-    global state unchanged, 0 samples and a NaN loss.
+    global state unchanged, 0 samples and a NaN loss. A :class:`~pipelines.io.TableStream`
+    is read from disk in chunks each epoch (:func:`client_loader`).
     """
     from pipelines.models.augment import FINE_TUNE_AUGMENT
-    from pipelines.models.systems import ClassifierSystem, batch_loader, make_trainer
+    from pipelines.models.systems import ClassifierSystem, make_trainer
 
-    if len(client_table) == 0:
+    rows = table_rows(client_table)
+    if rows == 0:
         return {k: v.detach().cpu().clone() for k, v in global_state.items()}, 0, math.nan
     model = client_model(model_config, global_state)
     mu = params.proximal_mu if params.strategy == "fedprox" else 0.0
@@ -112,22 +135,16 @@ def train_client(
         augment_config=FINE_TUNE_AUGMENT if params.augment else None,
         seed=seed,
     )
-    loader = batch_loader(
-        to_tensor(client_table.images),
-        torch.from_numpy(np.ascontiguousarray(client_table.labels, dtype=np.int64)),
-        batch_size=params.batch_size,
-        shuffle=True,
-        seed=seed,
-    )
+    loader = client_loader(client_table, params.batch_size, seed)
     trainer = make_trainer(params.local_epochs, device)
     trainer.fit(system, loader)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return state, len(client_table), system.history[-1]
+    return state, rows, system.history[-1]
 
 
 def client_class_statistics(
     global_state: Mapping[str, torch.Tensor],
-    client_table: ImageTable,
+    client_table: ImageTable | TableStream,
     device: str = "auto",
     *,
     model_config: dict[str, Any],
@@ -136,6 +153,7 @@ def client_class_statistics(
 
     Returns ``sums`` ``(num_classes, d)``: per-class sums of unit-normalised embeddings,
     ``counts`` ``(num_classes,)``: rows per class, ``norm_sum``: sum of embedding norms.
+    A :class:`~pipelines.io.TableStream` is read batch by batch.
     """
     from pipelines.models.devices import resolve_accelerator
     from pipelines.models.probes import extract_features
@@ -146,16 +164,25 @@ def client_class_statistics(
     embedding_dim = model.encoder.embedding_dim
     sums = torch.zeros(num_classes, embedding_dim, dtype=torch.float64)
     counts = torch.zeros(num_classes, dtype=torch.float64)
-    if len(client_table) == 0:
-        return {"sums": sums, "counts": counts, "norm_sum": torch.zeros((), dtype=torch.float64)}
-    features = torch.from_numpy(
-        extract_features(model.encoder, client_table.images, device=resolve_accelerator(device))
-    ).double()
-    norms = features.norm(dim=1)
-    labels = torch.from_numpy(np.asarray(client_table.labels, dtype=np.int64))
-    sums.index_add_(0, labels, features / norms.clamp_min(1e-12)[:, None])
-    counts += torch.bincount(labels, minlength=num_classes).double()
-    return {"sums": sums, "counts": counts, "norm_sum": norms.sum()}
+    norm_sum = torch.zeros((), dtype=torch.float64)
+    stream = (
+        client_table
+        if isinstance(client_table, TableStream)
+        else TableStream.from_table(client_table)
+    )
+    accelerator = resolve_accelerator(device)
+    for _, images, batch_labels in stream.batches_with_labels():
+        if len(images) == 0:
+            continue
+        features = torch.from_numpy(
+            extract_features(model.encoder, images, device=accelerator)
+        ).double()
+        norms = features.norm(dim=1)
+        labels = torch.from_numpy(np.array(batch_labels, dtype=np.int64))
+        sums.index_add_(0, labels, features / norms.clamp_min(1e-12)[:, None])
+        counts += torch.bincount(labels, minlength=num_classes).double()
+        norm_sum += norms.sum()
+    return {"sums": sums, "counts": counts, "norm_sum": norm_sum}
 
 
 def class_mean_head(
@@ -206,7 +233,7 @@ def with_class_mean_head(
 def init_head_from_class_means(
     model_config: dict[str, Any],
     state: Mapping[str, torch.Tensor],
-    clients: list[ImageTable],
+    clients: list[ImageTable | TableStream],
     device: str = "auto",
 ) -> StateDict:
     """``state`` with its head set from federated class means (one pass over each client)."""
@@ -279,7 +306,7 @@ class RoundUpdates:
 def collect_updates(
     state: StateDict,
     chosen: list[int],
-    clients: list[ImageTable],
+    clients: list[ImageTable | TableStream],
     params: FederateParams,
     round_index: int,
     seed: int,
@@ -346,7 +373,7 @@ def planned_rounds(params: FederateParams, num_clients: int) -> tuple[int, float
 def run_federation(
     model_config: dict[str, Any],
     initial_state: Mapping[str, torch.Tensor],
-    clients: list[ImageTable],
+    clients: list[ImageTable | TableStream],
     val: ImageTable,
     params: FederateParams,
     seed: int,

@@ -27,12 +27,14 @@ from pipelines.federated.privacy import DATA_TAG, EPSILON_METRIC
 from pipelines.io import (
     ImageTable,
     Paths,
+    TableStream,
     atomic_outputs,
-    concat_tables,
     content_sha256,
-    read_client_shards,
+    read_client_shards_within_budget,
     read_image_table,
     save_weights,
+    table_rows,
+    union_sha256,
     write_json,
 )
 from pipelines.tracking import StageTracker
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 
 def federate(
     encoder: Encoder,
-    clients: list[ImageTable],
+    clients: list[ImageTable | TableStream],
     val: ImageTable,
     p: FederateParams,
     seed: int,
@@ -161,13 +163,14 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
 
     p = params.federate
     encoder = load_encoder(paths.model_dir("pretrain"))
-    shard_tables = read_client_shards(paths.partitions)
+    shard_tables = read_client_shards_within_budget(
+        paths.partitions, params.common.memory_budget_mb
+    )
     shards = [path for path, _ in shard_tables]
     clients = [table for _, table in shard_tables]
     val_path = paths.partitions / "val.parquet"
     val = read_image_table(val_path)
-    union = concat_tables(clients, val.num_classes)
-    data_sha256 = content_sha256(union)
+    data_sha256 = union_sha256(clients, val.num_classes)
     tracker.log_dataset("clients", paths.partitions / "clients", data_sha256, "training")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
     spent_before, planned_epsilon = check_privacy_budget(params, tracker, data_sha256, len(clients))
@@ -208,9 +211,11 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         p.strategy,
         p.aggregator,
         len(clients),
-        "/".join(str(len(t)) for t in clients),
+        "/".join(str(table_rows(t)) for t in clients),
         p.rounds,
     )
+    if any(isinstance(t, TableStream) for t in clients):
+        log.info("client shards over common.memory_budget_mb: read from disk in chunks")
     start = time.perf_counter()
     if p.runtime == "flower":
         import tempfile

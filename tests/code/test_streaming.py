@@ -115,3 +115,65 @@ def test_pretrain_reads_a_pool_over_the_budget_from_disk(tmp_path):
     p = PretrainParams(epochs=3, batch_size=64, embedding_dim=16)
     encoder, losses = pretrain(streamed, p, 0, "cpu")
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_streamed_labels_stay_with_their_images(tmp_path, table):
+    from pipelines.models.streaming import StreamingImages
+
+    write_in_batches(tmp_path / "t.parquet", table, rows=50)
+    stream = TableStream.from_file(tmp_path / "t.parquet", batch_rows=16)
+    seen = {}
+    for images, labels in StreamingImages(stream, batch_size=8, seed=1, with_labels=True):
+        for image, label in zip(images.numpy(), labels.numpy(), strict=True):
+            seen[image.tobytes()] = int(label)
+    pairs = zip(table.images, table.labels, strict=True)
+    expected = {image.tobytes(): int(label) for image, label in pairs}
+    assert seen == expected
+
+
+def test_federate_clients_over_the_budget_are_read_from_disk(tmp_path):
+    """Shards over ``common.memory_budget_mb`` come back as streams; the data digest, the
+    clients' class statistics and a client fit work on them as on tables in memory."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from pipelines.config import FederateParams
+    from pipelines.federated.fedavg import client_class_statistics, train_client
+    from pipelines.io import (
+        concat_tables,
+        read_client_shards,
+        read_client_shards_within_budget,
+        union_sha256,
+        write_image_table,
+    )
+    from pipelines.models.encoder import build_classifier, classifier_config, encoder_config_for
+
+    data = load_digits()
+    images, labels = (data.images[:300] / 16).astype(np.float32), data.target[:300]
+    (tmp_path / "clients").mkdir()
+    for k, rows in enumerate((slice(0, 120), slice(120, 300))):
+        shard = ImageTable(images[rows], labels[rows], 10)
+        write_image_table(shard, tmp_path / "clients" / f"client_{k}.parquet")
+    tables = [t for _, t in read_client_shards(tmp_path)]
+    assert all(isinstance(t, ImageTable) for _, t in read_client_shards_within_budget(tmp_path, 16))
+    streams = [t for _, t in read_client_shards_within_budget(tmp_path, budget_mb=0.05)]
+    assert all(isinstance(s, TableStream) for s in streams)
+    streams = [TableStream.from_file(p, batch_rows=32) for p in sorted(tmp_path.glob("*/*"))]
+    assert union_sha256(streams, 10) == content_sha256(concat_tables(tables, 10))
+
+    config = classifier_config(encoder_config_for((8, 8), 1, 16), 10)
+    torch.manual_seed(0)
+    state = build_classifier(config).state_dict()
+    from_table = client_class_statistics(state, tables[1], "cpu", model_config=config)
+    from_stream = client_class_statistics(state, streams[1], "cpu", model_config=config)
+    for key in ("sums", "counts", "norm_sum"):
+        torch.testing.assert_close(from_stream[key], from_table[key])
+
+    p = FederateParams(local_epochs=6, batch_size=16, learning_rate=0.002)
+    trained, rows, loss = train_client(state, streams[1], p, 0, "cpu", model_config=config)
+    assert rows == 180 and np.isfinite(loss)
+    model = build_classifier(config)
+    model.load_state_dict(trained)
+    with torch.no_grad():
+        predicted = model.eval()(torch.from_numpy(tables[1].images)).argmax(1).numpy()
+    assert (predicted == tables[1].labels).mean() > 0.4  # chance: 0.1
