@@ -36,6 +36,7 @@ from pipelines.io import (
 from pipelines.tracking import StageTracker
 
 if TYPE_CHECKING:
+    from pipelines.models.augment import AugmentConfig
     from pipelines.models.encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,12 @@ def pretrain(
     seed: int,
     device: str = "auto",
     on_epoch: Callable[[int, float], None] | None = None,
+    augment_config: AugmentConfig | None = None,
 ) -> tuple[Encoder | None, list[float]]:
     """SimCLR-pretrain a fresh encoder on ``unlabeled.images``; returns ``(encoder, losses)``.
+
+    ``augment_config`` replaces the default views (:class:`~pipelines.models.augment.
+    AugmentConfig`; benchmarks compare views with it, the stage keeps the default).
 
     A :class:`TableStream` instead of a table is read from disk chunk by chunk each epoch
     (:class:`~pipelines.models.streaming.StreamingImages`), for pools larger than memory.
@@ -69,6 +74,8 @@ def pretrain(
         raise ValueError("the unlabeled pool is empty")
     config = encoder_config_for(shape.image_shape, shape.channels, p.embedding_dim)
     if p.strategy == "ddp":
+        if augment_config is not None:
+            raise ValueError("pretrain with strategy 'ddp' uses the default views")
         if isinstance(unlabeled, TableStream):
             raise ConfigError(
                 "pretrain.strategy 'ddp' reads the unlabeled pool into each process's memory; "
@@ -86,6 +93,7 @@ def pretrain(
         weight_decay=p.weight_decay,
         seed=seed,
         on_epoch_end=on_epoch,
+        **({"augment_config": augment_config} if augment_config is not None else {}),
     )
     if isinstance(unlabeled, TableStream):
         from torch.utils.data import DataLoader
