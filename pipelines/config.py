@@ -99,11 +99,21 @@ class PretrainParams(_Section):
     strategy: Literal["single", "ddp"] = "single"
     devices: int = Field(1, ge=1, le=1024)
     num_nodes: int = Field(1, ge=1, le=1024)
+    # where SimCLR trains: on the pooled unlabeled rows, or at each client on its own rows
+    # (FedAvg of encoder + projection head; pipelines/federated/ssl.py)
+    mode: Literal["central", "federated"] = "central"
+    rounds: int = Field(30, ge=1, le=10_000)  # federated only
+    local_epochs: int = Field(5, ge=1, le=1000)  # federated only
+    client_batch_size: int = Field(64, ge=4, le=65536)  # federated only
 
     @model_validator(mode="after")
     def _ddp_needs_more_than_one_process(self) -> PretrainParams:
         if self.strategy == "single" and (self.devices > 1 or self.num_nodes > 1):
             raise ValueError("pretrain.devices or pretrain.num_nodes above 1 need strategy 'ddp'")
+        if self.mode == "federated" and self.strategy == "ddp":
+            raise ValueError(
+                "pretrain.mode 'federated' trains at the clients: use strategy 'single'"
+            )
         return self
 
 

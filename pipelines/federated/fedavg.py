@@ -95,7 +95,7 @@ def client_loader(client_table: ImageTable | TableStream, batch_size: int, seed:
         return DataLoader(dataset, batch_size=None)
     return batch_loader(
         to_tensor(client_table.images),
-        torch.from_numpy(np.ascontiguousarray(client_table.labels, dtype=np.int64)),
+        torch.from_numpy(np.array(client_table.labels, dtype=np.int64)),  # a writable copy
         batch_size=batch_size,
         shuffle=True,
         seed=seed,
@@ -374,15 +374,21 @@ def run_federation(
     model_config: dict[str, Any],
     initial_state: Mapping[str, torch.Tensor],
     clients: list[ImageTable | TableStream],
-    val: ImageTable,
+    val: ImageTable | None,
     params: FederateParams,
     seed: int,
     device: str = "auto",
     on_round: RoundHook | None = None,
     trainer: ClientTrainer = train_client,
     collect: Collector | None = None,
+    build: Callable[[dict[str, Any]], torch.nn.Module] = build_classifier,
+    score: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> tuple[Classifier, list[dict[str, float]]]:
     """Federated training for the planned rounds; returns the final model and history.
+
+    The model is ``build(model_config)`` (a classifier by default) and each round is scored
+    by ``score(model)``, by default ``{"val_accuracy": ...}`` on ``val``; federated SimCLR
+    (:mod:`pipelines.federated.ssl`) passes its own model, trainer and score.
 
     ``clients`` are the client shards (in process), or any sequence of K client handles when
     ``collect`` gathers the updates elsewhere (the Flower runtime passes its node ids and a
@@ -413,7 +419,12 @@ def run_federation(
         min_updates_for(params.aggregator, params.trim_fraction, params.byzantine_clients),
     )
     state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
-    model = build_classifier(model_config)
+    model = build(model_config)
+    if score is None:
+
+        def score(model):
+            return {"val_accuracy": evaluate_accuracy(model, val, device)}
+
     history: list[dict[str, float]] = []
     if collect is None:
 
@@ -469,7 +480,7 @@ def run_federation(
         losses = [got.losses[i] for i in accepted]
         row = {
             "round": round_index,
-            "val_accuracy": evaluate_accuracy(model, val, device),
+            **score(model),
             "train_loss": sum(n * loss for n, loss in zip(sizes, losses, strict=True)) / sum(sizes),
             "clients": len(chosen),
             "accepted": len(accepted),

@@ -200,6 +200,27 @@ class ProjectionHead(nn.Module):
         return self.net(h)
 
 
+class ContrastiveModel(nn.Module):
+    """Encoder plus SimCLR projection head in one module: what federated SimCLR averages.
+
+    ``config`` is ``{"encoder": <encoder config>, "projection_dim": p}``."""
+
+    def __init__(self, encoder: Encoder, projection_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = ProjectionHead(encoder.embedding_dim, projection_dim)
+        self.config = {"encoder": encoder.config, "projection_dim": int(projection_dim)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Projections ``(n, projection_dim)`` of images."""
+        return self.head(self.encoder(x))
+
+
+def build_contrastive(config: dict[str, Any]) -> ContrastiveModel:
+    """A :class:`ContrastiveModel` from its config (random weights)."""
+    return ContrastiveModel(build_encoder(config["encoder"]), int(config["projection_dim"]))
+
+
 def build_encoder(config: dict[str, Any]) -> Encoder:
     """A freshly initialised :class:`Encoder` from its config dict."""
     return Encoder(

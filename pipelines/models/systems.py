@@ -183,8 +183,9 @@ class _EpochLossSystem(pl.LightningModule):
 class SimCLRSystem(_EpochLossSystem):
     """SimCLR: two augmented views of each image, encoder → projection head → NT-Xent.
 
-    AdamW with a cosine learning-rate decay over the Trainer's ``max_epochs``. The
-    augmentation generator is seeded with ``seed`` on the training device at fit start.
+    AdamW with a cosine learning-rate decay over the Trainer's ``max_epochs`` (a constant
+    rate with ``cosine_schedule=False``). The augmentation generator is seeded with
+    ``seed`` on the training device at fit start.
     """
 
     def __init__(
@@ -197,10 +198,12 @@ class SimCLRSystem(_EpochLossSystem):
         augment_config: AugmentConfig = AugmentConfig(),
         seed: int = 0,
         on_epoch_end: EpochHook | None = None,
+        cosine_schedule: bool = True,
     ):
         super().__init__(on_epoch_end)
         self.encoder = encoder
         self.head = head
+        self.cosine_schedule = cosine_schedule
         self.criterion = NTXentLoss(temperature)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -212,7 +215,7 @@ class SimCLRSystem(_EpochLossSystem):
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        (images,) = batch
+        images = batch[0]  # labels, when the loader has them, are not used
         views = torch.cat(
             [
                 augment(images, self._generator, self.augment_config),
@@ -228,6 +231,8 @@ class SimCLRSystem(_EpochLossSystem):
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )
+        if not self.cosine_schedule:  # a federated client: the server sets each round's rate
+            return optimizer
         epochs = max(int(self.trainer.max_epochs or 1), 1)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         return {

@@ -27,9 +27,11 @@ from pipelines.io import (
     concat_tables,
     content_sha256,
     read_client_shards,
+    read_client_shards_within_budget,
     read_image_table,
     read_within_budget,
     save_weights,
+    table_rows,
     write_image_table,
     write_json,
 )
@@ -162,31 +164,35 @@ def probe_encoder(
     }
 
 
-def write_history(path: Path, losses: list[float]) -> None:
-    """``epoch,train_loss`` CSV, one row per epoch."""
+def write_history(path: Path, losses: list[float], unit: str = "epoch") -> None:
+    """``epoch,train_loss`` CSV, one row per epoch (``round,train_loss`` per round for
+    federated pretraining)."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "train_loss"])
+        writer.writerow([unit, "train_loss"])
         for epoch, loss in enumerate(losses, start=1):
             writer.writerow([epoch, f"{loss:.6f}"])
 
 
 def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
-    """Pretrain on the unlabeled pool, probe on val; write models/pretrain and its report."""
+    """Pretrain on the unlabeled pool (or at the clients, ``mode: federated``), probe on val;
+    write models/pretrain and its report."""
     p = params.pretrain
-    unlabeled_path = paths.partitions / "unlabeled.parquet"
     val_path = paths.partitions / "val.parquet"
-    unlabeled = read_within_budget(unlabeled_path, params.common.memory_budget_mb)
     val = read_image_table(val_path)
     labeled = concat_tables([table for _, table in read_client_shards(paths.partitions)])
+    tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(labeled), "probe")
+    tracker.log_dataset("val", val_path, content_sha256(val), "validation")
+    if p.mode == "federated":
+        return _run_federated(params, paths, tracker, labeled, val)
+    unlabeled_path = paths.partitions / "unlabeled.parquet"
+    unlabeled = read_within_budget(unlabeled_path, params.common.memory_budget_mb)
     unlabeled_sha256 = (
         unlabeled.content_sha256()
         if isinstance(unlabeled, TableStream)
         else content_sha256(unlabeled)
     )
     tracker.log_dataset("unlabeled", unlabeled_path, unlabeled_sha256, "training")
-    tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(labeled), "probe")
-    tracker.log_dataset("val", val_path, content_sha256(val), "validation")
 
     def on_epoch(epoch: int, loss: float) -> None:
         tracker.log_metrics({"epoch_train_loss": loss}, step=epoch)
@@ -215,17 +221,70 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         "seconds": seconds,
         "samples_per_s": p.epochs * len(shape.labels) / seconds,
     }
+    return _write_outputs(paths, tracker, encoder, losses, metrics, "epoch")
+
+
+def _run_federated(
+    params: Params, paths: Paths, tracker: StageTracker, labeled: ImageTable, val: ImageTable
+) -> dict[str, float]:
+    """``mode: federated``: SimCLR at each client on its own shard, FedAvg of the weights
+    (:mod:`pipelines.federated.ssl`); the unlabeled pool is not read."""
+    from pipelines.federated.ssl import pretrain_federated
+
+    p = params.pretrain
+    clients = [
+        table
+        for _, table in read_client_shards_within_budget(
+            paths.partitions, params.common.memory_budget_mb
+        )
+    ]
+
+    def on_round(round_index: int, loss: float) -> None:
+        tracker.log_metrics({"round_train_loss": loss}, step=round_index)
+        log.info("round %d/%d mean client train_loss=%.4f", round_index, p.rounds, loss)
+
+    log.info(
+        "federated SimCLR at %d clients (%s rows), %d rounds of %d local epochs",
+        len(clients),
+        "/".join(str(table_rows(t)) for t in clients),
+        p.rounds,
+        p.local_epochs,
+    )
+    start = time.perf_counter()
+    encoder, losses = pretrain_federated(
+        clients, p, params.common.seed, params.common.device, on_round
+    )
+    seconds = time.perf_counter() - start
+    probes = probe_encoder(encoder, labeled, val, p.knn_k, params.common.device)
+    metrics = {
+        "train_loss": losses[-1],
+        **probes,
+        "rounds": p.rounds,
+        "seconds": seconds,
+        "samples_per_s": p.rounds * p.local_epochs * len(labeled) / seconds,
+    }
+    return _write_outputs(paths, tracker, encoder, losses, metrics, "round")
+
+
+def _write_outputs(
+    paths: Paths,
+    tracker: StageTracker,
+    encoder: Encoder,
+    losses: list[float],
+    metrics: dict[str, float],
+    unit: str,
+) -> dict[str, float]:
+    """models/pretrain (encoder, history.csv per ``unit``) and reports/pretrain.json, at once."""
     log.info(
         "val kNN accuracy %.4f, linear probe %.4f (%.1f s)",
-        probes["val_knn_accuracy"],
-        probes["val_linear_probe_accuracy"],
-        seconds,
+        metrics["val_knn_accuracy"],
+        metrics["val_linear_probe_accuracy"],
+        metrics["seconds"],
     )
-
     out = paths.model_dir("pretrain")
     with atomic_outputs(dirs=[out], files=[paths.report("pretrain")]) as staged:
         save_weights(encoder, staged.path(out), encoder.config, name="encoder")
-        write_history(staged.path(out) / "history.csv", losses)
+        write_history(staged.path(out) / "history.csv", losses, unit)
         write_json(staged.path(paths.report("pretrain")), metrics)
     tracker.log_metrics(metrics)
     tracker.log_artifact(out, "pretrain")

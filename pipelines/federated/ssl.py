@@ -1,0 +1,133 @@
+"""Federated self-supervised pretraining: SimCLR at each client, FedAvg of the weights.
+
+``pretrain.mode: federated``. No image leaves a client: each one trains the encoder and
+its projection head with NT-Xent on two augmented views of its own rows
+(:func:`train_ssl_client`, labels unused) and sends back the new weights; the server
+averages them weighted by rows, as FedAvg does for the classifier. The round loop is the
+federate stage's (:func:`pipelines.federated.fedavg.run_federation`: seeded client
+sampling, dropped and screened clients, the cosine client learning rate over the rounds),
+with ``pretrain.rounds``, ``pretrain.local_epochs``, ``pretrain.client_batch_size`` and
+``pretrain.learning_rate``; NT-Xent negatives come from the client's own batch. The
+encoder is unaffected by averaging artefacts of batch statistics: it uses GroupNorm.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from pipelines.config import FederateParams, PretrainParams
+from pipelines.io import ImageTable, TableStream, table_rows
+from pipelines.models.encoder import (
+    ContrastiveModel,
+    Encoder,
+    build_contrastive,
+    build_encoder,
+    encoder_config_for,
+)
+
+log = logging.getLogger(__name__)
+
+
+def ssl_round_params(p: PretrainParams) -> FederateParams:
+    """The round-loop settings of federated SimCLR: plain FedAvg (mean, every client every
+    round) at the pretrain section's rounds, local epochs, client batch size and rate."""
+    return FederateParams(
+        rounds=p.rounds,
+        local_epochs=p.local_epochs,
+        batch_size=p.client_batch_size,
+        learning_rate=p.learning_rate,
+    )
+
+
+def train_ssl_client(
+    global_state: Mapping[str, torch.Tensor],
+    client_table: ImageTable | TableStream,
+    params: FederateParams,
+    seed: int,
+    device: str = "auto",
+    *,
+    model_config: dict[str, Any],
+    temperature: float,
+    weight_decay: float,
+) -> tuple[dict[str, torch.Tensor], int, float]:
+    """One client's SimCLR update: a Lightning fit of encoder + head on its own images.
+
+    ``params.local_epochs`` epochs of AdamW at ``params.learning_rate`` (the round's rate,
+    no schedule inside the fit) on batches of ``params.batch_size`` of the client's rows
+    (at most its row count: NT-Xent needs a batch to contrast). Returns ``(state on CPU,
+    rows, mean NT-Xent of the last local epoch)``; an empty shard returns the global state,
+    0 rows and NaN.
+    """
+    from pipelines.federated.fedavg import client_loader
+    from pipelines.models.systems import SimCLRSystem, make_trainer
+
+    rows = table_rows(client_table)
+    if rows == 0:
+        return {k: v.detach().cpu().clone() for k, v in global_state.items()}, 0, math.nan
+    model = build_contrastive(model_config)
+    model.load_state_dict(global_state)
+    system = SimCLRSystem(
+        model.encoder,
+        model.head,
+        temperature=temperature,
+        learning_rate=params.learning_rate,
+        weight_decay=weight_decay,
+        seed=seed,
+        cosine_schedule=False,
+    )
+    batch_size = max(2, min(params.batch_size, rows))
+    make_trainer(params.local_epochs, device).fit(
+        system, client_loader(client_table, batch_size, seed)
+    )
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return state, rows, system.history[-1]
+
+
+def pretrain_federated(
+    clients: list[ImageTable | TableStream],
+    p: PretrainParams,
+    seed: int,
+    device: str = "auto",
+    on_round: Callable[[int, float], None] | None = None,
+) -> tuple[Encoder, list[float]]:
+    """Federated SimCLR over ``clients``; returns ``(encoder on CPU in eval mode, mean client
+    NT-Xent per round)``. ``on_round(round, loss)`` is called after each round."""
+    from pipelines.federated.fedavg import run_federation
+    from pipelines.models.systems import pl
+
+    if not clients:
+        raise ValueError("federated pretraining needs at least one client")
+    first = clients[0].layout if isinstance(clients[0], TableStream) else clients[0]
+    pl.seed_everything(seed, verbose=False)
+    model = ContrastiveModel(
+        build_encoder(encoder_config_for(first.image_shape, first.channels, p.embedding_dim)),
+        p.projection_dim,
+    )
+    trainer = functools.partial(
+        train_ssl_client, temperature=p.temperature, weight_decay=p.weight_decay
+    )
+
+    def report(round_index: int, row: dict[str, float]) -> None:
+        if on_round is not None:
+            on_round(round_index, row["train_loss"])
+
+    trained, history = run_federation(
+        model.config,
+        model.state_dict(),
+        clients,
+        None,
+        ssl_round_params(p),
+        seed,
+        device,
+        report,
+        trainer=trainer,
+        build=build_contrastive,
+        score=lambda _model: {},
+    )
+    return trained.encoder.cpu().eval(), [row["train_loss"] for row in history]
