@@ -42,6 +42,24 @@ def test_more_qubits_than_embedding_dimensions_is_refused():
         load_params(REPO / "params.yaml", ["pretrain.embedding_dim=5", "quantum.n_qubits=6"])
 
 
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("federate.strategy=fedadam", "federate.strategy 'fedavg' or 'fedprox'"),
+        ("federate.server_learning_rate=0.5", "federate.server_learning_rate 1.0"),
+        ("federate.client_fraction=0.5", "federate.client_fraction 1.0"),
+        ("federate.client_timeout_seconds=30", "no federate.client_timeout_seconds"),
+    ],
+)
+def test_secure_aggregation_refuses_what_it_would_ignore(override, named):
+    """Flower's SecAgg+ runs on its legacy FedAvg; a setting it cannot honour is refused."""
+    secure = ["federate.runtime=flower", "federate.secure_aggregation=true"]
+    load_params(REPO / "params.yaml", [*secure, "federate.strategy=fedprox"])  # honoured
+    with pytest.raises(ConfigError, match="federate.secure_aggregation needs") as caught:
+        load_params(REPO / "params.yaml", [*secure, override])
+    assert named in str(caught.value)
+
+
 def test_source_without_path_is_refused():
     with pytest.raises(ConfigError, match="ingest.path is required"):
         load_params(REPO / "params.yaml", ["ingest.source=csv"])
