@@ -102,6 +102,7 @@ class PretrainParams(_Section):
     # where SimCLR trains: on the pooled unlabeled rows, or at each client on its own rows
     # (FedAvg of encoder + projection head; pipelines/federated/ssl.py)
     mode: Literal["central", "federated"] = "central"
+    runtime: Literal["simulation", "flower"] = "simulation"  # federated only
     rounds: int = Field(30, ge=1, le=10_000)  # federated only
     local_epochs: int = Field(5, ge=1, le=1000)  # federated only
     client_batch_size: int = Field(64, ge=4, le=65536)  # federated only

@@ -5,16 +5,19 @@
 
 - the **ClientApp** runs at a data site, in a SuperNode started with
   ``--node-config 'client-index=<i> shard="<path to the site's Parquet shard>"'``. On a
-  ``query`` message it returns the class statistics of its shard (for the class-mean head);
-  on a ``train`` message it runs :func:`~pipelines.federated.fedavg.train_client` (the one
-  client step every runtime shares) and returns its weights, row count and loss;
+  ``query`` message it returns its client index and, given a model config, the class
+  statistics of its shard (for the class-mean head); on a ``train`` message it runs
+  :func:`~pipelines.federated.fedavg.train_client` (the one client step every runtime
+  shares), or :func:`~pipelines.federated.ssl.train_ssl_client` for a ``simclr`` task
+  (federated pretraining), and returns its weights, row count and loss;
 - the **ServerApp** reads a run spec (JSON, path in the run config key ``spec``: federate
   params, seed, model config, start weights, the val table, the output folder), waits for
   the SuperNodes, sets the head from their class statistics, then runs
   :func:`~pipelines.federated.fedavg.run_federation` with a ``collect`` that sends each
   round to the sampled nodes, so screening, aggregation, DP and the server optimizer are the
   simulation's own code. It writes ``model.safetensors``, ``model.json`` and
-  ``history.json`` into the output folder.
+  ``history.json`` into the output folder. A spec with ``"task": "simclr"`` runs federated
+  SimCLR instead (encoder + projection head, no head init, no val).
 
 This module imports ``flwr``, which lives in its own environment (``.venv-flower``, see
 docs/federated.md): Flower pins protobuf, typer and rich below what the main environment
@@ -23,6 +26,7 @@ uses.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -48,6 +52,7 @@ def make_client_app():
 
     from pipelines.config import FederateParams
     from pipelines.federated.fedavg import client_class_statistics, train_client
+    from pipelines.federated.ssl import train_ssl_client
     from pipelines.io import read_image_table
 
     app = ClientApp()
@@ -61,6 +66,9 @@ def make_client_app():
     def statistics(msg: Message, context: Context) -> Message:
         index, table = shard(context)
         config = msg.content["config"]
+        if "model-config" not in config:  # only which client this node is
+            info = RecordDict({"info": ConfigRecord({"client-index": index})})
+            return Message(content=info, reply_to=msg)
         state = msg.content["arrays"].to_torch_state_dict()
         stats = client_class_statistics(
             state, table, "cpu", model_config=json.loads(str(config["model-config"]))
@@ -79,7 +87,14 @@ def make_client_app():
         config = msg.content["config"]
         params = FederateParams.model_validate_json(str(config["params"]))
         state = msg.content["arrays"].to_torch_state_dict()
-        new_state, size, loss = train_client(
+        step = train_client
+        if str(config.get("task", "classifier")) == "simclr":
+            step = functools.partial(
+                train_ssl_client,
+                temperature=float(config["temperature"]),
+                weight_decay=float(config["weight-decay"]),
+            )
+        new_state, size, loss = step(
             state,
             table,
             params,
@@ -115,37 +130,51 @@ def make_server_app():
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.serverapp import Grid, ServerApp
 
-    from pipelines.config import FederateParams
+    from pipelines.config import FederateParams, PretrainParams
     from pipelines.federated.fedavg import (
         RoundUpdates,
         client_seed,
         run_federation,
         with_class_mean_head,
     )
+    from pipelines.federated.ssl import ssl_round_params
     from pipelines.federated.strategies import Rejection, flatten_update
     from pipelines.io import read_image_table, save_weights, write_json
+    from pipelines.models.encoder import build_contrastive
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         spec = json.loads(Path(str(context.run_config["spec"])).read_text())
-        params = FederateParams.model_validate(spec["federate"])
+        simclr = spec.get("task", "classifier") == "simclr"
+        if simclr:
+            pretrain = PretrainParams.model_validate(spec["pretrain"])
+            params = ssl_round_params(pretrain)
+            task_config = {
+                "task": "simclr",
+                "temperature": pretrain.temperature,
+                "weight-decay": pretrain.weight_decay,
+            }
+        else:
+            params = FederateParams.model_validate(spec["federate"])
+            task_config = {}
         seed, device, config = int(spec["seed"]), str(spec["device"]), spec["model_config"]
         config_json = json.dumps(config)
         from safetensors.torch import load_file
 
         state = load_file(spec["initial"])
-        val = read_image_table(spec["val"])
+        val = None if simclr else read_image_table(spec["val"])
         nodes = _wait_for_nodes(grid, int(spec["num_clients"]))
 
-        # order the nodes by their client index, and set the head from their statistics
+        # order the nodes by their client index; a classifier's head from their statistics
+        query_config = {} if simclr else {"model-config": config_json}
         query = [
             Message(
                 RecordDict(
                     {
                         "arrays": _state_record(state),
-                        "config": ConfigRecord({"model-config": config_json}),
+                        "config": ConfigRecord(query_config),
                     }
                 ),
                 dst_node_id=node,
@@ -156,11 +185,12 @@ def make_server_app():
         replies = list(grid.send_and_receive(query, timeout=ROUND_TIMEOUT_SECONDS))
         failed = [r for r in replies if r.has_error()]
         if failed or len(replies) != len(nodes):
-            raise RuntimeError(f"class statistics: {len(failed)} errors, {len(replies)} replies")
+            raise RuntimeError(f"node query: {len(failed)} errors, {len(replies)} replies")
         by_index = {int(r.content["info"]["client-index"]): r for r in replies}
         order = [by_index[i].metadata.src_node_id for i in sorted(by_index)]
-        stats = [by_index[i].content["arrays"].to_torch_state_dict() for i in sorted(by_index)]
-        state = with_class_mean_head(state, stats)
+        if not simclr:
+            stats = [by_index[i].content["arrays"].to_torch_state_dict() for i in sorted(by_index)]
+            state = with_class_mean_head(state, stats)
 
         def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
             messages = [
@@ -174,6 +204,7 @@ def make_server_app():
                                     "seed": client_seed(seed, round_index, index),
                                     "device": device,
                                     "model-config": config_json,
+                                    **task_config,
                                 }
                             ),
                         }
@@ -206,10 +237,19 @@ def make_server_app():
             return result
 
         def report(round_index: int, row: dict[str, Any]) -> None:
-            log.info("round %d: val_accuracy %.4f", round_index, row["val_accuracy"])
+            log.info("round %d: %s", round_index, row)
 
         model, history = run_federation(
-            config, state, order, val, params, seed, device, report, collect=collect
+            config,
+            state,
+            order,
+            val,
+            params,
+            seed,
+            device,
+            report,
+            collect=collect,
+            **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),
         )
         out = Path(spec["out"])
         out.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,20 @@ sampling, dropped and screened clients, the cosine client learning rate over the
 with ``pretrain.rounds``, ``pretrain.local_epochs``, ``pretrain.client_batch_size`` and
 ``pretrain.learning_rate``; NT-Xent negatives come from the client's own batch. The
 encoder is unaffected by averaging artefacts of batch statistics: it uses GroupNorm.
+
+:func:`pretrain_federated` runs the clients in this process; :func:`pretrain_federated_on_flower`
+runs the same rounds on Flower's deployment engine (``pretrain.runtime: flower``; the
+ClientApp and ServerApp of :mod:`pipelines.federated.flower` with a ``simclr`` task).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +95,15 @@ def train_ssl_client(
     return state, rows, system.history[-1]
 
 
+def start_model(image_shape: tuple[int, int], channels: int, p: PretrainParams, seed: int):
+    """The seeded start of federated SimCLR: a fresh encoder + projection head."""
+    from pipelines.models.systems import pl
+
+    pl.seed_everything(seed, verbose=False)
+    encoder = build_encoder(encoder_config_for(image_shape, channels, p.embedding_dim))
+    return ContrastiveModel(encoder, p.projection_dim)
+
+
 def pretrain_federated(
     clients: list[ImageTable | TableStream],
     p: PretrainParams,
@@ -99,16 +114,11 @@ def pretrain_federated(
     """Federated SimCLR over ``clients``; returns ``(encoder on CPU in eval mode, mean client
     NT-Xent per round)``. ``on_round(round, loss)`` is called after each round."""
     from pipelines.federated.fedavg import run_federation
-    from pipelines.models.systems import pl
 
     if not clients:
         raise ValueError("federated pretraining needs at least one client")
     first = clients[0].layout if isinstance(clients[0], TableStream) else clients[0]
-    pl.seed_everything(seed, verbose=False)
-    model = ContrastiveModel(
-        build_encoder(encoder_config_for(first.image_shape, first.channels, p.embedding_dim)),
-        p.projection_dim,
-    )
+    model = start_model(first.image_shape, first.channels, p, seed)
     trainer = functools.partial(
         train_ssl_client, temperature=p.temperature, weight_decay=p.weight_decay
     )
@@ -131,3 +141,36 @@ def pretrain_federated(
         score=lambda _model: {},
     )
     return trained.encoder.cpu().eval(), [row["train_loss"] for row in history]
+
+
+def pretrain_federated_on_flower(
+    shards: list[Path], p: PretrainParams, seed: int, device: str, work_dir: Path
+) -> tuple[Encoder, list[float]]:
+    """:func:`pretrain_federated` on Flower's deployment engine over a loopback deployment
+    (a SuperLink and one SuperNode per shard, each reading only its own shard); returns
+    ``(encoder, mean client NT-Xent per round)`` as the ServerApp wrote them."""
+    from pipelines.federated.flower_deploy import APP_DIR, LoopbackDeployment, run_flower_job
+    from pipelines.io import load_weights, read_table_layout, save_weights
+
+    layout = read_table_layout(shards[0])
+    model = start_model(layout.image_shape, layout.channels, p, seed)
+    save_weights(model, work_dir, model.config, name="start")
+    spec = {
+        "task": "simclr",
+        "pretrain": p.model_dump(mode="json"),
+        "seed": seed,
+        "device": device,
+        "model_config": model.config,
+        "initial": str(work_dir / "start.safetensors"),
+        "out": str(work_dir / "out"),
+        "num_clients": len(shards),
+    }
+    (work_dir / "spec.json").write_text(json.dumps(spec))
+    with LoopbackDeployment(shards, work_dir / "home") as deployment:
+        log.info("Flower deployment up: SuperLink + %d SuperNodes on 127.0.0.1", len(shards))
+        run_flower_job(deployment, work_dir / "spec.json", app_dir=APP_DIR)
+    history = json.loads((work_dir / "out" / "history.json").read_text())
+    state, config = load_weights(work_dir / "out", "model")
+    trained = build_contrastive(config)
+    trained.load_state_dict(state)
+    return trained.encoder.eval(), [row["train_loss"] for row in history]

@@ -229,15 +229,13 @@ def _run_federated(
 ) -> dict[str, float]:
     """``mode: federated``: SimCLR at each client on its own shard, FedAvg of the weights
     (:mod:`pipelines.federated.ssl`); the unlabeled pool is not read."""
-    from pipelines.federated.ssl import pretrain_federated
+    from pipelines.federated.ssl import pretrain_federated, pretrain_federated_on_flower
 
     p = params.pretrain
-    clients = [
-        table
-        for _, table in read_client_shards_within_budget(
-            paths.partitions, params.common.memory_budget_mb
-        )
-    ]
+    shard_tables = read_client_shards_within_budget(
+        paths.partitions, params.common.memory_budget_mb
+    )
+    clients = [table for _, table in shard_tables]
 
     def on_round(round_index: int, loss: float) -> None:
         tracker.log_metrics({"round_train_loss": loss}, step=round_index)
@@ -251,9 +249,24 @@ def _run_federated(
         p.local_epochs,
     )
     start = time.perf_counter()
-    encoder, losses = pretrain_federated(
-        clients, p, params.common.seed, params.common.device, on_round
-    )
+    if p.runtime == "flower":
+        import tempfile
+
+        (paths.root / ".lepton").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="flower-", dir=paths.root / ".lepton") as tmp:
+            encoder, losses = pretrain_federated_on_flower(
+                [path for path, _ in shard_tables],
+                p,
+                params.common.seed,
+                params.common.device,
+                Path(tmp),
+            )
+        for round_index, loss in enumerate(losses, start=1):
+            on_round(round_index, loss)
+    else:
+        encoder, losses = pretrain_federated(
+            clients, p, params.common.seed, params.common.device, on_round
+        )
     seconds = time.perf_counter() - start
     probes = probe_encoder(encoder, labeled, val, p.knn_k, params.common.device)
     metrics = {

@@ -109,3 +109,31 @@ def test_secure_aggregation_gives_the_plain_mean(tmp_path: Path):
     for (accuracy, loss), row in zip(secure, plain, strict=True):
         assert loss == pytest.approx(row["train_loss"], abs=1e-3)
         assert accuracy == pytest.approx(row["val_accuracy"], abs=0.01)
+
+
+def test_federated_pretraining_on_flower_matches_the_simulation(tmp_path: Path):
+    """pretrain.mode: federated on the loopback deployment: each SuperNode trains SimCLR on
+    its own shard; the round losses and the encoder match the in-process run."""
+    from pipelines.config import PretrainParams
+    from pipelines.io import load_weights
+    from pipelines.stages import pretrain
+
+    paths = make_federation_workspace(tmp_path / "ws")
+    base = PretrainParams(mode="federated", rounds=2, local_epochs=1, embedding_dim=16)
+    results = {}
+    for runtime in ("simulation", "flower"):
+        params = Params(
+            common=CommonParams(seed=0, device="cpu"),
+            pretrain=base.model_copy(update={"runtime": runtime}),
+        )
+        tracker = Tracker()
+        metrics = pretrain.run(params, paths, tracker)
+        losses = [m["round_train_loss"] for m, _ in tracker.metrics if "round_train_loss" in m]
+        state, _ = load_weights(paths.model_dir("pretrain"), "encoder")
+        results[runtime] = (metrics, losses, state)
+    simulation, flower = results["simulation"], results["flower"]
+    assert len(flower[1]) == 2 and flower[1] == pytest.approx(simulation[1], abs=1e-5)
+    for key, value in simulation[2].items():
+        assert (flower[2][key] - value).abs().max() < 1e-4, key
+    assert flower[0]["val_knn_accuracy"] == pytest.approx(simulation[0]["val_knn_accuracy"])
+    assert not [p for p in (paths.root / ".lepton").iterdir() if p.name.startswith("flower-")]
