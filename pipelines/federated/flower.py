@@ -52,6 +52,7 @@ def make_client_app():
 
     from pipelines.config import FederateParams
     from pipelines.federated.fedavg import client_class_statistics, train_client
+    from pipelines.federated.sites import check_site_data
     from pipelines.federated.ssl import train_ssl_client
     from pipelines.io import read_image_table
 
@@ -66,6 +67,10 @@ def make_client_app():
     def statistics(msg: Message, context: Context) -> Message:
         index, table = shard(context)
         config = msg.content["config"]
+        if "expected" in config:  # refuse a shard unlike the run's data before any training
+            check_site_data(
+                table, json.loads(str(config["expected"])), str(context.node_config["shard"])
+            )
         if "model-config" not in config:  # only which client this node is
             info = RecordDict({"info": ConfigRecord({"client-index": index})})
             return Message(content=info, reply_to=msg)
@@ -167,8 +172,11 @@ def make_server_app():
         val = None if simclr else read_image_table(spec["val"])
         nodes = _wait_for_nodes(grid, int(spec["num_clients"]))
 
-        # order the nodes by their client index; a classifier's head from their statistics
-        query_config = {} if simclr else {"model-config": config_json}
+        # order the nodes by their client index (each checks its data against the run's);
+        # a classifier's head from their statistics
+        query_config = {"expected": json.dumps(spec["expected"])} if "expected" in spec else {}
+        if not simclr:
+            query_config["model-config"] = config_json
         query = [
             Message(
                 RecordDict(
@@ -183,9 +191,12 @@ def make_server_app():
             for node in nodes
         ]
         replies = list(grid.send_and_receive(query, timeout=ROUND_TIMEOUT_SECONDS))
-        failed = [r for r in replies if r.has_error()]
+        failed = [r.error.reason for r in replies if r.has_error()]
         if failed or len(replies) != len(nodes):
-            raise RuntimeError(f"node query: {len(failed)} errors, {len(replies)} replies")
+            raise RuntimeError(
+                f"node query: {len(replies)} replies from {len(nodes)} SuperNodes; "
+                f"errors: {'; '.join(failed) or 'none'}"
+            )
         by_index = {int(r.content["info"]["client-index"]): r for r in replies}
         order = [by_index[i].metadata.src_node_id for i in sorted(by_index)]
         if not simclr:

@@ -144,12 +144,20 @@ def pretrain_federated(
 
 
 def pretrain_federated_on_flower(
-    shards: list[Path], p: PretrainParams, seed: int, device: str, work_dir: Path
+    shards: list[Path],
+    p: PretrainParams,
+    seed: int,
+    device: str,
+    work_dir: Path,
+    expected: dict[str, Any] | None = None,
 ) -> tuple[Encoder, list[float]]:
     """:func:`pretrain_federated` on Flower's deployment engine over a loopback deployment
     (a SuperLink and one SuperNode per shard, each reading only its own shard); returns
-    ``(encoder, mean client NT-Xent per round)`` as the ServerApp wrote them."""
+    ``(encoder, mean client NT-Xent per round)`` as the ServerApp wrote them. Each
+    SuperNode refuses a shard unlike ``expected`` (:mod:`pipelines.federated.sites`;
+    default: the first shard's channels, size and classes)."""
     from pipelines.federated.flower_deploy import APP_DIR, LoopbackDeployment, run_flower_job
+    from pipelines.federated.sites import expected_data
     from pipelines.io import load_weights, read_table_layout, save_weights
 
     layout = read_table_layout(shards[0])
@@ -164,6 +172,7 @@ def pretrain_federated_on_flower(
         "initial": str(work_dir / "start.safetensors"),
         "out": str(work_dir / "out"),
         "num_clients": len(shards),
+        "expected": expected or expected_data(layout),
     }
     (work_dir / "spec.json").write_text(json.dumps(spec))
     with LoopbackDeployment(shards, work_dir / "home") as deployment:

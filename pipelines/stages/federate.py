@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from pipelines.config import FederateParams, Params
 from pipelines.errors import GateError
 from pipelines.federated.privacy import DATA_TAG, EPSILON_METRIC
+from pipelines.federated.sites import check_site_data, expected_data
 from pipelines.io import (
     ImageTable,
     Paths,
@@ -103,9 +104,11 @@ def federate_on_flower(
     )
     from pipelines.models.encoder import load_classifier
 
-    model = start_classifier(encoder, read_image_table(val_path).num_classes, seed)
+    val = read_image_table(val_path)
+    model = start_classifier(encoder, val.num_classes, seed)
     save_weights(model, work_dir, model.config, name="start")
     spec = {
+        "expected": expected_data(val),
         "federate": p.model_dump(mode="json"),
         "seed": seed,
         "device": device,
@@ -170,6 +173,9 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     clients = [table for _, table in shard_tables]
     val_path = paths.partitions / "val.parquet"
     val = read_image_table(val_path)
+    expected = expected_data(val)
+    for path, table in shard_tables:
+        check_site_data(table, expected, str(path))
     data_sha256 = union_sha256(clients, val.num_classes)
     tracker.log_dataset("clients", paths.partitions / "clients", data_sha256, "training")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")

@@ -229,12 +229,16 @@ def _run_federated(
 ) -> dict[str, float]:
     """``mode: federated``: SimCLR at each client on its own shard, FedAvg of the weights
     (:mod:`pipelines.federated.ssl`); the unlabeled pool is not read."""
+    from pipelines.federated.sites import check_site_data, expected_data
     from pipelines.federated.ssl import pretrain_federated, pretrain_federated_on_flower
 
     p = params.pretrain
     shard_tables = read_client_shards_within_budget(
         paths.partitions, params.common.memory_budget_mb
     )
+    expected = expected_data(val)
+    for path, table in shard_tables:
+        check_site_data(table, expected, str(path))
     clients = [table for _, table in shard_tables]
 
     def on_round(round_index: int, loss: float) -> None:
@@ -260,6 +264,7 @@ def _run_federated(
                 params.common.seed,
                 params.common.device,
                 Path(tmp),
+                expected,
             )
         for round_index, loss in enumerate(losses, start=1):
             on_round(round_index, loss)

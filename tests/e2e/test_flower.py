@@ -137,3 +137,32 @@ def test_federated_pretraining_on_flower_matches_the_simulation(tmp_path: Path):
         assert (flower[2][key] - value).abs().max() < 1e-4, key
     assert flower[0]["val_knn_accuracy"] == pytest.approx(simulation[0]["val_knn_accuracy"])
     assert not [p for p in (paths.root / ".lepton").iterdir() if p.name.startswith("flower-")]
+
+
+def test_a_supernode_refuses_a_shard_unlike_the_runs_data(tmp_path: Path):
+    """Each SuperNode checks its own shard against the run's data when first queried; a
+    different image size fails the run before any training, naming the site's file."""
+    import numpy as np
+
+    from pipelines.federated.flower_deploy import FlowerRuntimeError
+    from pipelines.io import ImageTable, write_image_table
+    from pipelines.models.encoder import load_encoder
+    from pipelines.stages.federate import federate_on_flower
+
+    paths = make_federation_workspace(tmp_path / "ws")
+    shards = sorted((paths.partitions / "clients").glob("client_*.parquet"))
+    odd = ImageTable(np.zeros((4, 1, 12, 12), np.float32), np.array([0, 1, 2, 3]), 10)
+    write_image_table(odd, shards[2])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FlowerRuntimeError) as caught:
+        federate_on_flower(
+            load_encoder(paths.model_dir("pretrain")),
+            shards,
+            paths.partitions / "val.parquet",
+            FederateParams(runtime="flower", rounds=1),
+            0,
+            "cpu",
+            tmp_path / "run",
+        )
+    assert shards[2].name in str(caught.value) and "12x12" in str(caught.value)
+    assert not (tmp_path / "run" / "out").exists()
