@@ -15,9 +15,11 @@
   the SuperNodes, sets the head from their class statistics, then runs
   :func:`~pipelines.federated.fedavg.run_federation` with a ``collect`` that sends each
   round to the sampled nodes, so screening, aggregation, DP and the server optimizer are the
-  simulation's own code. It writes ``model.safetensors``, ``model.json`` and
-  ``history.json`` into the output folder. A spec with ``"task": "simclr"`` runs federated
-  SimCLR instead (encoder + projection head, no head init, no val).
+  simulation's own code. It appends each round's history row to ``progress.jsonl`` as the
+  round ends (the stage logs it to MLflow while the run goes) and writes
+  ``model.safetensors``, ``model.json`` and ``history.json`` into the output folder. A
+  spec with ``"task": "simclr"`` runs federated SimCLR instead (encoder + projection head,
+  no head init, no val).
 
 This module imports ``flwr``, which lives in its own environment (``.venv-flower``, see
 docs/federated.md): Flower pins protobuf, typer and rich below what the main environment
@@ -142,6 +144,7 @@ def make_server_app():
         run_federation,
         with_class_mean_head,
     )
+    from pipelines.federated.flower_deploy import PROGRESS_FILE
     from pipelines.federated.ssl import ssl_round_params
     from pipelines.federated.strategies import Rejection, flatten_update
     from pipelines.io import read_image_table, save_weights, write_json
@@ -247,8 +250,13 @@ def make_server_app():
                     result.losses.append(float(reply.content["metrics"]["loss"]))
             return result
 
+        out = Path(spec["out"])
+        out.mkdir(parents=True, exist_ok=True)
+
         def report(round_index: int, row: dict[str, Any]) -> None:
             log.info("round %d: %s", round_index, row)
+            with (out / PROGRESS_FILE).open("a") as progress:  # read by the stage as it goes
+                progress.write(json.dumps(row) + "\n")
 
         model, history = run_federation(
             config,
@@ -262,8 +270,6 @@ def make_server_app():
             collect=collect,
             **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),
         )
-        out = Path(spec["out"])
-        out.mkdir(parents=True, exist_ok=True)
         save_weights(model, out, model.config, name="model")
         write_json(out / "history.json", history)
 

@@ -14,12 +14,14 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.errors import LeptonError
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
 SECAGG_APP_DIR = Path(__file__).resolve().parent / "flower_app_secagg"
+PROGRESS_FILE = "progress.jsonl"  # the ServerApp's history rows, one a round, as it goes
 CONNECTION = "lepton"
 
 
@@ -178,14 +180,33 @@ def _flwr(deployment: LoopbackDeployment, args: list[str], timeout: float = 120)
     return done.stdout
 
 
+class ProgressTail:
+    """Calls ``on_row(row)`` once for each JSON line appended to ``path`` (the ServerApp's
+    ``progress.jsonl``), as lines arrive; :meth:`poll` reads what is new."""
+
+    def __init__(self, path: Path, on_row: Callable[[dict], None]):
+        self.path, self.on_row, self.seen = Path(path), on_row, 0
+
+    def poll(self) -> None:
+        """Hand every complete line not seen yet to ``on_row``."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().split("\n")[:-1]  # the last piece may be half written
+        for line in lines[self.seen :]:
+            self.on_row(json.loads(line))
+        self.seen = max(self.seen, len(lines))
+
+
 def run_flower_job(
     deployment: LoopbackDeployment,
     spec_path: Path,
     timeout: float = 3600.0,
     app_dir: Path = APP_DIR,
+    on_poll: Callable[[], None] | None = None,
 ) -> dict:
-    """Submit the Flower app in ``app_dir`` with run spec ``spec_path``; wait until it ends;
-    return its row from ``flwr list``. A failed run raises with the run's log."""
+    """Submit the Flower app in ``app_dir`` with run spec ``spec_path``; wait until it ends,
+    calling ``on_poll()`` every poll (about 2 s) and once at the end; return its row from
+    ``flwr list``. A failed run raises with the run's log."""
     submitted = _flwr(
         deployment,
         [
@@ -207,6 +228,8 @@ def run_flower_job(
         )
         row = listed["runs"][0]
         status = str(row.get("status", ""))
+        if on_poll is not None:
+            on_poll()
         if status.startswith("finished:"):
             if status != "finished:completed":
                 log = subprocess.run(

@@ -150,13 +150,21 @@ def pretrain_federated_on_flower(
     device: str,
     work_dir: Path,
     expected: dict[str, Any] | None = None,
+    on_round: Callable[[int, float], None] | None = None,
 ) -> tuple[Encoder, list[float]]:
     """:func:`pretrain_federated` on Flower's deployment engine over a loopback deployment
     (a SuperLink and one SuperNode per shard, each reading only its own shard); returns
     ``(encoder, mean client NT-Xent per round)`` as the ServerApp wrote them. Each
     SuperNode refuses a shard unlike ``expected`` (:mod:`pipelines.federated.sites`;
-    default: the first shard's channels, size and classes)."""
-    from pipelines.federated.flower_deploy import APP_DIR, LoopbackDeployment, run_flower_job
+    default: the first shard's channels, size and classes). ``on_round(round, loss)`` is
+    called as each round ends on the server (its progress file, read while the run goes)."""
+    from pipelines.federated.flower_deploy import (
+        APP_DIR,
+        PROGRESS_FILE,
+        LoopbackDeployment,
+        ProgressTail,
+        run_flower_job,
+    )
     from pipelines.federated.sites import expected_data
     from pipelines.io import load_weights, read_table_layout, save_weights
 
@@ -177,8 +185,15 @@ def pretrain_federated_on_flower(
     (work_dir / "spec.json").write_text(json.dumps(spec))
     with LoopbackDeployment(shards, work_dir / "home") as deployment:
         log.info("Flower deployment up: SuperLink + %d SuperNodes on 127.0.0.1", len(shards))
-        run_flower_job(deployment, work_dir / "spec.json", app_dir=APP_DIR)
+        tail = ProgressTail(
+            work_dir / "out" / PROGRESS_FILE,
+            lambda row: on_round(int(row["round"]), row["train_loss"]) if on_round else None,
+        )
+        run_flower_job(deployment, work_dir / "spec.json", app_dir=APP_DIR, on_poll=tail.poll)
     history = json.loads((work_dir / "out" / "history.json").read_text())
+    for row in history[tail.seen :]:  # rounds the progress file did not report
+        if on_round is not None:
+            on_round(int(row["round"]), row["train_loss"])
     state, config = load_weights(work_dir / "out", "model")
     trained = build_contrastive(config)
     trained.load_state_dict(state)

@@ -84,6 +84,7 @@ def federate_on_flower(
     seed: int,
     device: str,
     work_dir: Path,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[Classifier, list[dict[str, float]]]:
     """The same federation on Flower's deployment engine, over a loopback deployment.
 
@@ -91,15 +92,19 @@ def federate_on_flower(
     (:class:`~pipelines.federated.flower_deploy.LoopbackDeployment`), submits the Flower
     app with a run spec in ``work_dir`` and reads back the model and per-round history the
     ServerApp wrote. The start model is built exactly as :func:`federate` builds it; the
-    class-mean head is set on the server from the SuperNodes' statistics.
+    class-mean head is set on the server from the SuperNodes' statistics. ``on_round(round,
+    row)`` is called for each round as the ServerApp finishes it (read from its progress
+    file while the run goes).
     """
     import json
 
     from pipelines.federated.fedavg import start_classifier
     from pipelines.federated.flower_deploy import (
         APP_DIR,
+        PROGRESS_FILE,
         SECAGG_APP_DIR,
         LoopbackDeployment,
+        ProgressTail,
         run_flower_job,
     )
     from pipelines.models.encoder import load_classifier
@@ -122,8 +127,15 @@ def federate_on_flower(
     with LoopbackDeployment(shards, work_dir / "home") as deployment:
         log.info("Flower deployment up: SuperLink + %d SuperNodes on 127.0.0.1", len(shards))
         app_dir = SECAGG_APP_DIR if p.secure_aggregation else APP_DIR
-        run_flower_job(deployment, work_dir / "spec.json", app_dir=app_dir)
+        tail = ProgressTail(
+            work_dir / "out" / PROGRESS_FILE,
+            lambda row: on_round(int(row["round"]), row) if on_round else None,
+        )
+        run_flower_job(deployment, work_dir / "spec.json", app_dir=app_dir, on_poll=tail.poll)
     history = json.loads((work_dir / "out" / "history.json").read_text())
+    for row in history[tail.seen :]:  # rows no progress line reported (SecAgg+ writes none)
+        if on_round is not None:
+            on_round(int(row["round"]), row)
     return load_classifier(work_dir / "out"), history
 
 
@@ -229,10 +241,15 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         (paths.root / ".lepton").mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="flower-", dir=paths.root / ".lepton") as tmp:
             model, history = federate_on_flower(
-                encoder, shards, val_path, p, params.common.seed, params.common.device, Path(tmp)
+                encoder,
+                shards,
+                val_path,
+                p,
+                params.common.seed,
+                params.common.device,
+                Path(tmp),
+                on_round,
             )
-        for row in history:
-            on_round(int(row["round"]), row)
     else:
         model, history = federate(
             encoder, clients, val, p, params.common.seed, params.common.device, on_round

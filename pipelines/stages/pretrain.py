@@ -265,9 +265,8 @@ def _run_federated(
                 params.common.device,
                 Path(tmp),
                 expected,
+                on_round,
             )
-        for round_index, loss in enumerate(losses, start=1):
-            on_round(round_index, loss)
     else:
         encoder, losses = pretrain_federated(
             clients, p, params.common.seed, params.common.device, on_round
