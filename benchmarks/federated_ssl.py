@@ -7,7 +7,8 @@ defaults), and a randomly initialised one. For each: the kNN and linear probes o
 (fitted on the clients' labeled rows) and the test accuracy after the federate stage's
 fine-tuning with its defaults.
 
-    .venv/bin/python benchmarks/federated_ssl.py [--case digits8|digits28] [--out FILE.json]
+    .venv/bin/python benchmarks/federated_ssl.py [--case digits8|digits28]
+        [--client-temperature T] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--case", choices=("digits8", "digits28"), default="digits8")
+    parser.add_argument(
+        "--client-temperature",
+        type=float,
+        default=PretrainParams().client_temperature,
+        help="pretrain.client_temperature of the federated run",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or REPO / "benchmarks" / "results" / f"federated_ssl_{args.case}.json"
@@ -61,7 +68,8 @@ def main() -> int:
     parts = partition(table, PartitionParams(), 42)
     clients, val, test = parts["clients"], parts["val"], parts["test"]
     labeled = concat_tables(clients, 10)
-    central, federated = PretrainParams(), PretrainParams(mode="federated")
+    central = PretrainParams()
+    federated = PretrainParams(mode="federated", client_temperature=args.client_temperature)
 
     def random_encoder(_clients, p, seed):
         pl.seed_everything(seed, verbose=False)
@@ -81,7 +89,13 @@ def main() -> int:
         "client_rows": [len(c) for c in clients],
         "central": central.model_dump(include={"epochs", "batch_size", "learning_rate"}),
         "federated": federated.model_dump(
-            include={"rounds", "local_epochs", "client_batch_size", "learning_rate"}
+            include={
+                "rounds",
+                "local_epochs",
+                "client_batch_size",
+                "client_temperature",
+                "learning_rate",
+            }
         ),
         "encoders": {},
     }

@@ -161,7 +161,7 @@ def make_server_app():
             params = ssl_round_params(pretrain)
             task_config = {
                 "task": "simclr",
-                "temperature": pretrain.temperature,
+                "temperature": pretrain.client_temperature,
                 "weight-decay": pretrain.weight_decay,
             }
         else:

@@ -7,7 +7,8 @@ averages them weighted by rows, as FedAvg does for the classifier. The round loo
 federate stage's (:func:`pipelines.federated.fedavg.run_federation`: seeded client
 sampling, dropped and screened clients, the cosine client learning rate over the rounds),
 with ``pretrain.rounds``, ``pretrain.local_epochs``, ``pretrain.client_batch_size`` and
-``pretrain.learning_rate``; NT-Xent negatives come from the client's own batch. The
+``pretrain.learning_rate``; NT-Xent negatives come from the client's own batch, at
+``pretrain.client_temperature``. The
 encoder is unaffected by averaging artefacts of batch statistics: it uses GroupNorm.
 
 :func:`pretrain_federated` runs the clients in this process; :func:`pretrain_federated_on_flower`
@@ -120,7 +121,7 @@ def pretrain_federated(
     first = clients[0].layout if isinstance(clients[0], TableStream) else clients[0]
     model = start_model(first.image_shape, first.channels, p, seed)
     trainer = functools.partial(
-        train_ssl_client, temperature=p.temperature, weight_decay=p.weight_decay
+        train_ssl_client, temperature=p.client_temperature, weight_decay=p.weight_decay
     )
 
     def report(round_index: int, row: dict[str, float]) -> None:
