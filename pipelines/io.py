@@ -424,6 +424,15 @@ def table_rows(table: ImageTable | TableStream) -> int:
     return table.layout.rows if isinstance(table, TableStream) else len(table)
 
 
+def batches_with_labels(table: ImageTable | TableStream) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(images, labels)`` of a table in memory (one batch) or of each batch of a stream."""
+    if isinstance(table, TableStream):
+        for _, images, labels in table.batches_with_labels():
+            yield images, labels
+    else:
+        yield table.images, table.labels
+
+
 def union_sha256(tables: list[ImageTable | TableStream], num_classes: int) -> str:
     """:func:`content_sha256` of the rows of ``tables`` in order (as one table of
     ``num_classes`` classes), each read once; streams never whole in memory."""
@@ -432,8 +441,7 @@ def union_sha256(tables: list[ImageTable | TableStream], num_classes: int) -> st
         sum(table_rows(t) for t in tables), first.channels, first.image_shape, num_classes
     )
     for table in tables:
-        stream = table if isinstance(table, TableStream) else TableStream.from_table(table)
-        for _, images, labels in stream.batches_with_labels():
+        for images, labels in batches_with_labels(table):
             hasher.update(images, labels)
     return hasher.hexdigest()
 

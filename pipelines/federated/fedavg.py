@@ -40,7 +40,7 @@ from pipelines.federated.strategies import (
     min_updates_for,
     screen_updates,
 )
-from pipelines.io import ImageTable, TableStream, table_rows
+from pipelines.io import ImageTable, TableStream, batches_with_labels, table_rows
 from pipelines.models.encoder import Classifier, build_classifier, to_tensor
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,11 @@ FINAL_LR_FRACTION = 0.1
 # Logit scale of the class-mean head (see class_mean_head). Larger scales let the first local
 # steps overfit the clients' skewed labels (tried 2, 5, 10, 20 on digits).
 HEAD_INIT_SCALE = 5.0
+
+
+def cpu_copy(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """A detached CPU copy of a state dict (what a client step returns)."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def client_seed(seed: int, round_index: int, client_index: int) -> int:
@@ -125,7 +130,7 @@ def train_client(
 
     rows = table_rows(client_table)
     if rows == 0:
-        return {k: v.detach().cpu().clone() for k, v in global_state.items()}, 0, math.nan
+        return cpu_copy(global_state), 0, math.nan
     model = client_model(model_config, global_state)
     mu = params.proximal_mu if params.strategy == "fedprox" else 0.0
     system = ClassifierSystem(
@@ -138,8 +143,7 @@ def train_client(
     loader = client_loader(client_table, params.batch_size, seed)
     trainer = make_trainer(params.local_epochs, device)
     trainer.fit(system, loader)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return state, rows, system.history[-1]
+    return cpu_copy(model.state_dict()), rows, system.history[-1]
 
 
 def client_class_statistics(
@@ -165,13 +169,8 @@ def client_class_statistics(
     sums = torch.zeros(num_classes, embedding_dim, dtype=torch.float64)
     counts = torch.zeros(num_classes, dtype=torch.float64)
     norm_sum = torch.zeros((), dtype=torch.float64)
-    stream = (
-        client_table
-        if isinstance(client_table, TableStream)
-        else TableStream.from_table(client_table)
-    )
     accelerator = resolve_accelerator(device)
-    for _, images, batch_labels in stream.batches_with_labels():
+    for images, batch_labels in batches_with_labels(client_table):
         if len(images) == 0:
             continue
         features = torch.from_numpy(
@@ -223,7 +222,7 @@ def with_class_mean_head(
     :func:`client_class_statistics`; classes no client holds keep their initial weights and
     get a zero bias."""
     weight, bias, present = class_mean_head(statistics)
-    new_state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    new_state = cpu_copy(state)
     head_weight, head_bias = new_state["head.weight"], new_state["head.bias"]
     head_weight[present] = weight[present].to(head_weight.dtype)
     head_bias.copy_(bias.to(head_bias.dtype))
@@ -418,7 +417,7 @@ def run_federation(
         params.min_clients,
         min_updates_for(params.aggregator, params.trim_fraction, params.byzantine_clients),
     )
-    state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
+    state = cpu_copy(initial_state)
     model = build(model_config)
     if score is None:
 

@@ -71,12 +71,12 @@ def train_ssl_client(
     rows, mean NT-Xent of the last local epoch)``; an empty shard returns the global state,
     0 rows and NaN.
     """
-    from pipelines.federated.fedavg import client_loader
+    from pipelines.federated.fedavg import client_loader, cpu_copy
     from pipelines.models.systems import SimCLRSystem, make_trainer
 
     rows = table_rows(client_table)
     if rows == 0:
-        return {k: v.detach().cpu().clone() for k, v in global_state.items()}, 0, math.nan
+        return cpu_copy(global_state), 0, math.nan
     model = build_contrastive(model_config)
     model.load_state_dict(global_state)
     system = SimCLRSystem(
@@ -92,8 +92,7 @@ def train_ssl_client(
     make_trainer(params.local_epochs, device).fit(
         system, client_loader(client_table, batch_size, seed)
     )
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return state, rows, system.history[-1]
+    return cpu_copy(model.state_dict()), rows, system.history[-1]
 
 
 def start_model(image_shape: tuple[int, int], channels: int, p: PretrainParams, seed: int):

@@ -27,7 +27,6 @@ from pipelines.io import (
     concat_tables,
     content_sha256,
     read_client_shards,
-    read_client_shards_within_budget,
     read_image_table,
     read_within_budget,
     save_weights,
@@ -180,11 +179,12 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     p = params.pretrain
     val_path = paths.partitions / "val.parquet"
     val = read_image_table(val_path)
-    labeled = concat_tables([table for _, table in read_client_shards(paths.partitions)])
+    shard_tables = read_client_shards(paths.partitions)
+    labeled = concat_tables([table for _, table in shard_tables])
     tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(labeled), "probe")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
     if p.mode == "federated":
-        return _run_federated(params, paths, tracker, labeled, val)
+        return _run_federated(params, paths, tracker, shard_tables, labeled, val)
     unlabeled_path = paths.partitions / "unlabeled.parquet"
     unlabeled = read_within_budget(unlabeled_path, params.common.memory_budget_mb)
     unlabeled_sha256 = (
@@ -225,17 +225,20 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
 
 
 def _run_federated(
-    params: Params, paths: Paths, tracker: StageTracker, labeled: ImageTable, val: ImageTable
+    params: Params,
+    paths: Paths,
+    tracker: StageTracker,
+    shard_tables: list[tuple[Path, ImageTable]],
+    labeled: ImageTable,
+    val: ImageTable,
 ) -> dict[str, float]:
     """``mode: federated``: SimCLR at each client on its own shard, FedAvg of the weights
-    (:mod:`pipelines.federated.ssl`); the unlabeled pool is not read."""
+    (:mod:`pipelines.federated.ssl`); the unlabeled pool is not read. The shards are the
+    ones the probes read (in memory: the probes need their union anyway)."""
     from pipelines.federated.sites import check_site_data, expected_data
     from pipelines.federated.ssl import pretrain_federated, pretrain_federated_on_flower
 
     p = params.pretrain
-    shard_tables = read_client_shards_within_budget(
-        paths.partitions, params.common.memory_budget_mb
-    )
     expected = expected_data(val)
     for path, table in shard_tables:
         check_site_data(table, expected, str(path))
