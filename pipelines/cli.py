@@ -25,8 +25,14 @@ app = typer.Typer(
 )
 stage_app = typer.Typer(help="Run or list single stages.", no_args_is_help=True)
 dvc_app = typer.Typer(help="DVC helpers.", no_args_is_help=True)
+site_app = typer.Typer(help="Data-site commands: join a federation.", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
 app.add_typer(dvc_app, name="dvc")
+app.add_typer(site_app, name="site")
+federation_app = typer.Typer(
+    help="Server-side federation tools: TLS certificates, SuperNode keys.", no_args_is_help=True
+)
+app.add_typer(federation_app, name="federation")
 
 log = logging.getLogger("lepton")
 MARK = "[lepton]"
@@ -64,7 +70,10 @@ def run_stage(name: str, root: Path, overrides: list[str] | None = None) -> dict
     module = import_module(stage.entry_point.split(":")[0])
     with tracking.stage_run(name, root, params.common.mlflow_experiment) as tracker:
         section = getattr(params, name).model_dump(mode="json")
-        tracker.log_params({"common": params.common.model_dump(mode="json"), name: section})
+        shared = {s: getattr(params, s).model_dump(mode="json") for s in stage.shared_params}
+        tracker.log_params(
+            {"common": params.common.model_dump(mode="json"), name: section, **shared}
+        )
         metrics = module.run(params, Paths(root), tracker)
         tracker.log_metrics(metrics)
     return metrics
@@ -181,6 +190,104 @@ def example_data(
         _fail(f"unknown example '{name}'; known: {', '.join(EXAMPLES)}", 2)
     ingest = write_example(name, folder.resolve())
     typer.echo("\n".join(f"--set ingest.{key}={value}" for key, value in ingest.items()))
+
+
+def _shape(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        _fail(f"{what}: expected numbers like 28,28 (got {text!r})", 2)
+
+
+@site_app.command("join")
+def site_join(
+    superlink: str = typer.Option(..., help="The SuperLink's address, host:port."),
+    name: str = typer.Option(..., help="This site's name (unique in the federation)."),
+    source: str = typer.Option(..., help="Format, as ingest.source: parquet csv npz idx images."),
+    path: str = typer.Option(..., help="The site's data file or folder."),
+    labels_path: str = typer.Option(None, help="idx only: the labels file."),
+    label_column: str = typer.Option("label", help="parquet / csv: the label column."),
+    image_shape: str = typer.Option(None, help="Flat rows: H,W or H,W,3 (as ingest.image_shape)."),
+    num_classes: int = typer.Option(None, help="The federation's class count (default: max+1)."),
+    resize: str = typer.Option(None, help="Resize every image to H,W (as ingest.resize)."),
+    holdout_fraction: float = typer.Option(0.2, help="Rows kept back to score the final model."),
+    seed: int = typer.Option(0, help="Seed of the held-out split."),
+    work_dir: Path = typer.Option(Path("lepton-site"), help="Where the site's prepared files go."),
+    root_certificates: Path = typer.Option(None, help="CA certificate (PEM) of the SuperLink."),
+    insecure: bool = typer.Option(False, help="No TLS (trusted test networks only)."),
+    auth_key: Path = typer.Option(None, help="SuperNode private key (OpenSSH EC), if registered."),
+    port: int = typer.Option(None, help="Port of the SuperNode's local API (default 9094)."),
+    check: bool = typer.Option(False, help="Validate and prepare the data, then stop."),
+) -> None:
+    """Validate this site's data, prepare it and start a Flower SuperNode on it.
+
+    The data is read and checked exactly as `lepton stage run ingest` would (a bad file
+    stops here, naming file, field and row); only model updates, counts and metrics leave
+    the site (docs/federated.md).
+    """
+    from pipelines.config import IngestParams
+    from pipelines.federated.flower_deploy import flower_bin
+    from pipelines.federated.site import SiteFiles, exec_supernode, prepare_site, supernode_argv
+
+    _setup_logging()
+    try:
+        ingest = IngestParams(
+            source=source,
+            path=path,
+            labels_path=labels_path,
+            label_column=label_column,
+            image_shape=_shape(image_shape, "--image-shape"),
+            num_classes=num_classes,
+            resize=_shape(resize, "--resize"),
+        )
+        files = SiteFiles(work_dir.resolve())
+        argv = supernode_argv(
+            flower_bin(), superlink, name, files, root_certificates, insecure, auth_key, port
+        )
+        manifest = prepare_site(ingest, name, files.folder, holdout_fraction, seed)
+    except LeptonError as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # pydantic: a bad option value, named
+        _fail(str(exc).split("\n", 1)[-1].strip(), 2)
+    typer.echo(
+        f"site {name}: {manifest['rows']} rows to train on, {manifest['holdout_rows']} held "
+        f"out, {manifest['image_shape'][0]}x{manifest['image_shape'][1]}x"
+        f"{manifest['channels']}, classes {manifest['classes_present']} -> {files.folder}"
+    )
+    if check:
+        return
+    if not Path(argv[0]).exists():
+        _fail(f"flower-supernode not found at {argv[0]} (make flower-setup, or $LEPTON_FLOWER_BIN)")
+    typer.echo(f"starting the SuperNode: connecting to {superlink}", err=True)
+    exec_supernode(argv, files.folder / "flower-home")
+
+
+@federation_app.command("certificates")
+def federation_certificates(
+    out: Path = typer.Option(..., help="Folder to write ca.crt, superlink.crt and keys into."),
+    host: list[str] = typer.Option(..., help="SuperLink host name or IP the sites dial."),
+    days: int = typer.Option(365, help="Validity in days."),
+) -> None:
+    """Make a CA and a SuperLink TLS certificate it signed (ca.crt goes to every site)."""
+    from pipelines.federated.certificates import make_certificates
+
+    files = make_certificates(out, host, days)
+    typer.echo(
+        f"CA {files.ca_certificate}; SuperLink certificate {files.certificate}, key {files.key}"
+    )
+
+
+@federation_app.command("node-key")
+def federation_node_key(
+    path: Path = typer.Argument(..., help="Private key file to write (path.pub: public key)."),
+) -> None:
+    """Make a SuperNode's EC key pair (OpenSSH); register path.pub with flwr supernode register."""
+    from pipelines.federated.certificates import make_supernode_key
+
+    private, public = make_supernode_key(path)
+    typer.echo(f"private key {private} (stays at the site); public key {public}")
 
 
 @app.command("params")

@@ -189,6 +189,40 @@ class FederateParams(_Section):
         return self
 
 
+class FederationParams(_Section):
+    """Where the sites are: a loopback deployment on this machine, or a running federation.
+
+    With ``superlink`` set (remote mode) the sites hold their rows: partition writes no client
+    shards, and the Flower runs of pretrain and federate are submitted to that SuperLink's
+    Control API, which waits for ``sites`` SuperNodes (each started with ``lepton site join``).
+    """
+
+    superlink: str | None = Field(None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
+    root_certificates: str | None = None  # PEM of the CA that signed the SuperLink's certificate
+    insecure: bool = False  # remote mode without TLS: trusted networks and tests only
+    sites: int = Field(3, ge=1, le=100_000)  # SuperNodes a remote run waits for
+    connect_timeout_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    site_wait_seconds: float = Field(300.0, gt=0.0, le=86_400.0)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the sites run elsewhere (a SuperLink address is set)."""
+        return self.superlink is not None
+
+    @model_validator(mode="after")
+    def _remote_needs_tls_or_insecure(self) -> FederationParams:
+        if self.remote and self.root_certificates is None and not self.insecure:
+            raise ValueError(
+                "federation.superlink needs federation.root_certificates (the CA certificate, "
+                "PEM) or federation.insecure true"
+            )
+        if self.root_certificates is not None and self.insecure:
+            raise ValueError(
+                "federation.root_certificates and federation.insecure exclude each other"
+            )
+        return self
+
+
 class PrivacyParams(_Section):
     """The privacy budget across pipeline runs (read by federate and register)."""
 
@@ -240,11 +274,27 @@ with warnings.catch_warnings():
         partition: PartitionParams = PartitionParams()
         pretrain: PretrainParams = PretrainParams()
         federate: FederateParams = FederateParams()
+        federation: FederationParams = FederationParams()
         privacy: PrivacyParams = PrivacyParams()
         quantum: QuantumParams = QuantumParams()
         optimize: OptimizeParams = OptimizeParams()
         evaluate: EvaluateParams = EvaluateParams()
         register: RegisterParams = RegisterParams()
+
+        @model_validator(mode="after")
+        def _remote_sites_need_flower(self) -> Params:
+            if not self.federation.remote:
+                return self
+            if self.federate.runtime != "flower":
+                raise ValueError(
+                    "federation.superlink (remote sites) needs federate.runtime 'flower'"
+                )
+            if self.pretrain.mode == "federated" and self.pretrain.runtime != "flower":
+                raise ValueError(
+                    "federation.superlink with pretrain.mode 'federated' needs "
+                    "pretrain.runtime 'flower'"
+                )
+            return self
 
         @model_validator(mode="after")
         def _qubits_fit_the_embedding(self) -> Params:

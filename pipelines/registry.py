@@ -109,6 +109,7 @@ STAGES: tuple[Stage, ...] = (
         plots=(Plot("data/partitions/client_labels.png"),),
         headline="labeled_rows",
         timeout_minutes=20,
+        shared_params=("federation",),
     ),
     Stage(
         name="pretrain",
@@ -122,6 +123,7 @@ STAGES: tuple[Stage, ...] = (
         headline="val_knn_accuracy",
         needs_gpu=True,
         timeout_minutes=120,
+        shared_params=("federation",),
     ),
     Stage(
         name="federate",
@@ -140,7 +142,7 @@ STAGES: tuple[Stage, ...] = (
         headline="val_accuracy",
         needs_gpu=True,
         timeout_minutes=180,
-        shared_params=("privacy",),
+        shared_params=("privacy", "federation"),
     ),
     Stage(
         name="quantum",

@@ -87,7 +87,7 @@ def make_federation_workspace(
     import torch
     from sklearn.datasets import load_digits
 
-    from pipelines.io import ImageTable, Paths, save_weights, write_image_table
+    from pipelines.io import ImageTable, Paths, save_weights, write_image_table, write_json
     from pipelines.models.encoder import Encoder
 
     data = load_digits()
@@ -101,6 +101,8 @@ def make_federation_workspace(
     paths = Paths(root)
     (paths.partitions / "clients").mkdir(parents=True)
     write_image_table(table.subset(order[:val_rows]), paths.partitions / "val.parquet")
+    # the raw digits' pixel range (0..16), as partition records it for the sites
+    write_json(paths.partitions / "manifest.json", {"normalization": {"low": 0.0, "high": 16.0}})
     for k, rows in enumerate(np.array_split(rest, clients)):
         write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
     torch.manual_seed(0)

@@ -3,23 +3,28 @@
 :func:`make_server_app` and :func:`make_client_app` build the ``ServerApp`` and ``ClientApp``
 (Flower's Message API) that ``pipelines/federated/flower_app`` exposes to ``flwr run``:
 
-- the **ClientApp** runs at a data site, in a SuperNode started with
-  ``--node-config 'client-index=<i> shard="<path to the site's Parquet shard>"'``. On a
-  ``query`` message it returns its client index and, given a model config, the class
-  statistics of its shard (for the class-mean head); on a ``train`` message it runs
-  :func:`~pipelines.federated.fedavg.train_client` (the one client step every runtime
-  shares), or :func:`~pipelines.federated.ssl.train_ssl_client` for a ``simclr`` task
-  (federated pretraining), and returns its weights, row count and loss;
-- the **ServerApp** reads a run spec (JSON, path in the run config key ``spec``: federate
-  params, seed, model config, start weights, the val table, the output folder), waits for
-  the SuperNodes, sets the head from their class statistics, then runs
+- the **ClientApp** runs at a data site, in a SuperNode. Its node config names the site and
+  its data: ``site="<name>" shard="<Parquet shard>"`` (the loopback deployment: a shard that
+  partition wrote, already scaled), or ``site="<name>" data="<train>" holdout="<held-out
+  rows>" scale="raw"`` (``lepton site join``: the site's own files, scaled here with the
+  run's pixel range). On a ``query`` message it checks its data against the run's
+  (:mod:`pipelines.federated.sites`) and returns its name and row count and, given a model
+  config, the class statistics of its rows (for the class-mean head); on a ``train``
+  message it runs :func:`~pipelines.federated.fedavg.train_client` (the one client step
+  every runtime shares), or :func:`~pipelines.federated.ssl.train_ssl_client` for a
+  ``simclr`` task, and returns its weights, row count and loss; on an ``evaluate``
+  message it scores the model on its held-out rows and returns accuracy and row count.
+- the **ServerApp** reads the run spec packaged into the app (``run_spec.json``: federate
+  params, seed, model config, start weights, the val table), waits for the SuperNodes,
+  sets the head from their class statistics, then runs
   :func:`~pipelines.federated.fedavg.run_federation` with a ``collect`` that sends each
   round to the sampled nodes, so screening, aggregation, DP and the server optimizer are the
-  simulation's own code. It appends each round's history row to ``progress.jsonl`` as the
-  round ends (the stage logs it to MLflow while the run goes) and writes
-  ``model.safetensors``, ``model.json`` and ``history.json`` into the output folder. A
-  spec with ``"task": "simclr"`` runs federated SimCLR instead (encoder + projection head,
-  no head init, no val).
+  simulation's own code. After the last round each site scores the final model on its
+  held-out rows. Each round's history row goes to its output as it ends, and the result
+  (history, per-site metrics, final weights) at the end
+  (:func:`~pipelines.federated.flower_deploy.report_result`); the stage reads both from
+  ``flwr log``. A spec with ``"task": "simclr"`` runs federated SimCLR instead (encoder +
+  projection head, no head init, no val, no site scores).
 
 This module imports ``flwr``, which lives in its own environment (``.venv-flower``, see
 docs/federated.md): Flower pins protobuf, typer and rich below what the main environment
@@ -31,13 +36,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-NODE_WAIT_SECONDS = 300.0
 ROUND_TIMEOUT_SECONDS = 3600.0
 
 
@@ -48,50 +53,49 @@ def _state_record(state):
 
 
 def make_client_app():
-    """The ClientApp: class statistics (``query``) and local training (``train``)."""
+    """The ClientApp: checks and class statistics (``query``), local training (``train``),
+    scores on the site's held-out rows (``evaluate``)."""
     from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     from pipelines.config import FederateParams
-    from pipelines.federated.fedavg import client_class_statistics, train_client
-    from pipelines.federated.sites import check_site_data
+    from pipelines.federated.fedavg import (
+        client_class_statistics,
+        client_model,
+        evaluate_accuracy,
+        train_client,
+    )
+    from pipelines.federated.sites import check_site_data, load_site
     from pipelines.federated.ssl import train_ssl_client
-    from pipelines.io import read_image_table
 
     app = ClientApp()
 
-    def shard(context: Context):
-        return int(context.node_config["client-index"]), read_image_table(
-            str(context.node_config["shard"])
-        )
+    def site(context: Context, config) -> Any:
+        scale = json.loads(str(config["normalization"])) if "normalization" in config else None
+        return load_site(dict(context.node_config), scale)
 
     @app.query()
     def statistics(msg: Message, context: Context) -> Message:
-        index, table = shard(context)
         config = msg.content["config"]
-        if "expected" in config:  # refuse a shard unlike the run's data before any training
-            check_site_data(
-                table, json.loads(str(config["expected"])), str(context.node_config["shard"])
-            )
-        if "model-config" not in config:  # only which client this node is
-            info = RecordDict({"info": ConfigRecord({"client-index": index})})
-            return Message(content=info, reply_to=msg)
+        data = site(context, config)
+        if "expected" in config:  # refuse data unlike the run's before any training
+            check_site_data(data.train, json.loads(str(config["expected"])), data.source)
+        info = ConfigRecord(
+            {"site": data.name, "rows": len(data.train.labels), "holdout-rows": data.holdout_rows}
+        )
+        if "model-config" not in config:  # only which site this node is
+            return Message(content=RecordDict({"info": info}), reply_to=msg)
         state = msg.content["arrays"].to_torch_state_dict()
         stats = client_class_statistics(
-            state, table, "cpu", model_config=json.loads(str(config["model-config"]))
+            state, data.train, "cpu", model_config=json.loads(str(config["model-config"]))
         )
-        content = RecordDict(
-            {
-                "arrays": _state_record(stats),
-                "info": ConfigRecord({"client-index": index}),
-            }
-        )
+        content = RecordDict({"arrays": _state_record(stats), "info": info})
         return Message(content=content, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        index, table = shard(context)
         config = msg.content["config"]
+        data = site(context, config)
         params = FederateParams.model_validate_json(str(config["params"]))
         state = msg.content["arrays"].to_torch_state_dict()
         step = train_client
@@ -103,7 +107,7 @@ def make_client_app():
             )
         new_state, size, loss = step(
             state,
-            table,
+            data.train,
             params,
             int(config["seed"]),
             str(config["device"]),
@@ -113,27 +117,73 @@ def make_client_app():
             {
                 "arrays": _state_record(new_state),
                 "metrics": MetricRecord({"num-examples": int(size), "loss": float(loss)}),
-                "info": ConfigRecord({"client-index": index}),
+                "info": ConfigRecord({"site": data.name}),
             }
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        data = site(context, config)
+        metrics = {"rows": 0, "accuracy": 0.0}
+        if data.holdout is not None and len(data.holdout.labels):
+            model = client_model(
+                json.loads(str(config["model-config"])),
+                msg.content["arrays"].to_torch_state_dict(),
+            )
+            accuracy = evaluate_accuracy(model, data.holdout, "cpu")
+            metrics = {"rows": len(data.holdout.labels), "accuracy": accuracy}
+        content = RecordDict(
+            {"metrics": MetricRecord(metrics), "info": ConfigRecord({"site": data.name})}
         )
         return Message(content=content, reply_to=msg)
 
     return app
 
 
-def _wait_for_nodes(grid, count: int) -> list[int]:
+def wait_for_nodes(grid, count: int, wait_seconds: float) -> list[int]:
+    """The ids of the connected SuperNodes once ``count`` are there; raises after
+    ``wait_seconds``."""
     started = time.monotonic()
     while len(nodes := sorted(grid.get_node_ids())) < count:
-        if time.monotonic() - started > NODE_WAIT_SECONDS:
+        if time.monotonic() - started > wait_seconds:
             raise RuntimeError(
-                f"{len(nodes)} SuperNodes connected after {NODE_WAIT_SECONDS} s, {count} needed"
+                f"{len(nodes)} SuperNodes connected after {wait_seconds:g} s, {count} needed "
+                "(federation.sites, federation.site_wait_seconds)"
             )
         time.sleep(1.0)
     return nodes
 
 
-def make_server_app():
-    """The ServerApp: class-mean head from the nodes, then the shared round loop."""
+def _replies_or_raise(replies, nodes: list[int], what: str) -> list:
+    replies = list(replies)
+    failed = [r.error.reason for r in replies if r.has_error()]
+    if failed or len(replies) != len(nodes):
+        raise RuntimeError(
+            f"{what}: {len(replies)} replies from {len(nodes)} SuperNodes; "
+            f"errors: {'; '.join(failed) or 'none'}"
+        )
+    return replies
+
+
+def load_run_blobs(blobs: dict[str, bytes], folder: Path) -> tuple[dict, Any]:
+    """Start weights and the val table (if any) out of the run spec's blobs."""
+    from safetensors.torch import load
+
+    from pipelines.io import read_image_table
+
+    state = load(blobs["initial"])
+    val = None
+    if "val" in blobs:
+        (folder / "val.parquet").write_bytes(blobs["val"])
+        val = read_image_table(folder / "val.parquet")
+    return state, val
+
+
+def make_server_app(package_dir: Path):
+    """The ServerApp of the app in ``package_dir`` (its ``run_spec.json``): class-mean head
+    from the nodes, then the shared round loop, then the sites' scores."""
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.serverapp import Grid, ServerApp
 
@@ -144,17 +194,23 @@ def make_server_app():
         run_federation,
         with_class_mean_head,
     )
-    from pipelines.federated.flower_deploy import PROGRESS_FILE
+    from pipelines.federated.flower_deploy import (
+        encode_blob,
+        read_run_spec,
+        report_progress,
+        report_result,
+    )
     from pipelines.federated.ssl import ssl_round_params
     from pipelines.federated.strategies import Rejection, flatten_update
-    from pipelines.io import read_image_table, save_weights, write_json
     from pipelines.models.encoder import build_contrastive
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        spec = json.loads(Path(str(context.run_config["spec"])).read_text())
+        from safetensors.torch import save
+
+        spec, blobs = read_run_spec(package_dir)
         simclr = spec.get("task", "classifier") == "simclr"
         if simclr:
             pretrain = PretrainParams.model_validate(spec["pretrain"])
@@ -169,41 +225,40 @@ def make_server_app():
             task_config = {}
         seed, device, config = int(spec["seed"]), str(spec["device"]), spec["model_config"]
         config_json = json.dumps(config)
-        from safetensors.torch import load_file
+        site_config = {"normalization": json.dumps(spec["normalization"])}
+        with tempfile.TemporaryDirectory() as tmp:
+            state, val = load_run_blobs(blobs, Path(tmp))
+        nodes = wait_for_nodes(grid, int(spec["num_clients"]), float(spec["site_wait_seconds"]))
 
-        state = load_file(spec["initial"])
-        val = None if simclr else read_image_table(spec["val"])
-        nodes = _wait_for_nodes(grid, int(spec["num_clients"]))
-
-        # order the nodes by their client index (each checks its data against the run's);
+        # order the nodes by site name (each checks its data against the run's);
         # a classifier's head from their statistics
-        query_config = {"expected": json.dumps(spec["expected"])} if "expected" in spec else {}
+        query_config = {"expected": json.dumps(spec["expected"]), **site_config}
         if not simclr:
             query_config["model-config"] = config_json
         query = [
             Message(
-                RecordDict(
-                    {
-                        "arrays": _state_record(state),
-                        "config": ConfigRecord(query_config),
-                    }
-                ),
+                RecordDict({"arrays": _state_record(state), "config": ConfigRecord(query_config)}),
                 dst_node_id=node,
                 message_type=MessageType.QUERY,
             )
             for node in nodes
         ]
-        replies = list(grid.send_and_receive(query, timeout=ROUND_TIMEOUT_SECONDS))
-        failed = [r.error.reason for r in replies if r.has_error()]
-        if failed or len(replies) != len(nodes):
-            raise RuntimeError(
-                f"node query: {len(replies)} replies from {len(nodes)} SuperNodes; "
-                f"errors: {'; '.join(failed) or 'none'}"
-            )
-        by_index = {int(r.content["info"]["client-index"]): r for r in replies}
-        order = [by_index[i].metadata.src_node_id for i in sorted(by_index)]
+        replies = _replies_or_raise(
+            grid.send_and_receive(query, timeout=ROUND_TIMEOUT_SECONDS), nodes, "site check"
+        )
+        by_site = {str(r.content["info"]["site"]): r for r in replies}
+        names = sorted(by_site)
+        order = [by_site[name].metadata.src_node_id for name in names]
+        sites = [
+            {
+                "site": name,
+                "rows": int(by_site[name].content["info"]["rows"]),
+                "holdout_rows": int(by_site[name].content["info"]["holdout-rows"]),
+            }
+            for name in names
+        ]
         if not simclr:
-            stats = [by_index[i].content["arrays"].to_torch_state_dict() for i in sorted(by_index)]
+            stats = [by_site[name].content["arrays"].to_torch_state_dict() for name in names]
             state = with_class_mean_head(state, stats)
 
         def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
@@ -218,6 +273,7 @@ def make_server_app():
                                     "seed": client_seed(seed, round_index, index),
                                     "device": device,
                                     "model-config": config_json,
+                                    **site_config,
                                     **task_config,
                                 }
                             ),
@@ -250,14 +306,6 @@ def make_server_app():
                     result.losses.append(float(reply.content["metrics"]["loss"]))
             return result
 
-        out = Path(spec["out"])
-        out.mkdir(parents=True, exist_ok=True)
-
-        def report(round_index: int, row: dict[str, Any]) -> None:
-            log.info("round %d: %s", round_index, row)
-            with (out / PROGRESS_FILE).open("a") as progress:  # read by the stage as it goes
-                progress.write(json.dumps(row) + "\n")
-
         model, history = run_federation(
             config,
             state,
@@ -266,11 +314,51 @@ def make_server_app():
             params,
             seed,
             device,
-            report,
+            lambda _round, row: report_progress(row),
             collect=collect,
             **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),
         )
-        save_weights(model, out, model.config, name="model")
-        write_json(out / "history.json", history)
+        final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if not simclr:
+            scores = score_at_sites(grid, order, final, config_json, site_config)
+            for entry, score in zip(sites, scores, strict=True):
+                entry.update(score)
+        report_result(
+            {
+                "history": history,
+                "sites": sites,
+                "model_config": model.config,
+                "weights": encode_blob(save(final)),
+            }
+        )
+
+    def score_at_sites(grid, order, state, config_json, site_config) -> list[dict]:
+        messages = [
+            Message(
+                RecordDict(
+                    {
+                        "arrays": _state_record(state),
+                        "config": ConfigRecord({"model-config": config_json, **site_config}),
+                    }
+                ),
+                dst_node_id=node,
+                message_type=MessageType.EVALUATE,
+            )
+            for node in order
+        ]
+        answered = {
+            r.metadata.src_node_id: r
+            for r in grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_SECONDS)
+        }
+        scores = []
+        for node in order:
+            reply = answered.get(node)
+            if reply is None or reply.has_error():
+                scores.append({"holdout_accuracy": None})
+                continue
+            metrics = reply.content["metrics"]
+            rows = int(metrics["rows"])
+            scores.append({"holdout_accuracy": float(metrics["accuracy"]) if rows else None})
+        return scores
 
     return app

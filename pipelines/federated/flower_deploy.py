@@ -2,31 +2,52 @@
 
 :class:`LoopbackDeployment` starts a SuperLink and one SuperNode per client shard on this
 machine (each SuperNode sees only its own shard), as a data site would start its own;
-:func:`run_flower_job` submits the Flower app (``pipelines/federated/flower_app``) with a
-run spec and waits for it. The Flower executables come from the Flower environment
-(``.venv-flower``; ``$LEPTON_FLOWER_BIN`` to point elsewhere); nothing here imports ``flwr``.
+:class:`RemoteFederation` points at a SuperLink that already runs elsewhere
+(``federation.superlink``, TLS with ``federation.root_certificates``), whose SuperNodes the
+sites started with ``lepton site join``.
+
+:func:`package_app` copies the Flower app (``pipelines/federated/flower_app``) with the run
+spec and its start weights inside (``run_spec.json``: a FAB carries ``.json`` files, so
+they reach the ServerApp wherever the SuperLink runs), and :func:`run_flower_job` submits it
+and waits. The ServerApp reports on its own output, which Flower forwards to ``flwr log``:
+one ``LEPTON-PROGRESS`` line of JSON a round, and one ``LEPTON-RESULT`` line at the end
+(history, per-site metrics, the final weights); nothing comes back through the file system,
+so a remote run and a loopback run take the same path. The Flower executables come from
+the Flower environment (``.venv-flower``; ``$LEPTON_FLOWER_BIN`` to point elsewhere);
+nothing here imports ``flwr``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import LeptonError
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
 SECAGG_APP_DIR = Path(__file__).resolve().parent / "flower_app_secagg"
-PROGRESS_FILE = "progress.jsonl"  # the ServerApp's history rows, one a round, as it goes
+RUN_SPEC_FILE = "run_spec.json"  # inside the app's package: the spec and its blobs (base64)
+PROGRESS_MARK = "LEPTON-PROGRESS "  # + one JSON history row, printed by the ServerApp a round
+RESULT_MARK = "LEPTON-RESULT "  # + the run's result (JSON), printed once at the end
+FAB_MAX_BYTES = 10 * 1024 * 1024  # flwr refuses a bigger app bundle
 CONNECTION = "lepton"
+POLL_SECONDS = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class FlowerRuntimeError(LeptonError):
-    """The Flower deployment could not start, or the run failed."""
+    """The Flower deployment could not start or be reached, or the run failed."""
 
 
 def flower_bin() -> Path:
@@ -43,7 +64,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+    """Return once something listens on 127.0.0.1:``port``; raise if ``process`` exits first
+    or ``timeout`` passes."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if process.poll() is not None:
@@ -55,34 +78,219 @@ def _wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: flo
     raise FlowerRuntimeError(f"{what} did not listen on port {port} within {timeout:g} s")
 
 
-class LoopbackDeployment:
-    """A SuperLink and one SuperNode per shard, on 127.0.0.1, insecure (tests and demos).
+def flower_env(home: Path, bin_dir: Path) -> dict[str, str]:
+    """Environment of a Flower command: ``FLWR_HOME`` under ``home``, no update check, no
+    runtime dependency installation, this deployment's executables first on ``PATH``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRFLOW"))}
+    env.update(
+        {
+            "FLWR_HOME": str(Path(home) / "flwr"),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{bin_dir}:{env.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
 
-    Use as a context manager; the processes stop on exit. ``home`` holds ``FLWR_HOME``
-    (CLI connection config, installed apps) and the processes' logs.
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A SuperLink's TLS files (PEM): the CA certificate, its own certificate and key."""
+
+    ca_certificate: Path
+    certificate: Path
+    key: Path
+
+    def superlink_args(self) -> list[str]:
+        """``flower-superlink`` flags that serve its APIs over TLS with these files."""
+        return [
+            "--ssl-ca-certfile",
+            str(self.ca_certificate),
+            "--ssl-certfile",
+            str(self.certificate),
+            "--ssl-keyfile",
+            str(self.key),
+        ]
+
+
+def start_superlink(
+    bin_dir: Path,
+    port: int,
+    log_path: Path,
+    env: dict[str, str],
+    tls: TLSFiles | None = None,
+    host: str = "127.0.0.1",
+    supernode_auth: bool = False,
+) -> subprocess.Popen:
+    """Start ``flower-superlink`` (one port for the Fleet, Control and ServerApp APIs), TLS
+    with ``tls`` else insecure; ``supernode_auth`` admits only SuperNodes whose public key
+    was registered (``flwr supernode register``; needs TLS). Returns once it listens."""
+    argv = [
+        str(bin_dir / "flower-superlink"),
+        *(tls.superlink_args() if tls else ["--insecure"]),
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if supernode_auth:
+        argv.append("--enable-supernode-auth")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_for_port(port, process, "flower-superlink")
+    return process
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group (newest first), then SIGKILL what is still up after 20 s."""
+    import signal
+
+    for process in reversed(processes):
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+class FlowerDeployment:
+    """Where ``flwr run`` submits: a SuperLink's address and how to trust it.
+
+    ``home`` holds ``FLWR_HOME`` (the CLI's connection config, installed apps) and logs.
     """
 
-    def __init__(self, shards: list[Path], home: Path, bin_dir: Path | None = None):
-        self.shards = [Path(s).resolve() for s in shards]
+    def __init__(
+        self,
+        home: Path,
+        address: str,
+        root_certificates: Path | None = None,
+        bin_dir: Path | None = None,
+        connect_timeout: float = 30.0,
+    ):
         self.home = Path(home)
+        self.address = address
+        self.root_certificates = root_certificates
         self.bin = bin_dir or flower_bin()
-        self.port = free_port()
-        self.processes: list[subprocess.Popen] = []
+        self.connect_timeout = connect_timeout
 
     @property
     def env(self) -> dict[str, str]:
         """Environment of every Flower command of this deployment."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRFLOW"))}
-        env.update(
-            {
-                "FLWR_HOME": str(self.home / "flwr"),
-                "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "PATH": f"{self.bin}:{env.get('PATH', '')}",
-                "PYTHONUNBUFFERED": "1",
-            }
+        return flower_env(self.home, self.bin)
+
+    def write_connection(self) -> None:
+        """``$FLWR_HOME/config.toml``: the one connection ``lepton`` (TLS with the root
+        certificate, else insecure)."""
+        (self.home / "flwr").mkdir(parents=True, exist_ok=True)
+        trust = (
+            f'root-certificates = "{Path(self.root_certificates).resolve()}"\n'
+            if self.root_certificates
+            else "insecure = true\n"
         )
-        return env
+        (self.home / "flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\n{trust}'
+        )
+
+    def check_installed(self) -> None:
+        """Raise when the Flower executables are not where this deployment looks."""
+        if not (self.bin / "flwr").exists():
+            raise FlowerRuntimeError(
+                f"Flower is not installed in {self.bin} (run `make flower-setup`, or set "
+                "$LEPTON_FLOWER_BIN)"
+            )
+
+    def flwr(self, args: list[str], timeout: float | None = None) -> str:
+        """Run ``flwr ARGS`` against this deployment; its stdout, or a FlowerRuntimeError
+        that names the SuperLink when it cannot be reached."""
+        timeout = timeout if timeout is not None else self.connect_timeout + 90.0
+        try:
+            done = subprocess.run(
+                [str(self.bin / "flwr"), *args],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise FlowerRuntimeError(
+                f"flwr {args[0]}: no answer from the SuperLink at {self.address} within "
+                f"{timeout:g} s"
+            ) from None
+        if done.returncode != 0:
+            said = (done.stdout + done.stderr).strip()
+            if "unavailable" in said.lower() or "connect" in said.lower():
+                raise FlowerRuntimeError(
+                    f"the SuperLink at {self.address} cannot be reached "
+                    f"(federation.superlink): {said[-600:]}"
+                )
+            raise FlowerRuntimeError(f"flwr {' '.join(args[:2])} failed: {said[-3000:]}")
+        return done.stdout
+
+    def __enter__(self) -> FlowerDeployment:
+        self.check_installed()
+        self.write_connection()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def logs(self, tail: int = 3000) -> str:
+        """The end of every process log under ``home/logs``, for error messages."""
+        parts = []
+        for path in sorted((self.home / "logs").glob("*.log")):
+            parts.append(f"--- {path.name}\n{path.read_text()[-tail:]}")
+        return "\n".join(parts)
+
+
+class RemoteFederation(FlowerDeployment):
+    """A SuperLink that runs elsewhere (``federation.superlink``), with the sites' SuperNodes
+    connected to it; nothing is started here."""
+
+    def __init__(self, federation, home: Path, bin_dir: Path | None = None):
+        certificates = federation.root_certificates
+        if certificates is not None and not Path(certificates).is_file():
+            raise FlowerRuntimeError(f"federation.root_certificates: no such file: {certificates}")
+        super().__init__(
+            home,
+            federation.superlink,
+            Path(certificates) if certificates else None,
+            bin_dir,
+            federation.connect_timeout_seconds,
+        )
+
+    def __enter__(self) -> RemoteFederation:
+        super().__enter__()
+        self.flwr(["list", CONNECTION, "--format", "json"], timeout=self.connect_timeout + 5)
+        return self
+
+
+class LoopbackDeployment(FlowerDeployment):
+    """A SuperLink and one SuperNode per shard, on 127.0.0.1, insecure (tests and demos).
+
+    Use as a context manager; the processes stop on exit. SuperNode ``i`` gets the node
+    config ``site="client_00i" client-index=i shard="<its shard>"``.
+    """
+
+    def __init__(self, shards: list[Path], home: Path, bin_dir: Path | None = None):
+        self.port = free_port()
+        super().__init__(home, f"127.0.0.1:{self.port}", None, bin_dir)
+        self.shards = [Path(s).resolve() for s in shards]
+        self.processes: list[subprocess.Popen] = []
 
     def _start(self, argv: list[str], name: str) -> subprocess.Popen:
         log = (self.home / "logs" / f"{name}.log").open("w")
@@ -99,25 +307,11 @@ class LoopbackDeployment:
                 "$LEPTON_FLOWER_BIN)"
             )
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        (self.home / "flwr").mkdir(parents=True, exist_ok=True)
-        (self.home / "flwr" / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
+        self.write_connection()
         try:
-            link = self._start(
-                [
-                    str(self.bin / "flower-superlink"),
-                    "--insecure",
-                    "--disable-runtime-dependency-installation",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
-                "superlink",
+            self.processes.append(
+                start_superlink(self.bin, self.port, self.home / "logs" / "superlink.log", self.env)
             )
-            _wait_for_port(self.port, link, "flower-superlink")
             for index, shard in enumerate(self.shards):
                 node_port = free_port()
                 node = self._start(
@@ -125,15 +319,15 @@ class LoopbackDeployment:
                         str(self.bin / "flower-supernode"),
                         "--insecure",
                         "--superlink",
-                        f"127.0.0.1:{self.port}",
+                        self.address,
                         "--port",
                         str(node_port),
                         "--node-config",
-                        f'client-index={index} shard="{shard}"',
+                        f'site="client_{index:03d}" client-index={index} shard="{shard}"',
                     ],
                     f"supernode_{index}",
                 )
-                _wait_for_port(node_port, node, f"flower-supernode {index}")
+                wait_for_port(node_port, node, f"flower-supernode {index}")
         except BaseException:
             self.stop()
             raise
@@ -144,102 +338,155 @@ class LoopbackDeployment:
 
     def stop(self) -> None:
         """Stop every process this deployment started (their process groups)."""
-        import signal
-
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_processes(self.processes)
         self.processes.clear()
 
-    def logs(self, tail: int = 3000) -> str:
-        """The end of every process log, for error messages."""
-        parts = []
-        for path in sorted((self.home / "logs").glob("*.log")):
-            parts.append(f"--- {path.name}\n{path.read_text()[-tail:]}")
-        return "\n".join(parts)
+
+def encode_blob(data: bytes) -> str:
+    """Bytes as base64 text (weights and tables inside the run spec and the result)."""
+    return base64.b64encode(data).decode("ascii")
 
 
-def _flwr(deployment: LoopbackDeployment, args: list[str], timeout: float = 120) -> str:
-    done = subprocess.run(
-        [str(deployment.bin / "flwr"), *args],
-        env=deployment.env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if done.returncode != 0:
-        raise FlowerRuntimeError(f"flwr {' '.join(args[:2])} failed: {done.stdout}{done.stderr}")
-    return done.stdout
+def decode_blob(text: str) -> bytes:
+    """The bytes :func:`encode_blob` wrote."""
+    return base64.b64decode(text.encode("ascii"))
 
 
-class ProgressTail:
-    """Calls ``on_row(row)`` once for each JSON line appended to ``path`` (the ServerApp's
-    ``progress.jsonl``), as lines arrive; :meth:`poll` reads what is new."""
+def package_app(
+    app_dir: Path, work_dir: Path, spec: dict[str, Any], blobs: dict[str, bytes]
+) -> Path:
+    """Copy the Flower app in ``app_dir`` to ``work_dir/app`` with ``spec`` and ``blobs``
+    (start weights, the val table) in its package's ``run_spec.json``; return the copy.
+    Raises when the bundle would exceed Flower's 10 MiB limit."""
+    target = Path(work_dir) / "app"
+    shutil.copytree(app_dir, target, ignore=shutil.ignore_patterns("__pycache__"))
+    package = next(p for p in target.iterdir() if (p / "__init__.py").exists())
+    document = json.dumps({"spec": spec, "blobs": {k: encode_blob(v) for k, v in blobs.items()}})
+    size = len(document.encode()) + sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    if size > FAB_MAX_BYTES * 0.95:
+        sizes = ", ".join(f"{k} {len(v) / 1e6:.1f} MB" for k, v in blobs.items())
+        raise FlowerRuntimeError(
+            f"the run spec is {size / 1e6:.1f} MB ({sizes}); a Flower app bundle holds at most "
+            f"{FAB_MAX_BYTES / 1e6:.1f} MB"
+        )
+    (package / RUN_SPEC_FILE).write_text(document)
+    return target
 
-    def __init__(self, path: Path, on_row: Callable[[dict], None]):
-        self.path, self.on_row, self.seen = Path(path), on_row, 0
 
-    def poll(self) -> None:
-        """Hand every complete line not seen yet to ``on_row``."""
-        if not self.path.exists():
-            return
-        lines = self.path.read_text().split("\n")[:-1]  # the last piece may be half written
-        for line in lines[self.seen :]:
-            self.on_row(json.loads(line))
-        self.seen = max(self.seen, len(lines))
+def read_run_spec(package_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The ServerApp's side of :func:`package_app`: ``(spec, blobs)``."""
+    document = json.loads((Path(package_dir) / RUN_SPEC_FILE).read_text())
+    return document["spec"], {k: decode_blob(v) for k, v in document["blobs"].items()}
+
+
+def report_progress(row: dict[str, Any]) -> None:
+    """ServerApp: one history row, on its output (forwarded to ``flwr log``)."""
+    print(PROGRESS_MARK + json.dumps(row), flush=True)
+
+
+def report_result(result: dict[str, Any]) -> None:
+    """ServerApp: the run's result, once, at the end."""
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+class RunLog:
+    """Reads the ServerApp's marked lines out of ``flwr log`` text as it grows: each
+    progress row once (``on_row``), and the result when it is there."""
+
+    def __init__(self, on_row: Callable[[dict], None] | None = None):
+        self.on_row, self.seen, self.result = on_row, 0, None
+
+    def feed(self, text: str) -> None:
+        """Hand every progress row not seen yet to ``on_row``; keep the result line."""
+        rows = []
+        for line in text.splitlines():
+            if (at := line.find(PROGRESS_MARK)) >= 0:
+                try:
+                    rows.append(json.loads(line[at + len(PROGRESS_MARK) :]))
+                except json.JSONDecodeError:  # a line not fully forwarded yet
+                    break
+            elif (at := line.find(RESULT_MARK)) >= 0:
+                try:
+                    self.result = json.loads(line[at + len(RESULT_MARK) :])
+                except json.JSONDecodeError:
+                    pass
+        for row in rows[self.seen :]:
+            if self.on_row is not None:
+                self.on_row(row)
+        self.seen = max(self.seen, len(rows))
 
 
 def run_flower_job(
-    deployment: LoopbackDeployment,
-    spec_path: Path,
+    deployment: FlowerDeployment,
+    app_dir: Path,
+    on_row: Callable[[dict], None] | None = None,
     timeout: float = 3600.0,
-    app_dir: Path = APP_DIR,
-    on_poll: Callable[[], None] | None = None,
-) -> dict:
-    """Submit the Flower app in ``app_dir`` with run spec ``spec_path``; wait until it ends,
-    calling ``on_poll()`` every poll (about 2 s) and once at the end; return its row from
-    ``flwr list``. A failed run raises with the run's log."""
-    submitted = _flwr(
-        deployment,
-        [
-            "run",
-            str(app_dir),
-            CONNECTION,
-            "--run-config",
-            f'spec="{Path(spec_path).resolve()}"',
-            "--format",
-            "json",
-        ],
-    )
-    run_id = str(json.loads(submitted)["run-id"])
+) -> dict[str, Any]:
+    """Submit the packaged Flower app ``app_dir`` (:func:`package_app`), follow its log
+    (each progress row to ``on_row`` as it arrives, about every 2 s) and return the result
+    the ServerApp reported. A failed run raises with the end of its log."""
+    submitted = deployment.flwr(["run", str(app_dir), CONNECTION, "--format", "json"])
+    try:
+        run_id = str(json.loads(submitted)["run-id"])
+    except (json.JSONDecodeError, KeyError):
+        raise FlowerRuntimeError(f"flwr run did not start a run: {submitted[-2000:]}") from None
     started = time.monotonic()
-    status = ""
+    status, follow = "", RunLog(on_row)
     while time.monotonic() - started < timeout:
         listed = json.loads(
-            _flwr(deployment, ["list", CONNECTION, "--run-id", run_id, "--format", "json"])
+            deployment.flwr(["list", CONNECTION, "--run-id", run_id, "--format", "json"])
         )
-        row = listed["runs"][0]
-        status = str(row.get("status", ""))
-        if on_poll is not None:
-            on_poll()
+        status = str(listed["runs"][0].get("status", ""))
+        text = deployment.flwr(["log", run_id, CONNECTION, "--show"])
+        follow.feed(text)
         if status.startswith("finished:"):
-            if status != "finished:completed":
-                log = subprocess.run(
-                    [str(deployment.bin / "flwr"), "log", run_id, CONNECTION, "--show"],
-                    env=deployment.env,
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                ).stdout
-                raise FlowerRuntimeError(f"Flower run {run_id} {status}:\n{log[-4000:]}")
-            return row
-        time.sleep(2.0)
+            for _ in range(5):  # the last lines may reach the log just after the run ends
+                if follow.result is not None or status != "finished:completed":
+                    break
+                time.sleep(1.0)
+                text = deployment.flwr(["log", run_id, CONNECTION, "--show"])
+                follow.feed(text)
+            if status != "finished:completed" or follow.result is None:
+                raise FlowerRuntimeError(f"Flower run {run_id} {status}:\n{text[-4000:]}")
+            return follow.result
+        time.sleep(POLL_SECONDS)
     raise FlowerRuntimeError(f"Flower run {run_id} still {status or 'pending'} after {timeout} s")
+
+
+def open_deployment(federation, shards: list[Path], home: Path) -> FlowerDeployment:
+    """The deployment a run goes to: the remote federation when ``federation.superlink`` is
+    set, else a loopback deployment with one SuperNode per shard."""
+    if federation.remote:
+        return RemoteFederation(federation, home)
+    return LoopbackDeployment(shards, home)
+
+
+def run_federated_job(
+    federation,
+    shards: list[Path],
+    app_dir: Path,
+    spec: dict[str, Any],
+    blobs: dict[str, bytes],
+    work_dir: Path,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Package ``app_dir`` with ``spec`` and ``blobs``, run it on the federation's
+    deployment (:func:`open_deployment`) and write the final weights the ServerApp sent
+    to ``work_dir/out/model.{safetensors,json}``; return its result (``history``,
+    ``sites``)."""
+    sites = federation.sites if federation.remote else len(shards)
+    spec = {**spec, "num_clients": sites, "site_wait_seconds": federation.site_wait_seconds}
+    app = package_app(app_dir, work_dir, spec, blobs)
+    with open_deployment(federation, shards, work_dir / "home") as deployment:
+        where = (
+            f"the SuperLink at {deployment.address} ({sites} sites)"
+            if federation.remote
+            else f"a loopback SuperLink + {sites} SuperNodes on 127.0.0.1"
+        )
+        log.info("Flower run on %s", where)
+        result = run_flower_job(deployment, app, on_row)
+    out = work_dir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.safetensors").write_bytes(decode_blob(result.pop("weights")))
+    (out / "model.json").write_text(json.dumps(result["model_config"]))
+    return result

@@ -48,12 +48,12 @@ def make_secagg_client_app():
 
     from pipelines.config import FederateParams
     from pipelines.federated.fedavg import client_seed, train_client
-    from pipelines.io import read_image_table
+    from pipelines.federated.sites import load_site
     from pipelines.models.encoder import build_classifier
 
     class SiteClient(NumPyClient):
-        def __init__(self, index: int, shard: str):
-            self.index, self.table = index, read_image_table(shard)
+        def __init__(self, index: int, node_config: dict):
+            self.index, self.table = index, load_site(node_config, None).train
 
         def fit(self, parameters, config):
             model_config = json.loads(str(config["model-config"]))
@@ -72,20 +72,21 @@ def make_secagg_client_app():
 
     def client_fn(context: Context):
         node = context.node_config
-        return SiteClient(int(node["client-index"]), str(node["shard"])).to_client()
+        return SiteClient(int(node["client-index"]), dict(node)).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
 
-def make_secagg_server_app():
-    """ServerApp: legacy FedAvg under ``SecAggPlusWorkflow``; val scored after each round."""
+def make_secagg_server_app(package_dir: Path):
+    """ServerApp of the app in ``package_dir`` (its ``run_spec.json``): legacy FedAvg under
+    ``SecAggPlusWorkflow``; val scored after each round, reported as the plain runtime's."""
     from flwr.app import Context
     from flwr.common import ndarrays_to_parameters
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.serverapp import Grid, ServerApp
-    from safetensors.torch import load_file
+    from safetensors.torch import save
 
     from pipelines.config import FederateParams
     from pipelines.federated.fedavg import (
@@ -93,20 +94,28 @@ def make_secagg_server_app():
         evaluate_accuracy,
         round_learning_rate,
     )
-    from pipelines.io import read_image_table, save_weights, write_json
+    from pipelines.federated.flower import load_run_blobs
+    from pipelines.federated.flower_deploy import (
+        encode_blob,
+        read_run_spec,
+        report_progress,
+        report_result,
+    )
     from pipelines.models.encoder import build_classifier
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        spec = json.loads(Path(str(context.run_config["spec"])).read_text())
+        import tempfile
+
+        spec, blobs = read_run_spec(package_dir)
         params = FederateParams.model_validate(spec["federate"])
         config = spec["model_config"]
         model = build_classifier(config)
-        loaded = load_file(spec["initial"])  # safetensors sorts keys: restore the model's order
-        start = {key: loaded[key] for key in model.state_dict()}
-        val = read_image_table(spec["val"])
+        with tempfile.TemporaryDirectory() as tmp:
+            loaded, val = load_run_blobs(blobs, Path(tmp))
+        start = {key: loaded[key] for key in model.state_dict()}  # safetensors sorts keys
         clients = int(spec["num_clients"])
         history: list[dict] = []
         fit_summary: dict = {}
@@ -156,6 +165,7 @@ def make_secagg_server_app():
                         **fit_summary,
                     }
                 )
+                report_progress(history[-1])
                 fit_summary.clear()
             return 0.0, {}
 
@@ -182,9 +192,14 @@ def make_secagg_server_app():
             )
         )
         workflow(grid, legacy)
-        out = Path(spec["out"])
-        out.mkdir(parents=True, exist_ok=True)
-        save_weights(model.eval(), out, model.config, name="model")
-        write_json(out / "history.json", history)
+        final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        report_result(
+            {
+                "history": history,
+                "sites": [],
+                "model_config": model.config,
+                "weights": encode_blob(save(final)),
+            }
+        )
 
     return app

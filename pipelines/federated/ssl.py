@@ -19,7 +19,6 @@ ClientApp and ServerApp of :mod:`pipelines.federated.flower` with a ``simclr`` t
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -146,55 +145,46 @@ def pretrain_federated(
 def pretrain_federated_on_flower(
     shards: list[Path],
     p: PretrainParams,
+    federation,
+    expected: dict[str, Any],
+    normalization: dict[str, float],
     seed: int,
     device: str,
     work_dir: Path,
-    expected: dict[str, Any] | None = None,
     on_round: Callable[[int, float], None] | None = None,
 ) -> tuple[Encoder, list[float]]:
-    """:func:`pretrain_federated` on Flower's deployment engine over a loopback deployment
-    (a SuperLink and one SuperNode per shard, each reading only its own shard); returns
-    ``(encoder, mean client NT-Xent per round)`` as the ServerApp wrote them. Each
-    SuperNode refuses a shard unlike ``expected`` (:mod:`pipelines.federated.sites`;
-    default: the first shard's channels, size and classes). ``on_round(round, loss)`` is
-    called as each round ends on the server (its progress file, read while the run goes)."""
-    from pipelines.federated.flower_deploy import (
-        APP_DIR,
-        PROGRESS_FILE,
-        LoopbackDeployment,
-        ProgressTail,
-        run_flower_job,
-    )
-    from pipelines.federated.sites import expected_data
-    from pipelines.io import load_weights, read_table_layout, save_weights
+    """:func:`pretrain_federated` on Flower's deployment engine: a loopback deployment over
+    ``shards`` (one SuperNode per shard, each reading only its own), or the remote sites of
+    ``federation`` (their own files, scaled by ``normalization``); returns ``(encoder, mean
+    client NT-Xent per round)`` as the ServerApp reported them. Each SuperNode refuses data
+    unlike ``expected`` (:mod:`pipelines.federated.sites`). ``on_round(round, loss)`` is
+    called as each round ends on the server (read from ``flwr log`` while the run goes)."""
+    from safetensors.torch import save
 
-    layout = read_table_layout(shards[0])
-    model = start_model(layout.image_shape, layout.channels, p, seed)
-    save_weights(model, work_dir, model.config, name="start")
+    from pipelines.federated.flower_deploy import APP_DIR, run_federated_job
+    from pipelines.io import load_weights
+
+    model = start_model(tuple(expected["image_shape"]), expected["channels"], p, seed)
     spec = {
         "task": "simclr",
         "pretrain": p.model_dump(mode="json"),
         "seed": seed,
         "device": device,
         "model_config": model.config,
-        "initial": str(work_dir / "start.safetensors"),
-        "out": str(work_dir / "out"),
-        "num_clients": len(shards),
-        "expected": expected or expected_data(layout),
+        "expected": expected,
+        "normalization": normalization,
     }
-    (work_dir / "spec.json").write_text(json.dumps(spec))
-    with LoopbackDeployment(shards, work_dir / "home") as deployment:
-        log.info("Flower deployment up: SuperLink + %d SuperNodes on 127.0.0.1", len(shards))
-        tail = ProgressTail(
-            work_dir / "out" / PROGRESS_FILE,
-            lambda row: on_round(int(row["round"]), row["train_loss"]) if on_round else None,
-        )
-        run_flower_job(deployment, work_dir / "spec.json", app_dir=APP_DIR, on_poll=tail.poll)
-    history = json.loads((work_dir / "out" / "history.json").read_text())
-    for row in history[tail.seen :]:  # rounds the progress file did not report
-        if on_round is not None:
-            on_round(int(row["round"]), row["train_loss"])
+    blobs = {"initial": save({k: v.detach().contiguous() for k, v in model.state_dict().items()})}
+    result = run_federated_job(
+        federation,
+        shards,
+        APP_DIR,
+        spec,
+        blobs,
+        work_dir,
+        lambda row: on_round(int(row["round"]), row["train_loss"]) if on_round else None,
+    )
     state, config = load_weights(work_dir / "out", "model")
     trained = build_contrastive(config)
     trained.load_state_dict(state)
-    return trained.encoder.eval(), [row["train_loss"] for row in history]
+    return trained.encoder.eval(), [row["train_loss"] for row in result["history"]]

@@ -179,6 +179,18 @@ def client_histograms(paths: Paths, num_classes: int) -> dict[str, np.ndarray]:
     return histograms
 
 
+def site_scores(paths: Paths) -> list[dict]:
+    """Each site's score of the federated model on its own held-out rows, as federate
+    recorded it (``models/federate/sites.json``; remote sites only: in simulation no site
+    keeps rows back)."""
+    from pipelines.federated.sites import SITES_FILE
+
+    path = paths.model_dir("federate") / SITES_FILE
+    if not path.exists():
+        return []
+    return [s for s in read_json(path) if s.get("holdout_accuracy") is not None]
+
+
 def run(params: Params, paths: Paths, tracker: StageTracker) -> dict:
     """Score every variant on val and test; write plots and reports/metrics.json."""
     test = read_image_table(paths.partitions / "test.parquet")
@@ -216,7 +228,15 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict:
         - variants["onnx_int8"]["test_accuracy"],
         "int8_size_ratio": size.get("int8_size_ratio"),
         "variants": variants,
+        "sites": site_scores(paths),
     }
+    for site in metrics["sites"]:
+        log.info(
+            "site %-16s federated model, held-out accuracy %.4f on %d rows (at the site)",
+            site["site"],
+            site["holdout_accuracy"],
+            site["holdout_rows"],
+        )
     out = paths.evaluate
     with atomic_outputs(dirs=[out], files=[paths.report("evaluate")]) as staged:
         for name, matrix in matrices.items():

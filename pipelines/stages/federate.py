@@ -9,7 +9,12 @@ aggregate the rest (``federate.aggregator``; DP-FedAvg with ``federate.dp``), ap
 the server optimizer (FedAdam or plain), score on val. With DP, the ε of the run is checked
 against the privacy ledger before training starts (``privacy.max_epsilon``) and recorded in
 it afterwards. Writes ``models/federate/model.{safetensors,json}`` (the final classifier),
-``rounds.csv`` (one row per round) and ``reports/federate.json``.
+``rounds.csv`` (one row per round), ``sites.json`` (each site: name, rows and, for remote
+sites, its score on its own held-out rows) and ``reports/federate.json``.
+
+With ``federation.superlink`` set the clients are remote sites (``lepton site join``): no
+shard is read here, the run goes to that SuperLink, and each site's metrics are logged as
+``site.<name>.*``.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.config import FederateParams, Params
+from pipelines.config import FederateParams, FederationParams, Params
 from pipelines.errors import GateError
 from pipelines.federated.privacy import DATA_TAG, EPSILON_METRIC
-from pipelines.federated.sites import check_site_data, expected_data
+from pipelines.federated.sites import SITES_FILE, check_site_data, expected_data
 from pipelines.io import (
     ImageTable,
     Paths,
@@ -33,6 +38,7 @@ from pipelines.io import (
     content_sha256,
     read_client_shards_within_budget,
     read_image_table,
+    read_json,
     save_weights,
     table_rows,
     union_sha256,
@@ -76,67 +82,81 @@ def federate(
 ROUND_COLUMNS = ("round", "val_accuracy", "train_loss", "accepted", "rejected", "dropped")
 
 
+def remote_data_key(superlink: str) -> str:
+    """The privacy ledger's data key of a remote federation: the workspace never sees the
+    sites' rows, so the key is the federation's address (sha256 of ``remote:<address>``)."""
+    import hashlib
+
+    return hashlib.sha256(f"remote:{superlink}".encode()).hexdigest()
+
+
+def site_metrics(sites: list[dict]) -> dict[str, float]:
+    """MLflow metrics of each site: ``site.<name>.rows`` and, where the site scored the
+    final model on its held-out rows, ``site.<name>.holdout_accuracy`` and ``..._rows``."""
+    import re
+
+    metrics: dict[str, float] = {}
+    for entry in sites:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(entry["site"]))
+        metrics[f"site.{name}.rows"] = float(entry["rows"])
+        if entry.get("holdout_accuracy") is not None:
+            metrics[f"site.{name}.holdout_accuracy"] = float(entry["holdout_accuracy"])
+            metrics[f"site.{name}.holdout_rows"] = float(entry["holdout_rows"])
+    return metrics
+
+
 def federate_on_flower(
     encoder: Encoder,
     shards: list[Path],
     val_path: Path,
     p: FederateParams,
+    federation: FederationParams,
+    normalization: dict[str, float],
     seed: int,
     device: str,
     work_dir: Path,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
-) -> tuple[Classifier, list[dict[str, float]]]:
-    """The same federation on Flower's deployment engine, over a loopback deployment.
+) -> tuple[Classifier, list[dict[str, float]], list[dict]]:
+    """The same federation on Flower's deployment engine: a loopback deployment over
+    ``shards``, or the remote sites of ``federation`` (each reads its own files, scaled
+    by ``normalization``, the run's pixel range).
 
-    Starts a SuperLink and one SuperNode per shard on this machine
-    (:class:`~pipelines.federated.flower_deploy.LoopbackDeployment`), submits the Flower
-    app with a run spec in ``work_dir`` and reads back the model and per-round history the
-    ServerApp wrote. The start model is built exactly as :func:`federate` builds it; the
-    class-mean head is set on the server from the SuperNodes' statistics. ``on_round(round,
-    row)`` is called for each round as the ServerApp finishes it (read from its progress
-    file while the run goes).
+    The start model is built exactly as :func:`federate` builds it and travels in the app
+    bundle with the val table; the class-mean head is set on the server from the sites'
+    statistics. ``on_round(round, row)`` is called for each round as the ServerApp
+    finishes it (read from ``flwr log`` while the run goes). Returns ``(model, history,
+    sites)``; ``sites`` has each site's name, rows, held-out rows and held-out accuracy.
     """
-    import json
+    from safetensors.torch import save
 
     from pipelines.federated.fedavg import start_classifier
-    from pipelines.federated.flower_deploy import (
-        APP_DIR,
-        PROGRESS_FILE,
-        SECAGG_APP_DIR,
-        LoopbackDeployment,
-        ProgressTail,
-        run_flower_job,
-    )
+    from pipelines.federated.flower_deploy import APP_DIR, SECAGG_APP_DIR, run_federated_job
     from pipelines.models.encoder import load_classifier
 
     val = read_image_table(val_path)
     model = start_classifier(encoder, val.num_classes, seed)
-    save_weights(model, work_dir, model.config, name="start")
     spec = {
         "expected": expected_data(val),
+        "normalization": normalization,
         "federate": p.model_dump(mode="json"),
         "seed": seed,
         "device": device,
         "model_config": model.config,
-        "initial": str(work_dir / "start.safetensors"),
-        "val": str(Path(val_path).resolve()),
-        "out": str(work_dir / "out"),
-        "num_clients": len(shards),
     }
-    (work_dir / "spec.json").write_text(json.dumps(spec))
-    with LoopbackDeployment(shards, work_dir / "home") as deployment:
-        log.info("Flower deployment up: SuperLink + %d SuperNodes on 127.0.0.1", len(shards))
-        app_dir = SECAGG_APP_DIR if p.secure_aggregation else APP_DIR
-        tail = ProgressTail(
-            work_dir / "out" / PROGRESS_FILE,
-            lambda row: on_round(int(row["round"]), row) if on_round else None,
-        )
-        run_flower_job(deployment, work_dir / "spec.json", app_dir=app_dir, on_poll=tail.poll)
-    history = json.loads((work_dir / "out" / "history.json").read_text())
-    for row in history[tail.seen :]:  # rows no progress line reported (SecAgg+ writes none)
-        if on_round is not None:
-            on_round(int(row["round"]), row)
-    return load_classifier(work_dir / "out"), history
+    blobs = {
+        "initial": save({k: v.detach().contiguous() for k, v in model.state_dict().items()}),
+        "val": Path(val_path).read_bytes(),
+    }
+    result = run_federated_job(
+        federation,
+        shards,
+        SECAGG_APP_DIR if p.secure_aggregation else APP_DIR,
+        spec,
+        blobs,
+        work_dir,
+        lambda row: on_round(int(row["round"]), row) if on_round else None,
+    )
+    return load_classifier(work_dir / "out"), result["history"], result["sites"]
 
 
 def write_rounds(path: Path, history: list[dict[str, float]]) -> None:
@@ -176,22 +196,28 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     """FedAvg from the pretrained encoder; write models/federate and its report."""
     from pipelines.models.encoder import load_encoder
 
-    p = params.federate
+    p, federation = params.federate, params.federation
     encoder = load_encoder(paths.model_dir("pretrain"))
-    shard_tables = read_client_shards_within_budget(
-        paths.partitions, params.common.memory_budget_mb
-    )
-    shards = [path for path, _ in shard_tables]
-    clients = [table for _, table in shard_tables]
     val_path = paths.partitions / "val.parquet"
     val = read_image_table(val_path)
     expected = expected_data(val)
-    for path, table in shard_tables:
-        check_site_data(table, expected, str(path))
-    data_sha256 = union_sha256(clients, val.num_classes)
-    tracker.log_dataset("clients", paths.partitions / "clients", data_sha256, "training")
+    if federation.remote:  # the sites hold the rows: nothing to read or hash here
+        shard_tables = []
+        data_sha256 = remote_data_key(federation.superlink)
+        tracker.set_tags({"federation.superlink": federation.superlink})
+    else:
+        shard_tables = read_client_shards_within_budget(
+            paths.partitions, params.common.memory_budget_mb
+        )
+        for path, table in shard_tables:
+            check_site_data(table, expected, str(path))
+        data_sha256 = union_sha256([t for _, t in shard_tables], val.num_classes)
+        tracker.log_dataset("clients", paths.partitions / "clients", data_sha256, "training")
+    shards = [path for path, _ in shard_tables]
+    clients = [table for _, table in shard_tables]
+    num_clients = federation.sites if federation.remote else len(clients)
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
-    spent_before, planned_epsilon = check_privacy_budget(params, tracker, data_sha256, len(clients))
+    spent_before, planned_epsilon = check_privacy_budget(params, tracker, data_sha256, num_clients)
     if p.dp.enabled:
         log.info(
             "DP-FedAvg: clip %g, noise multiplier %g, delta %g: this run spends epsilon %.4g "
@@ -225,11 +251,13 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         )
 
     log.info(
-        "%s (aggregator %s) over %d clients (%s rows), %d rounds",
+        "%s (aggregator %s) over %d clients (%s), %d rounds",
         p.strategy,
         p.aggregator,
-        len(clients),
-        "/".join(str(table_rows(t)) for t in clients),
+        num_clients,
+        "/".join(str(table_rows(t)) for t in clients) + " rows"
+        if clients
+        else f"rows at the sites of {federation.superlink}",
         p.rounds,
     )
     if any(isinstance(t, TableStream) for t in clients):
@@ -240,11 +268,13 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
 
         (paths.root / ".lepton").mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="flower-", dir=paths.root / ".lepton") as tmp:
-            model, history = federate_on_flower(
+            model, history, sites = federate_on_flower(
                 encoder,
                 shards,
                 val_path,
                 p,
+                federation,
+                read_json(paths.partitions / "manifest.json")["normalization"],
                 params.common.seed,
                 params.common.device,
                 Path(tmp),
@@ -254,6 +284,10 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         model, history = federate(
             encoder, clients, val, p, params.common.seed, params.common.device, on_round
         )
+        sites = [
+            {"site": path.stem, "rows": table_rows(table), "holdout_rows": 0}
+            for path, table in shard_tables
+        ]
     if not history:
         raise GateError(
             f"federate.dp.target_epsilon {p.dp.target_epsilon:g} allows no round at noise "
@@ -264,7 +298,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         "val_accuracy": history[-1]["val_accuracy"],
         "best_val_accuracy": max(row["val_accuracy"] for row in history),
         "rounds": len(history),
-        "clients": len(clients),
+        "clients": num_clients,
         "left_out_updates": sum(row["rejected"] + row["dropped"] for row in history),
         "seconds": seconds,
         "samples_per_s": sum(row["samples"] for row in history) / seconds,
@@ -279,8 +313,19 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     with atomic_outputs(dirs=[out], files=[paths.report("federate")]) as staged:
         save_weights(model, staged.path(out), model.config, name="model")
         write_rounds(staged.path(out) / "rounds.csv", history)
+        write_json(staged.path(out) / SITES_FILE, sites)
         write_json(staged.path(paths.report("federate")), metrics)
     tracker.log_metrics(metrics)
+    tracker.log_metrics(site_metrics(sites))
+    for entry in sites:
+        if entry.get("holdout_accuracy") is not None:
+            log.info(
+                "site %s: held-out accuracy %.4f on %d rows (trained on %d)",
+                entry["site"],
+                entry["holdout_accuracy"],
+                entry["holdout_rows"],
+                entry["rows"],
+            )
     if p.dp.enabled:
         # the ledger entry: this run's ε on this data version (see pipelines.federated.privacy)
         tracker.log_metrics({EPSILON_METRIC: metrics["epsilon"]})

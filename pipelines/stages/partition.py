@@ -13,6 +13,10 @@ reconstructions that overshoot the range are clipped), then writes to ``data/par
 - ``manifest.json`` (seed, skew, alpha, row counts, per-client label histograms) and
   ``client_labels.png`` (stacked bars of each client's label counts).
 
+In remote mode (``federation.superlink`` set) the sites hold the client rows: the workspace's
+own rows become test, val and the unlabeled pool (server-held data), and no client shard is
+written (``clients/`` stays empty, the manifest says ``"sites": "remote"``).
+
 Every file follows the image-table contract: read them with ``pipelines.io.read_image_table``.
 """
 
@@ -57,11 +61,17 @@ def normalize_pixels(images: np.ndarray, low: float, high: float) -> tuple[np.nd
     return np.clip(scaled, 0.0, 1.0).astype(np.float32), clipped
 
 
-def partition_rows(labels: np.ndarray, p: PartitionParams, seed: int) -> dict[str, Any]:
+def partition_rows(
+    labels: np.ndarray, p: PartitionParams, seed: int, remote_sites: bool = False
+) -> dict[str, Any]:
     """Which rows go where: sorted row indices into the whole table for ``test``, ``val``,
     ``unlabeled`` (the training pool), ``labeled`` and each of ``clients``, plus ``shards``:
-    each client's rows as indices into ``labeled``. Only the labels are needed."""
+    each client's rows as indices into ``labeled``. Only the labels are needed. With
+    ``remote_sites`` the sites hold the clients' rows: no row is labeled, no client shard."""
     train, val, test = split_holdout(labels, p.test_fraction, p.val_fraction, seed)
+    if remote_sites:
+        none = np.zeros(0, dtype=np.int64)
+        return {"test": test, "val": val, "unlabeled": train, "labeled": none}
     labeled = train[select_labeled(labels[train], p.labeled_fraction, seed)]
     shards = shard_clients(labels[labeled], p.num_clients, p.skew, p.alpha, p.min_client_rows, seed)
     return {
@@ -79,6 +89,8 @@ def client_label_histograms(
 ) -> np.ndarray:
     """Label counts ``(clients, num_classes)`` of the client shards :func:`partition_rows`
     made."""
+    if "shards" not in rows:  # remote sites: no client shard here
+        return np.zeros((0, num_classes), dtype=np.int64)
     return label_histograms(labels[rows["labeled"]], rows["shards"], num_classes)
 
 
@@ -133,7 +145,7 @@ def write_partitions(
             len(indices), layout.channels, layout.image_shape, layout.num_classes
         )
         outputs[name] = (indices, writer, hasher)
-    for index, indices in enumerate(rows["clients"]):
+    for index, indices in enumerate(rows.get("clients", [])):
         path = folder / "clients" / f"{client_name(index)}.parquet"
         writer = ImageTableWriter(path, layout.channels, layout.image_shape, layout.num_classes)
         outputs[client_name(index)] = (indices, writer, None)
@@ -161,13 +173,21 @@ def client_name(index: int) -> str:
 
 
 def plot_client_labels(histograms: np.ndarray, p: PartitionParams, path: Path) -> None:
-    """Stacked bar chart: one bar per client, one colour per label."""
+    """Stacked bar chart: one bar per client, one colour per label (a note when the sites
+    hold the client rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     clients, classes = histograms.shape
+    if clients == 0:
+        fig, ax = plt.subplots(figsize=(6.0, 2.0))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "Remote sites: each SuperNode holds its own rows", ha="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * clients + 2), 4.5))
     colors = plt.get_cmap("tab20" if classes > 10 else "tab10")
     bottom = np.zeros(clients)
@@ -202,7 +222,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     source = read_json(paths.compressed / "manifest.json")
     stream = compressed_stream(paths.compressed)
     layout = stream.layout
-    rows = partition_rows(layout.labels, p, seed)
+    remote = params.federation.remote
+    rows = partition_rows(layout.labels, p, seed, remote_sites=remote)
     histograms = client_label_histograms(layout.labels, rows, layout.num_classes)
     sizes = histograms.sum(1)
     metrics = {
@@ -210,12 +231,12 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         "labeled_rows": len(rows["labeled"]),
         "val_rows": len(rows["val"]),
         "test_rows": len(rows["test"]),
-        "num_clients": p.num_clients,
-        "min_client_rows": int(sizes.min()),
-        "max_client_rows": int(sizes.max()),
-        "label_skew": label_skew(histograms),
+        "num_clients": len(histograms),
+        "min_client_rows": int(sizes.min()) if len(sizes) else 0,
+        "max_client_rows": int(sizes.max()) if len(sizes) else 0,
+        "label_skew": label_skew(histograms) if len(sizes) else 0.0,
     }
-    names = [client_name(i) for i in range(p.num_clients)]
+    names = [client_name(i) for i in range(len(histograms))]
     out, report = paths.partitions, paths.report("partition")
     with atomic_outputs(dirs=[out], files=[report]) as staged:
         folder = staged.path(out)
@@ -226,6 +247,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         manifest = {
             "seed": seed,
             **p.model_dump(mode="json"),
+            "sites": f"remote ({params.federation.superlink})" if remote else "shards",
             "num_classes": layout.num_classes,
             "image_shape": list(layout.image_shape),
             "channels": layout.channels,
@@ -246,18 +268,28 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         write_json(folder / "manifest.json", manifest)
         plot_client_labels(histograms, p, folder / "client_labels.png")
         write_json(staged.path(report), metrics)
-    log.info(
-        "train %d (labeled %d), val %d, test %d; %d clients of %d..%d rows, label skew %.3f",
-        *(metrics[k] for k in ("train_rows", "labeled_rows", "val_rows", "test_rows")),
-        p.num_clients,
-        metrics["min_client_rows"],
-        metrics["max_client_rows"],
-        metrics["label_skew"],
-    )
+    if remote:
+        log.info(
+            "remote sites (%s): train pool %d, val %d, test %d; no client shard written",
+            params.federation.superlink,
+            *(metrics[k] for k in ("train_rows", "val_rows", "test_rows")),
+        )
+    else:
+        log.info(
+            "train %d (labeled %d), val %d, test %d; %d clients of %d..%d rows, label skew %.3f",
+            *(metrics[k] for k in ("train_rows", "labeled_rows", "val_rows", "test_rows")),
+            p.num_clients,
+            metrics["min_client_rows"],
+            metrics["max_client_rows"],
+            metrics["label_skew"],
+        )
     tracker.log_metrics(metrics)
     for name, context in (("test", "evaluation"), ("val", "validation"), ("unlabeled", "training")):
         tracker.log_dataset(name, out / f"{name}.parquet", digest=digests[name], context=context)
-    tracker.log_dataset("clients", out / "clients", digest=digests["labeled"], context="training")
+    if not remote:
+        tracker.log_dataset(
+            "clients", out / "clients", digest=digests["labeled"], context="training"
+        )
     tracker.log_artifact(out / "manifest.json")
     tracker.log_artifact(out / "client_labels.png")
     return metrics

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipelines.config import Params, PretrainParams
 from pipelines.errors import ConfigError
 from pipelines.io import (
@@ -28,6 +30,7 @@ from pipelines.io import (
     content_sha256,
     read_client_shards,
     read_image_table,
+    read_json,
     read_within_budget,
     save_weights,
     table_rows,
@@ -179,10 +182,16 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     p = params.pretrain
     val_path = paths.partitions / "val.parquet"
     val = read_image_table(val_path)
-    shard_tables = read_client_shards(paths.partitions)
-    labeled = concat_tables([table for _, table in shard_tables])
-    tracker.log_dataset("clients", paths.partitions / "clients", content_sha256(labeled), "probe")
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
+    if params.federation.remote:  # no client row here: the probes split val in two
+        shard_tables = []
+        labeled, val = probe_halves(val)
+    else:
+        shard_tables = read_client_shards(paths.partitions)
+        labeled = concat_tables([table for _, table in shard_tables])
+        tracker.log_dataset(
+            "clients", paths.partitions / "clients", content_sha256(labeled), "probe"
+        )
     if p.mode == "federated":
         return _run_federated(params, paths, tracker, shard_tables, labeled, val)
     unlabeled_path = paths.partitions / "unlabeled.parquet"
@@ -224,6 +233,13 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     return _write_outputs(paths, tracker, encoder, losses, metrics, "epoch")
 
 
+def probe_halves(val: ImageTable) -> tuple[ImageTable, ImageTable]:
+    """``(reference, scored)``: val's even and odd rows. In remote mode the workspace holds
+    no labeled training row, so the probes fit on one half of val and score the other."""
+    rows = np.arange(len(val.labels))
+    return val.subset(rows[0::2]), val.subset(rows[1::2])
+
+
 def _run_federated(
     params: Params,
     paths: Paths,
@@ -240,6 +256,7 @@ def _run_federated(
 
     p = params.pretrain
     expected = expected_data(val)
+    remote = params.federation.remote
     for path, table in shard_tables:
         check_site_data(table, expected, str(path))
     clients = [table for _, table in shard_tables]
@@ -249,9 +266,11 @@ def _run_federated(
         log.info("round %d/%d mean client train_loss=%.4f", round_index, p.rounds, loss)
 
     log.info(
-        "federated SimCLR at %d clients (%s rows), %d rounds of %d local epochs",
-        len(clients),
-        "/".join(str(table_rows(t)) for t in clients),
+        "federated SimCLR at %d clients (%s), %d rounds of %d local epochs",
+        params.federation.sites if remote else len(clients),
+        "/".join(str(table_rows(t)) for t in clients) + " rows"
+        if clients
+        else f"rows at the sites of {params.federation.superlink}",
         p.rounds,
         p.local_epochs,
     )
@@ -264,10 +283,12 @@ def _run_federated(
             encoder, losses = pretrain_federated_on_flower(
                 [path for path, _ in shard_tables],
                 p,
+                params.federation,
+                expected,
+                read_json(paths.partitions / "manifest.json")["normalization"],
                 params.common.seed,
                 params.common.device,
                 Path(tmp),
-                expected,
                 on_round,
             )
     else:
@@ -281,8 +302,9 @@ def _run_federated(
         **probes,
         "rounds": p.rounds,
         "seconds": seconds,
-        "samples_per_s": p.rounds * p.local_epochs * len(labeled) / seconds,
     }
+    if not remote:  # the sites' row counts stay at the sites
+        metrics["samples_per_s"] = p.rounds * p.local_epochs * len(labeled) / seconds
     return _write_outputs(paths, tracker, encoder, losses, metrics, "round")
 
 

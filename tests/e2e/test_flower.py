@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import CommonParams, FederateParams, Params
+from pipelines.config import CommonParams, FederateParams, FederationParams, Params
 from pipelines.federated.flower_deploy import flower_bin
 from pipelines.io import read_json
 from pipelines.stages import federate
@@ -55,7 +55,12 @@ def test_flower_loopback_matches_the_simulation_round_by_round(tmp_path: Path):
         tracker = Tracker()
         metrics = federate.run(params, paths, tracker)
         out = paths.model_dir("federate")
-        assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.json", "rounds.csv"}
+        assert {p.name for p in out.iterdir()} == {
+            "model.safetensors",
+            "model.json",
+            "rounds.csv",
+            "sites.json",
+        }
         assert read_json(paths.report("federate")) == pytest.approx(metrics)
         per_round = [
             (m["round_val_accuracy"], step)
@@ -160,6 +165,8 @@ def test_a_supernode_refuses_a_shard_unlike_the_runs_data(tmp_path: Path):
             shards,
             paths.partitions / "val.parquet",
             FederateParams(runtime="flower", rounds=1),
+            FederationParams(),
+            {"low": 0.0, "high": 16.0},
             0,
             "cpu",
             tmp_path / "run",

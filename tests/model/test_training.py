@@ -192,7 +192,15 @@ def test_pretrain_and_federate_stages_write_their_outputs(tmp_path: Path, digits
     assert metrics["best_val_accuracy"] >= metrics["val_accuracy"] > 0.3
     assert read_json(paths.report("federate")) == pytest.approx(metrics)
     out = paths.model_dir("federate")
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.json", "rounds.csv"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "model.json",
+        "rounds.csv",
+        "sites.json",
+    }
+    sites = read_json(out / "sites.json")  # in simulation: each client shard, no held-out rows
+    assert [s["site"] for s in sites] == ["client_000", "client_001", "client_002"]
+    assert all(s["rows"] > 0 and s["holdout_rows"] == 0 for s in sites)
     with (out / "rounds.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == [

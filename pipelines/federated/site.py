@@ -1,0 +1,161 @@
+"""A data site joins a federation: ``lepton site join``.
+
+The site runs one command on its own machine. It reads the site's data in any format ingest
+reads (:func:`~pipelines.data.sources.load_source`, with the same validation and the same
+errors: a bad file is refused here, naming file, field and row, before anything starts),
+keeps ``holdout_fraction`` of the rows back to score the final model on, writes both parts
+into the site's work folder (``train.parquet``, ``holdout.parquet``, ``site.json``; the
+source's own pixel scale, replaced only once complete), then starts Flower's
+``flower-supernode`` with a node config that names them. The SuperNode's ClientApp
+(:mod:`pipelines.federated.flower`) reads only those files.
+
+What leaves the site is what the ClientApp sends back (docs/federated.md): model weights
+after local training, row counts, the mean training loss, the class statistics of its
+rows' features (the class-mean head; classifier runs without secure aggregation), and the
+held-out accuracy and row count. No row or label leaves it; when the site refuses a run
+(data unlike the run's), the refusal names the site's file, field and row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import IngestParams
+from pipelines.errors import ConfigError
+from pipelines.io import ImageTable, atomic_outputs, content_sha256, write_image_table, write_json
+
+TRAIN_FILE = "train.parquet"
+HOLDOUT_FILE = "holdout.parquet"
+SITE_FILE = "site.json"
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """The files a site prepared in its work folder."""
+
+    folder: Path
+
+    @property
+    def train(self) -> Path:
+        return self.folder / TRAIN_FILE
+
+    @property
+    def holdout(self) -> Path:
+        return self.folder / HOLDOUT_FILE
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / SITE_FILE
+
+
+def split_holdout_rows(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, holdout)`` sorted row indices: ``fraction`` of each class held out (at least
+    one row of a class with two or more, none when ``fraction`` is 0)."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        count = int(round(fraction * len(rows)))
+        if fraction > 0 and len(rows) >= 2:
+            count = min(max(count, 1), len(rows) - 1)
+        held.extend(rng.permutation(rows)[:count].tolist())
+    holdout = np.sort(np.asarray(held, dtype=np.int64))
+    train = np.setdiff1d(np.arange(len(labels)), holdout)
+    return train, holdout
+
+
+def prepare_site(
+    ingest: IngestParams,
+    name: str,
+    folder: Path,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    root: Path | None = None,
+) -> dict[str, Any]:
+    """Read and validate the site's data (``ingest``: source, path, shape, resize as in
+    params.yaml), split off the held-out rows and write the site's files into ``folder``
+    at once; return what ``site.json`` records (rows, shape, classes, digests)."""
+    from pipelines.data.sources import load_source
+
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ConfigError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
+    table: ImageTable = load_source(ingest, Path(root or Path.cwd()))
+    train_rows, holdout_rows = split_holdout_rows(table.labels, holdout_fraction, seed)
+    train, holdout = table.subset(train_rows), table.subset(holdout_rows)
+    manifest = {
+        "site": name,
+        "source": ingest.source,
+        "path": ingest.path,
+        "rows": len(train_rows),
+        "holdout_rows": len(holdout_rows),
+        "channels": int(table.channels),
+        "image_shape": [int(v) for v in table.image_shape],
+        "classes_present": sorted(int(v) for v in np.unique(table.labels)),
+        "train_sha256": content_sha256(train),
+        "holdout_sha256": content_sha256(holdout),
+        "holdout_fraction": holdout_fraction,
+        "seed": seed,
+    }
+    files = SiteFiles(Path(folder))
+    with atomic_outputs(dirs=[files.folder]) as staged:
+        target = SiteFiles(staged.path(files.folder))
+        write_image_table(train, target.train)
+        write_image_table(holdout, target.holdout)
+        write_json(target.manifest, manifest)
+    return manifest
+
+
+def supernode_argv(
+    bin_dir: Path,
+    superlink: str,
+    name: str,
+    files: SiteFiles,
+    root_certificates: Path | None = None,
+    insecure: bool = False,
+    auth_private_key: Path | None = None,
+    port: int | None = None,
+) -> list[str]:
+    """The ``flower-supernode`` command line of a site: TLS with ``root_certificates`` (or
+    ``insecure``), SuperNode authentication with ``auth_private_key`` (an OpenSSH EC key
+    whose public half the SuperLink's operator registered), and the node config that names
+    the site's files."""
+    if (root_certificates is None) == (not insecure):
+        raise ConfigError("give --root-certificates (TLS) or --insecure, not both or neither")
+    if auth_private_key is not None and insecure:
+        raise ConfigError("--auth-key needs TLS (--root-certificates)")
+    for what, path in (
+        ("--root-certificates", root_certificates),
+        ("--auth-key", auth_private_key),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{what}: no such file: {path}")
+    node_config = (
+        f'site="{name}" data="{files.train.resolve()}" holdout="{files.holdout.resolve()}" '
+        'scale="raw"'
+    )
+    argv = [str(Path(bin_dir) / "flower-supernode"), "--superlink", superlink]
+    argv += (
+        ["--insecure"]
+        if insecure
+        else ["--root-certificates", str(Path(root_certificates).resolve())]
+    )
+    if auth_private_key is not None:
+        argv += ["--auth-supernode-private-key", str(Path(auth_private_key).resolve())]
+    if port is not None:
+        argv += ["--port", str(port)]
+    return [*argv, "--node-config", node_config]
+
+
+def exec_supernode(argv: list[str], home: Path) -> None:
+    """Replace this process with the SuperNode (signals reach it directly)."""
+    from pipelines.federated.flower_deploy import flower_env
+
+    env = flower_env(home, Path(argv[0]).parent)
+    os.execve(argv[0], argv, env)
