@@ -166,15 +166,6 @@ class FederateParams(_Section):
             problems.append("no federate.max_update_norm (updates are masked)")
         if self.dp.enabled:
             problems.append("federate.dp.enabled false")
-        # Flower's SecAgg+ runs on its legacy FedAvg: these would be ignored, so refuse them
-        if self.strategy == "fedadam":
-            problems.append("federate.strategy 'fedavg' or 'fedprox' (no server optimizer yet)")
-        if self.server_learning_rate != 1.0:
-            problems.append("federate.server_learning_rate 1.0")
-        if self.client_fraction < 1.0:
-            problems.append("federate.client_fraction 1.0 (Flower's sampling is not seeded)")
-        if self.client_timeout_seconds is not None:
-            problems.append("no federate.client_timeout_seconds")
         if problems:
             raise ValueError("federate.secure_aggregation needs " + ", ".join(problems))
         return self

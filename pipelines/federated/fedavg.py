@@ -293,13 +293,18 @@ Collector = Callable[[StateDict, list[int], FederateParams, int], "RoundUpdates"
 
 @dataclass
 class RoundUpdates:
-    """What came back from the clients of one round: updates and who was left out."""
+    """What came back from the clients of one round: updates and who was left out.
+
+    A transport that sees only the sample-weighted mean of the updates (SecAgg+) leaves
+    ``updates`` empty and sets ``mean``; ``clients``, ``sizes`` and ``losses`` still list
+    each client whose update is in it."""
 
     clients: list[int] = field(default_factory=list)
     updates: list[torch.Tensor] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     dropped: list[Rejection] = field(default_factory=list)
+    mean: torch.Tensor | None = None
 
 
 def collect_updates(
@@ -446,7 +451,10 @@ def run_federation(
             update={"learning_rate": round_learning_rate(params, round_index)}
         )
         got = collect(state, chosen, round_params, round_index)
-        accepted, rejected = screen_updates(got.clients, got.updates, params.max_update_norm)
+        if got.mean is None:
+            accepted, rejected = screen_updates(got.clients, got.updates, params.max_update_norm)
+        else:  # only the mean came back: nothing to screen
+            accepted, rejected = list(range(len(got.clients))), []
         for problem in [*got.dropped, *rejected]:
             log.warning(
                 "round %d: client %d left out: %s", round_index, problem.client, problem.reason
@@ -460,9 +468,11 @@ def run_federation(
                 f"{needed} needed (federate.min_clients / the aggregator); "
                 f"left out: {left_out or 'none'}"
             )
-        updates = [got.updates[i] for i in accepted]
+        updates = [got.updates[i] for i in accepted] if got.mean is None else []
         sizes = [got.sizes[i] for i in accepted]
-        if params.dp.enabled:
+        if got.mean is not None:
+            combined = got.mean
+        elif params.dp.enabled:
             combined = private_mean(
                 updates, params.dp.clip_norm, params.dp.noise_multiplier, len(chosen), noise
             )

@@ -65,6 +65,11 @@ def make_client_app():
         evaluate_accuracy,
         train_client,
     )
+    from pipelines.federated.flower_secagg import (
+        SECAGG_CONFIG_RECORD,
+        secure_train,
+        secure_when_asked,
+    )
     from pipelines.federated.sites import check_site_data, load_site
     from pipelines.federated.ssl import train_ssl_client
 
@@ -92,8 +97,10 @@ def make_client_app():
         content = RecordDict({"arrays": _state_record(stats), "info": info})
         return Message(content=content, reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secure_when_asked])
     def train(msg: Message, context: Context) -> Message:
+        if SECAGG_CONFIG_RECORD in msg.content.config_records:  # a SecAgg+ round
+            return secure_train(msg, lambda config: site(context, config), train_client)
         config = msg.content["config"]
         data = site(context, config)
         params = FederateParams.model_validate_json(str(config["params"]))
@@ -200,6 +207,7 @@ def make_server_app(package_dir: Path):
         report_progress,
         report_result,
     )
+    from pipelines.federated.flower_secagg import make_secagg_collect
     from pipelines.federated.ssl import ssl_round_params
     from pipelines.federated.strategies import Rejection, flatten_update
     from pipelines.models.encoder import build_contrastive
@@ -257,9 +265,20 @@ def make_server_app(package_dir: Path):
             }
             for name in names
         ]
-        if not simclr:
+        secure = not simclr and params.secure_aggregation
+        if not simclr and not secure:  # (SecAgg+ hides per-site statistics: random head)
             stats = [by_site[name].content["arrays"].to_torch_state_dict() for name in names]
             state = with_class_mean_head(state, stats)
+
+        def round_config(index: int, round_params, round_index: int) -> dict[str, Any]:
+            return {
+                "params": round_params.model_dump_json(),
+                "seed": client_seed(seed, round_index, index),
+                "device": device,
+                "model-config": config_json,
+                **site_config,
+                **task_config,
+            }
 
         def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
             messages = [
@@ -267,16 +286,7 @@ def make_server_app(package_dir: Path):
                     RecordDict(
                         {
                             "arrays": _state_record(global_state),
-                            "config": ConfigRecord(
-                                {
-                                    "params": round_params.model_dump_json(),
-                                    "seed": client_seed(seed, round_index, index),
-                                    "device": device,
-                                    "model-config": config_json,
-                                    **site_config,
-                                    **task_config,
-                                }
-                            ),
+                            "config": ConfigRecord(round_config(index, round_params, round_index)),
                         }
                     ),
                     dst_node_id=order[index],
@@ -306,6 +316,10 @@ def make_server_app(package_dir: Path):
                     result.losses.append(float(reply.content["metrics"]["loss"]))
             return result
 
+        if secure:
+            collect = make_secagg_collect(
+                grid, context, order, round_config, max(s["rows"] for s in sites)
+            )
         model, history = run_federation(
             config,
             state,

@@ -35,7 +35,6 @@ from typing import Any
 from pipelines.errors import LeptonError
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
-SECAGG_APP_DIR = Path(__file__).resolve().parent / "flower_app_secagg"
 RUN_SPEC_FILE = "run_spec.json"  # inside the app's package: the spec and its blobs (base64)
 PROGRESS_MARK = "LEPTON-PROGRESS "  # + one JSON history row, printed by the ServerApp a round
 RESULT_MARK = "LEPTON-RESULT "  # + the run's result (JSON), printed once at the end

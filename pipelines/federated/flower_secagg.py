@@ -1,30 +1,33 @@
-"""Secure aggregation on the Flower runtime: Flower's SecAgg+ around the same client step.
+"""Secure aggregation on the Flower runtime: Flower's SecAgg+ as one more transport of the
+shared round loop.
 
-In flwr 1.41 SecAgg+ exists only in Flower's legacy workflow: the ServerApp runs
-``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` over a legacy ``FedAvg``
-strategy, and the ClientApp is a ``NumPyClient`` wrapped in ``secaggplus_mod``, which masks
-the weights before they leave the SuperNode. The server learns only the sample-weighted
-mean of the clients' weights, so nothing here screens or robustly aggregates individual
-updates (``federate.secure_aggregation`` requires ``aggregator: mean``, no update-norm
-bound and no DP). The client step is still :func:`~pipelines.federated.fedavg.train_client`
-with the same seeds and learning-rate schedule; the class-mean head, which needs per-client
-statistics, is not used: the head starts from its seeded random init.
+Each round of :func:`~pipelines.federated.fedavg.run_federation` that runs with
+``federate.secure_aggregation`` sends its sampled sites through Flower's
+``SecAggPlusWorkflow`` (:func:`make_secagg_collect`): the sites mask their updates
+(``secaggplus_mod`` at the ClientApp, :func:`secure_train`), and the server learns only
+their sample-weighted mean, which the loop hands to the server optimizer as it would the
+in-process mean. So FedAvg, FedProx, FedAdam, the server learning rate, ``min_clients``,
+``client_timeout_seconds`` and the seeded client sampling all hold; what needs each update
+(robust aggregators, the update-norm bound, DP clipping) is refused by the config.
 
-SecAgg+ clips every value to ``±CLIPPING_RANGE`` and quantizes it before masking; integer
-buffers (BatchNorm's counters) are not aggregated: the server keeps the start model's.
-The apps are shipped by ``pipelines/federated/flower_app_secagg``; this module imports
-``flwr`` (the Flower environment, ``.venv-flower``).
+Row counts and the training loss travel in clear (the mean needs the counts). Each update is
+clipped to ``±CLIPPING_RANGE`` per value and quantized before masking (2**22 levels); the
+sample weight is ``rows / max_rows`` with ``max_rows`` the largest site's row count, so it
+never overflows. The class-mean head, which needs per-site class statistics, is not used:
+the head starts from its seeded random init. This module imports ``flwr`` (the Flower
+environment, ``.venv-flower``).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 CLIPPING_RANGE = 8.0
+SECAGG_CONFIG_RECORD = "secaggplus_configs"  # flwr's RECORD_KEY_CONFIGS: a SecAgg+ message
 
 
 def _to_state(arrays, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -36,170 +39,154 @@ def _to_state(arrays, template: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def _to_arrays(state: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    return [value.detach().cpu().numpy() for value in state.values()]
+    """The tensors of ``state`` in sorted key order (the order both sides agree on)."""
+    return [state[key].detach().cpu().numpy() for key in sorted(state)]
 
 
-def make_secagg_client_app():
-    """ClientApp: ``train_client`` inside a NumPyClient, masked by ``secaggplus_mod``."""
-    from flwr.app import Context
-    from flwr.client import NumPyClient
+def _in_state_order(flat: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A flat update over ``state``'s float tensors in sorted key order → in ``state``'s order."""
+    from pipelines.federated.strategies import float_keys
+
+    parts, offset = {}, 0
+    for key in sorted(float_keys(state)):
+        size = state[key].numel()
+        parts[key] = flat[offset : offset + size]
+        offset += size
+    return torch.cat([parts[key] for key in float_keys(state)])
+
+
+def secure_when_asked(msg, context, call_next):
+    """ClientApp mod: SecAgg+ (``secaggplus_mod``) for the messages of a secure round,
+    anything else straight to the handler."""
     from flwr.client.mod import secaggplus_mod
-    from flwr.clientapp import ClientApp
+
+    if SECAGG_CONFIG_RECORD in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def secure_train(msg, load_site: Callable, trainer: Callable):
+    """ClientApp, inside ``secaggplus_mod``: the shared client step on the rows of
+    ``load_site(config)``, its update as one flat vector in a legacy ``FitRes`` (the mod
+    masks it before it leaves)."""
+    from flwr.app import Message
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
 
     from pipelines.config import FederateParams
-    from pipelines.federated.fedavg import client_seed, train_client
-    from pipelines.federated.sites import load_site
+    from pipelines.federated.strategies import flatten_update
     from pipelines.models.encoder import build_classifier
 
-    class SiteClient(NumPyClient):
-        def __init__(self, index: int, node_config: dict):
-            self.index, self.table = index, load_site(node_config, None).train
-
-        def fit(self, parameters, config):
-            model_config = json.loads(str(config["model-config"]))
-            template = build_classifier(model_config).state_dict()
-            params = FederateParams.model_validate_json(str(config["params"]))
-            seed = client_seed(int(config["seed"]), int(config["round"]), self.index)
-            new_state, size, loss = train_client(
-                _to_state(parameters, template),
-                self.table,
-                params,
-                seed,
-                str(config["device"]),
-                model_config=model_config,
-            )
-            return _to_arrays(new_state), int(size), {"loss": float(loss)}
-
-    def client_fn(context: Context):
-        node = context.node_config
-        return SiteClient(int(node["client-index"]), dict(node)).to_client()
-
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = fitins.config
+    data = load_site(config)
+    model_config = json.loads(str(config["model-config"]))
+    template = dict(sorted(build_classifier(model_config).state_dict().items()))
+    state = _to_state(parameters_to_ndarrays(fitins.parameters), template)
+    new_state, size, loss = trainer(
+        state,
+        data.train,
+        FederateParams.model_validate_json(str(config["params"])),
+        int(config["seed"]),
+        str(config["device"]),
+        model_config=model_config,
+    )
+    update = flatten_update(new_state, state).to(torch.float32).numpy()
+    fitres = FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters([update]), int(size), {"loss": float(loss)}
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def make_secagg_server_app(package_dir: Path):
-    """ServerApp of the app in ``package_dir`` (its ``run_spec.json``): legacy FedAvg under
-    ``SecAggPlusWorkflow``; val scored after each round, reported as the plain runtime's."""
-    from flwr.app import Context
-    from flwr.common import ndarrays_to_parameters
+def make_secagg_collect(grid, context, order: list[int], round_config: Callable, max_rows: int):
+    """The round loop's ``collect`` over SecAgg+: one ``SecAggPlusWorkflow`` run per round
+    for the chosen sites (``order[index]`` is a site's node id; ``round_config(index,
+    round_params, round_index)`` its training config). Returns a
+    :class:`~pipelines.federated.fedavg.RoundUpdates` that holds only the mean update."""
+    from flwr.app import ConfigRecord
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
     from flwr.server import LegacyContext, ServerConfig
-    from flwr.server.strategy import FedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.serverapp import Grid, ServerApp
-    from safetensors.torch import save
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.strategy import Strategy
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    from pipelines.config import FederateParams
-    from pipelines.federated.fedavg import (
-        clients_per_round,
-        evaluate_accuracy,
-        round_learning_rate,
-    )
-    from pipelines.federated.flower import load_run_blobs
-    from pipelines.federated.flower_deploy import (
-        encode_blob,
-        read_run_spec,
-        report_progress,
-        report_result,
-    )
-    from pipelines.models.encoder import build_classifier
+    from pipelines.federated.fedavg import RoundUpdates
+    from pipelines.federated.strategies import Rejection
 
-    app = ServerApp()
+    index_of = {node: index for index, node in enumerate(order)}
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        import tempfile
+    class OneRound(Strategy):
+        """The chosen sites with their own configs; keeps what SecAgg+ aggregated."""
 
-        spec, blobs = read_run_spec(package_dir)
-        params = FederateParams.model_validate(spec["federate"])
-        config = spec["model_config"]
-        model = build_classifier(config)
-        with tempfile.TemporaryDirectory() as tmp:
-            loaded, val = load_run_blobs(blobs, Path(tmp))
-        start = {key: loaded[key] for key in model.state_dict()}  # safetensors sorts keys
-        clients = int(spec["num_clients"])
-        history: list[dict] = []
-        fit_summary: dict = {}
+        def __init__(self, chosen, arrays, round_params, round_index):
+            self.chosen, self.arrays = chosen, arrays
+            self.round_params, self.round_index = round_params, round_index
+            self.results, self.failures = [], []
 
-        def summarize_fit(results: list[tuple[int, dict]]) -> dict:
-            """Loss and counts of a round (metrics travel in clear; weights are masked)."""
-            rows = sum(n for n, _ in results)
-            fit_summary.update(
-                accepted=len(results),
-                samples=rows * params.local_epochs,
-                train_loss=sum(n * float(m["loss"]) for n, m in results) / max(rows, 1),
-            )
-            return {}
-
-        def fit_config(round_index: int) -> dict:
-            round_params = params.model_copy(
-                update={"learning_rate": round_learning_rate(params, round_index)}
-            )
-            return {
-                "params": round_params.model_dump_json(),
-                "seed": int(spec["seed"]),
-                "round": round_index,
-                "device": str(spec["device"]),
-                "model-config": json.dumps(config),
-            }
-
-        def evaluate(round_index: int, arrays, _config):
-            state = _to_state(arrays, start)
-            for key, value in start.items():  # counters are not aggregated
-                if not value.is_floating_point():
-                    state[key] = value
-            model.load_state_dict(state)
-            if round_index > 0:
-                if not fit_summary:
-                    raise RuntimeError(
-                        f"secure aggregation halted in round {round_index}: too few clients "
-                        "finished the SecAgg+ protocol (see the SuperNodes' logs)"
-                    )
-                accuracy = evaluate_accuracy(model, val, "cpu")
-                history.append(
-                    {
-                        "round": round_index,
-                        "val_accuracy": accuracy,
-                        "clients": sampled,
-                        "rejected": 0,
-                        "dropped": sampled - int(fit_summary.get("accepted", sampled)),
-                        **fit_summary,
-                    }
+        def configure_fit(self, server_round, parameters, client_manager):
+            return [
+                (
+                    GridClientProxy(order[index], grid, context.run_id),
+                    FitIns(
+                        parameters,
+                        round_config(index, self.round_params, self.round_index),
+                    ),
                 )
-                report_progress(history[-1])
-                fit_summary.clear()
-            return 0.0, {}
+                for index in self.chosen
+            ]
 
-        sampled = clients_per_round(clients, params.client_fraction)
-        strategy = FedAvg(
-            fraction_fit=params.client_fraction,
-            fraction_evaluate=0.0,
-            min_fit_clients=sampled,
-            min_evaluate_clients=0,
-            min_available_clients=clients,
-            evaluate_fn=evaluate,
-            on_fit_config_fn=fit_config,
-            fit_metrics_aggregation_fn=summarize_fit,
-            initial_parameters=ndarrays_to_parameters(_to_arrays(start)),
-        )
-        legacy = LegacyContext(
-            context=context, config=ServerConfig(num_rounds=params.rounds), strategy=strategy
-        )
-        workflow = DefaultWorkflow(
-            fit_workflow=SecAggPlusWorkflow(
-                num_shares=max(3, sampled),
-                reconstruction_threshold=max(2, sampled - 1),
-                clipping_range=CLIPPING_RANGE,
-            )
-        )
-        workflow(grid, legacy)
-        final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        report_result(
-            {
-                "history": history,
-                "sites": [],
-                "model_config": model.config,
-                "weights": encode_blob(save(final)),
-            }
-        )
+        def aggregate_fit(self, server_round, results, failures):
+            self.results, self.failures = results, failures
+            return (results[0][1].parameters if results else None), {}
 
-    return app
+        def initialize_parameters(self, client_manager):
+            return None
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            return None, {}
+
+        def evaluate(self, server_round, parameters):
+            return None
+
+    def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
+        arrays = _to_arrays(global_state)
+        strategy = OneRound(chosen, arrays, round_params, round_index)
+        legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy)
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {Key.CURRENT_ROUND: round_index}
+        )
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters(arrays), keep_input=True
+        )
+        sampled = len(chosen)  # every sampled site shares its keys with every other; any
+        SecAggPlusWorkflow(  # one may drop out (two or more sampled sites are needed)
+            num_shares=1.0,
+            reconstruction_threshold=max(2, sampled - 1) / max(sampled, 2),
+            clipping_range=CLIPPING_RANGE,
+            max_weight=float(max_rows),
+            timeout=round_params.client_timeout_seconds,
+        )(grid, legacy)
+        result = RoundUpdates()
+        answered = set()
+        for proxy, fitres in strategy.results:
+            index = index_of[proxy.node_id]
+            answered.add(index)
+            result.clients.append(index)
+            result.sizes.append(int(fitres.num_examples))
+            result.losses.append(float(fitres.metrics["loss"]))
+        if strategy.results:
+            mean = parameters_to_ndarrays(strategy.results[0][1].parameters)[0]
+            flat = torch.as_tensor(np.asarray(mean, dtype=np.float64))
+            result.mean = _in_state_order(flat, global_state)
+        for index in chosen:
+            if index not in answered:
+                reason = "left the SecAgg+ protocol (no reply, a failure, or it halted)"
+                result.dropped.append(Rejection(index, reason))
+        return result
+
+    return collect

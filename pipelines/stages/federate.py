@@ -130,7 +130,7 @@ def federate_on_flower(
     from safetensors.torch import save
 
     from pipelines.federated.fedavg import start_classifier
-    from pipelines.federated.flower_deploy import APP_DIR, SECAGG_APP_DIR, run_federated_job
+    from pipelines.federated.flower_deploy import APP_DIR, run_federated_job
     from pipelines.models.encoder import load_classifier
 
     val = read_image_table(val_path)
@@ -150,7 +150,7 @@ def federate_on_flower(
     result = run_federated_job(
         federation,
         shards,
-        SECAGG_APP_DIR if p.secure_aggregation else APP_DIR,
+        APP_DIR,
         spec,
         blobs,
         work_dir,

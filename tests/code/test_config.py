@@ -45,16 +45,25 @@ def test_more_qubits_than_embedding_dimensions_is_refused():
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ("federate.strategy=fedadam", "federate.strategy 'fedavg' or 'fedprox'"),
-        ("federate.server_learning_rate=0.5", "federate.server_learning_rate 1.0"),
-        ("federate.client_fraction=0.5", "federate.client_fraction 1.0"),
-        ("federate.client_timeout_seconds=30", "no federate.client_timeout_seconds"),
+        ("federate.aggregator=median", "federate.aggregator 'mean'"),
+        ("federate.max_update_norm=5", "no federate.max_update_norm"),
+        ("federate.dp.enabled=true", "federate.dp.enabled false"),
+        ("federate.runtime=simulation", "federate.runtime 'flower'"),
     ],
 )
-def test_secure_aggregation_refuses_what_it_would_ignore(override, named):
-    """Flower's SecAgg+ runs on its legacy FedAvg; a setting it cannot honour is refused."""
+def test_secure_aggregation_refuses_what_needs_each_update(override, named):
+    """SecAgg+ shows the server only the mean: every setting that needs no more holds
+    (FedAdam, server learning rate, sampling, timeouts); one that needs each update is
+    refused, named."""
     secure = ["federate.runtime=flower", "federate.secure_aggregation=true"]
-    load_params(REPO / "params.yaml", [*secure, "federate.strategy=fedprox"])  # honoured
+    honoured = [
+        "federate.strategy=fedadam",
+        "federate.server_learning_rate=0.01",
+        "federate.client_fraction=0.6",
+        "federate.min_clients=2",
+        "federate.client_timeout_seconds=30",
+    ]
+    load_params(REPO / "params.yaml", [*secure, *honoured])
     with pytest.raises(ConfigError, match="federate.secure_aggregation needs") as caught:
         load_params(REPO / "params.yaml", [*secure, override])
     assert named in str(caught.value)

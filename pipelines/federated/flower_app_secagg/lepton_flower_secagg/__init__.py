@@ -1,1 +1,0 @@
-"""Flower app of the federate stage with SecAgg+ (see pipelines/federated/flower_secagg.py)."""
