@@ -255,6 +255,11 @@ def make_server_app(package_dir: Path):
             grid.send_and_receive(query, timeout=ROUND_TIMEOUT_SECONDS), nodes, "site check"
         )
         by_site = {str(r.content["info"]["site"]): r for r in replies}
+        if len(by_site) != len(replies):
+            raise RuntimeError(
+                "two SuperNodes gave the same site name: "
+                + ", ".join(sorted(str(r.content["info"]["site"]) for r in replies))
+            )
         names = sorted(by_site)
         order = [by_site[name].metadata.src_node_id for name in names]
         sites = [
@@ -280,7 +285,31 @@ def make_server_app(package_dir: Path):
                 **task_config,
             }
 
-        def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
+        strangers: set[int] = set()
+
+        def take_back_rejoined_sites() -> None:
+            """A site whose SuperNode restarted has a new node id: ask each new node which
+            site it is (and check its data), and send that site's rounds there."""
+            new = [n for n in grid.get_node_ids() if n not in order and n not in strangers]
+            if not new:
+                return
+            config = ConfigRecord({"expected": json.dumps(spec["expected"]), **site_config})
+            asked = [
+                Message(
+                    RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY
+                )
+                for n in new
+            ]
+            for reply in grid.send_and_receive(asked, timeout=120):
+                node = reply.metadata.src_node_id
+                name = None if reply.has_error() else str(reply.content["info"]["site"])
+                if name not in names:
+                    strangers.add(node)  # refused its data, or a site this run did not start with
+                    continue
+                order[names.index(name)] = node
+                log.info("site %s is back (node %d)", name, node)
+
+        def send_round(global_state, chosen, round_params, round_index) -> RoundUpdates:
             messages = [
                 Message(
                     RecordDict(
@@ -317,9 +346,14 @@ def make_server_app(package_dir: Path):
             return result
 
         if secure:
-            collect = make_secagg_collect(
+            send_round = make_secagg_collect(
                 grid, context, order, round_config, max(s["rows"] for s in sites)
             )
+
+        def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
+            take_back_rejoined_sites()
+            return send_round(global_state, chosen, round_params, round_index)
+
         model, history = run_federation(
             config,
             state,

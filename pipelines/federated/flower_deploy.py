@@ -290,9 +290,10 @@ class LoopbackDeployment(FlowerDeployment):
         super().__init__(home, f"127.0.0.1:{self.port}", None, bin_dir)
         self.shards = [Path(s).resolve() for s in shards]
         self.processes: list[subprocess.Popen] = []
+        self.nodes: dict[int, subprocess.Popen] = {}
 
     def _start(self, argv: list[str], name: str) -> subprocess.Popen:
-        log = (self.home / "logs" / f"{name}.log").open("w")
+        log = (self.home / "logs" / f"{name}.log").open("a")
         process = subprocess.Popen(
             argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -311,26 +312,39 @@ class LoopbackDeployment(FlowerDeployment):
             self.processes.append(
                 start_superlink(self.bin, self.port, self.home / "logs" / "superlink.log", self.env)
             )
-            for index, shard in enumerate(self.shards):
-                node_port = free_port()
-                node = self._start(
-                    [
-                        str(self.bin / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        self.address,
-                        "--port",
-                        str(node_port),
-                        "--node-config",
-                        f'site="client_{index:03d}" client-index={index} shard="{shard}"',
-                    ],
-                    f"supernode_{index}",
-                )
-                wait_for_port(node_port, node, f"flower-supernode {index}")
+            for index in range(len(self.shards)):
+                self.start_node(index)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_node(self, index: int) -> None:
+        """Start the SuperNode of shard ``index`` (again, after :meth:`kill_node`)."""
+        node_port = free_port()
+        node = self._start(
+            [
+                str(self.bin / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                self.address,
+                "--port",
+                str(node_port),
+                "--node-config",
+                f'site="client_{index:03d}" client-index={index} shard="{self.shards[index]}"',
+            ],
+            f"supernode_{index}",
+        )
+        self.nodes[index] = node
+        wait_for_port(node_port, node, f"flower-supernode {index}")
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL the SuperNode of shard ``index`` and its ClientApps, as a crash would."""
+        import signal
+
+        node = self.nodes.pop(index)
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -468,15 +482,23 @@ def run_federated_job(
     blobs: dict[str, bytes],
     work_dir: Path,
     on_row: Callable[[dict], None] | None = None,
+    deployment: FlowerDeployment | None = None,
 ) -> dict[str, Any]:
     """Package ``app_dir`` with ``spec`` and ``blobs``, run it on the federation's
-    deployment (:func:`open_deployment`) and write the final weights the ServerApp sent
-    to ``work_dir/out/model.{safetensors,json}``; return its result (``history``,
-    ``sites``)."""
+    deployment (:func:`open_deployment`, or ``deployment`` when given, already started) and
+    write the final weights the ServerApp sent to ``work_dir/out/model.{safetensors,json}``;
+    return its result (``history``, ``sites``)."""
+    import contextlib
+
     sites = federation.sites if federation.remote else len(shards)
     spec = {**spec, "num_clients": sites, "site_wait_seconds": federation.site_wait_seconds}
     app = package_app(app_dir, work_dir, spec, blobs)
-    with open_deployment(federation, shards, work_dir / "home") as deployment:
+    started = (
+        contextlib.nullcontext(deployment)
+        if deployment is not None
+        else open_deployment(federation, shards, work_dir / "home")
+    )
+    with started as deployment:
         where = (
             f"the SuperLink at {deployment.address} ({sites} sites)"
             if federation.remote

@@ -115,8 +115,6 @@ def make_secagg_collect(grid, context, order: list[int], round_config: Callable,
     from pipelines.federated.fedavg import RoundUpdates
     from pipelines.federated.strategies import Rejection
 
-    index_of = {node: index for index, node in enumerate(order)}
-
     class OneRound(Strategy):
         """The chosen sites with their own configs; keeps what SecAgg+ aggregated."""
 
@@ -154,6 +152,7 @@ def make_secagg_collect(grid, context, order: list[int], round_config: Callable,
             return None
 
     def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
+        index_of = {node: index for index, node in enumerate(order)}  # order may change
         arrays = _to_arrays(global_state)
         strategy = OneRound(chosen, arrays, round_params, round_index)
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy)

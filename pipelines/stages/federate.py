@@ -116,6 +116,7 @@ def federate_on_flower(
     device: str,
     work_dir: Path,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    deployment=None,
 ) -> tuple[Classifier, list[dict[str, float]], list[dict]]:
     """The same federation on Flower's deployment engine: a loopback deployment over
     ``shards``, or the remote sites of ``federation`` (each reads its own files, scaled
@@ -124,8 +125,9 @@ def federate_on_flower(
     The start model is built exactly as :func:`federate` builds it and travels in the app
     bundle with the val table; the class-mean head is set on the server from the sites'
     statistics. ``on_round(round, row)`` is called for each round as the ServerApp
-    finishes it (read from ``flwr log`` while the run goes). Returns ``(model, history,
-    sites)``; ``sites`` has each site's name, rows, held-out rows and held-out accuracy.
+    finishes it (read from ``flwr log`` while the run goes). ``deployment``: an already
+    started one to run on instead (tests). Returns ``(model, history, sites)``; ``sites``
+    has each site's name, rows, held-out rows and held-out accuracy.
     """
     from safetensors.torch import save
 
@@ -155,6 +157,7 @@ def federate_on_flower(
         blobs,
         work_dir,
         lambda row: on_round(int(row["round"]), row) if on_round else None,
+        deployment,
     )
     return load_classifier(work_dir / "out"), result["history"], result["sites"]
 

@@ -189,3 +189,55 @@ def test_a_supernode_refuses_a_shard_unlike_the_runs_data(tmp_path: Path):
         )
     assert shards[2].name in str(caught.value) and "12x12" in str(caught.value)
     assert not (tmp_path / "run" / "out").exists()
+
+
+def test_a_site_killed_mid_run_is_left_out_and_takes_part_again_when_back(tmp_path: Path):
+    """SIGKILL one SuperNode after the first round: its rounds go on without it once the
+    client timeout passes (min_clients 2 allows that), and when it is started again (a new
+    node id) the ServerApp takes it back and it trains in the later rounds."""
+    from pipelines.config import FederationParams
+    from pipelines.federated.flower_deploy import LoopbackDeployment
+    from pipelines.models.encoder import load_encoder
+    from pipelines.stages.federate import federate_on_flower
+
+    paths = make_federation_workspace(tmp_path / "ws")
+    shards = sorted((paths.partitions / "clients").glob("client_*.parquet"))
+    params = FederateParams(
+        runtime="flower",
+        rounds=5,
+        local_epochs=1,
+        batch_size=64,
+        min_clients=2,
+        client_timeout_seconds=30,  # a round of 3 fresh ClientApp processes takes ~10 s here
+    )
+    events: list[str] = []
+    (tmp_path / "run").mkdir()
+    with LoopbackDeployment(shards, tmp_path / "run" / "home") as deployment:
+
+        def on_round(round_index: int, row: dict) -> None:
+            if round_index == 1:
+                deployment.kill_node(2)
+                events.append("killed")
+            elif row["dropped"] and "restarted" not in events:
+                deployment.start_node(2)
+                events.append("restarted")
+
+        _, history, _ = federate_on_flower(
+            load_encoder(paths.model_dir("pretrain")),
+            shards,
+            paths.partitions / "val.parquet",
+            params,
+            FederationParams(),
+            {"low": 0.0, "high": 16.0},
+            0,
+            "cpu",
+            tmp_path / "run",
+            on_round,
+            deployment=deployment,
+        )
+    assert events == ["killed", "restarted"]
+    accepted = [row["accepted"] for row in history]
+    assert len(history) == 5 and accepted[0] == 3
+    assert 2 in accepted, accepted  # rounds without the killed site
+    after = accepted[accepted.index(2) :]
+    assert after[-1] == 3, accepted  # it took part again once back
