@@ -79,13 +79,18 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: floa
 
 def flower_env(home: Path, bin_dir: Path) -> dict[str, str]:
     """Environment of a Flower command: ``FLWR_HOME`` under ``home``, no update check, no
-    runtime dependency installation, this deployment's executables first on ``PATH``."""
+    runtime dependency installation, SuperExec polling every 0.1 s, this deployment's
+    executables first on ``PATH``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRFLOW"))}
     env.update(
         {
             "FLWR_HOME": str(Path(home) / "flwr"),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # SuperExec looks for new tasks every second by default: ask every 0.1 s
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get(
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"
+            ),
             "PATH": f"{bin_dir}:{env.get('PATH', '')}",
             "PYTHONUNBUFFERED": "1",
         }

@@ -107,3 +107,24 @@ def test_remote_params_need_tls_or_insecure_and_flower():
     remote = {"superlink": "link:8000", "insecure": True}
     params = validate_params({"federation": remote, "federate": {"runtime": "flower"}})
     assert params.federation.remote and not FederationParams().remote
+
+
+def test_the_supernode_image_joins_with_the_flower_environments_lepton():
+    """docker/Dockerfile.supernode installs the Flower lock and this project, and its entry
+    point is `lepton site join` with the Flower executables on LEPTON_FLOWER_BIN: the same
+    command works in the Flower environment here."""
+    from pipelines.federated.flower_deploy import flower_bin
+
+    dockerfile = (Path(__file__).parents[2] / "docker" / "Dockerfile.supernode").read_text()
+    assert 'ENTRYPOINT ["lepton", "site", "join"]' in dockerfile
+    assert "LEPTON_FLOWER_BIN=/usr/local/bin" in dockerfile
+    assert "requirements-flower.lock" in dockerfile
+    if not (flower_bin() / "lepton").exists():
+        pytest.skip("the Flower environment is missing: run `make flower-setup`")
+    done = subprocess.run(
+        [str(flower_bin() / "lepton"), "site", "join", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "--superlink" in done.stdout

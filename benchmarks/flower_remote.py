@@ -1,0 +1,137 @@
+"""Remote sites against the in-process simulation on the same rows: accuracy and wall time.
+
+    .venv/bin/python benchmarks/flower_remote.py [--rounds 12] [--out FILE.json]
+
+Splits the digits into the server's rows (600: val, test and the pretraining pool) and
+three sites' rows, starts a TLS SuperLink with SuperNode authentication and three
+`lepton site join` processes (each on its own NPZ file in its own folder), runs ingest →
+partition → pretrain → federate in remote mode in a fresh workspace (default params but
+``federate.rounds``), then federates the same sites' prepared rows in process from the same
+encoder, and records both val accuracies, each site's held-out accuracy and the wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from results_json import header, write_json  # noqa: E402 (sibling module)
+
+
+def main() -> int:
+    import numpy as np
+
+    from pipelines.federated.certificates import make_certificates, make_supernode_key
+    from pipelines.federated.flower_deploy import (
+        FlowerDeployment,
+        flower_bin,
+        flower_env,
+        free_port,
+        start_superlink,
+        stop_processes,
+    )
+    from tests.conftest import BIN, make_workspace, workspace_env
+    from tests.e2e.test_flower_remote import digits_split, simulate_same_rows, start_site
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "flower_remote.json"
+    )
+    args = parser.parse_args()
+
+    sites, (server_x, server_y) = digits_split()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        certs = make_certificates(tmp / "certs", ["localhost"])
+        port = free_port()
+        superlink = f"127.0.0.1:{port}"
+        home = tmp / "superlink"
+        env = flower_env(home, flower_bin())
+        processes = [
+            start_superlink(
+                flower_bin(), port, home / "superlink.log", env, certs, supernode_auth=True
+            )
+        ]
+        try:
+            admin = FlowerDeployment(home, superlink, certs.ca_certificate)
+            admin.write_connection()
+            for name, (x, y) in sites.items():
+                folder = tmp / "sites" / name
+                folder.mkdir(parents=True)
+                np.savez(folder / "site.npz", x=x, y=y)
+                key, public = make_supernode_key(folder / "node.key")
+                admin.flwr(["supernode", "register", str(public), "lepton"])
+                processes.append(start_site(name, folder, superlink, tmp / "certs", key))
+            np.savez(tmp / "server.npz", x=server_x, y=server_y)
+            root = make_workspace(
+                tmp / "ws",
+                {
+                    "ingest": {"source": "npz", "path": str(tmp / "server.npz")},
+                    "partition": {"test_fraction": 0.3, "val_fraction": 0.3},
+                    "federate": {"runtime": "flower", "rounds": args.rounds},
+                    "federation": {
+                        "superlink": superlink,
+                        "root_certificates": str(certs.ca_certificate),
+                        "sites": len(sites),
+                    },
+                },
+            )
+            seconds = {}
+            for stage in ("ingest", "compress", "partition", "pretrain", "federate"):
+                started = time.perf_counter()
+                done = subprocess.run(
+                    [str(BIN / "lepton"), "stage", "run", stage],
+                    cwd=root,
+                    env=workspace_env(root),
+                    capture_output=True,
+                    text=True,
+                    timeout=3600,
+                )
+                seconds[stage] = round(time.perf_counter() - started, 1)
+                if done.returncode != 0:
+                    print(done.stderr[-4000:], file=sys.stderr)
+                    return 1
+                print(f"{stage}: {seconds[stage]} s", flush=True)
+        finally:
+            stop_processes(processes)
+        remote = json.loads((root / "reports/federate.json").read_text())
+        reported = json.loads((root / "models/federate/sites.json").read_text())
+        started = time.perf_counter()
+        simulated = simulate_same_rows(root, tmp / "sites")
+        simulation_seconds = time.perf_counter() - started
+    result = {
+        **header("flower_remote"),
+        "sites": len(sites),
+        "rounds": args.rounds,
+        "server_rows": int(len(server_y)),
+        "site_rows": {name: int(len(y)) for name, (_, y) in sites.items()},
+        "remote": {
+            "val_accuracy": round(remote["val_accuracy"], 4),
+            "federate_seconds": seconds["federate"],
+            "stage_seconds": seconds,
+            "site_holdout_accuracy": {s["site"]: round(s["holdout_accuracy"], 4) for s in reported},
+        },
+        "simulation_same_rows": {
+            "val_accuracy": round(simulated, 4),
+            "seconds": round(simulation_seconds, 1),
+        },
+        "accuracy_difference": round(remote["val_accuracy"] - simulated, 4),
+    }
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
