@@ -367,7 +367,7 @@ def make_server_app(package_dir: Path):
             **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),
         )
         final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        if not simclr:
+        if not simclr and any(site["holdout_rows"] for site in sites):
             scores = score_at_sites(grid, order, final, config_json, site_config)
             for entry, score in zip(sites, scores, strict=True):
                 entry.update(score)

@@ -40,7 +40,6 @@ PROGRESS_MARK = "LEPTON-PROGRESS "  # + one JSON history row, printed by the Ser
 RESULT_MARK = "LEPTON-RESULT "  # + the run's result (JSON), printed once at the end
 FAB_MAX_BYTES = 10 * 1024 * 1024  # flwr refuses a bigger app bundle
 CONNECTION = "lepton"
-POLL_SECONDS = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -408,30 +407,64 @@ def report_result(result: dict[str, Any]) -> None:
 
 
 class RunLog:
-    """Reads the ServerApp's marked lines out of ``flwr log`` text as it grows: each
-    progress row once (``on_row``), and the result when it is there."""
+    """Reads the ServerApp's marked lines out of ``flwr log`` output: each progress row
+    once (``on_row``), and the result when it is there. Feed it line by line as a stream
+    arrives (:meth:`feed_line`), or the whole log so far again and again (:meth:`feed`)."""
 
     def __init__(self, on_row: Callable[[dict], None] | None = None):
         self.on_row, self.seen, self.result = on_row, 0, None
+        self._count = 0
+
+    def feed_line(self, line: str) -> bool:
+        """Take one line; False when it is a progress line cut short (stop reading there)."""
+        if (at := line.find(PROGRESS_MARK)) >= 0:
+            try:
+                row = json.loads(line[at + len(PROGRESS_MARK) :])
+            except json.JSONDecodeError:  # a line not fully forwarded yet
+                return False
+            self._count += 1
+            if self._count > self.seen:
+                self.seen = self._count
+                if self.on_row is not None:
+                    self.on_row(row)
+        elif (at := line.find(RESULT_MARK)) >= 0:
+            try:
+                self.result = json.loads(line[at + len(RESULT_MARK) :])
+            except json.JSONDecodeError:
+                return False
+        return True
 
     def feed(self, text: str) -> None:
-        """Hand every progress row not seen yet to ``on_row``; keep the result line."""
-        rows = []
+        """Take the whole log so far: rows already handed over are not handed over again."""
+        self._count = 0
         for line in text.splitlines():
-            if (at := line.find(PROGRESS_MARK)) >= 0:
-                try:
-                    rows.append(json.loads(line[at + len(PROGRESS_MARK) :]))
-                except json.JSONDecodeError:  # a line not fully forwarded yet
-                    break
-            elif (at := line.find(RESULT_MARK)) >= 0:
-                try:
-                    self.result = json.loads(line[at + len(RESULT_MARK) :])
-                except json.JSONDecodeError:
-                    pass
-        for row in rows[self.seen :]:
-            if self.on_row is not None:
-                self.on_row(row)
-        self.seen = max(self.seen, len(rows))
+            if not self.feed_line(line):
+                break
+
+
+def _follow_stream(
+    deployment: FlowerDeployment, run_id: str, follow: RunLog, timeout: float
+) -> None:
+    """``flwr log RUN`` (it streams until the run ends): every line to ``follow``."""
+    import threading
+
+    process = subprocess.Popen(
+        [str(deployment.bin / "flwr"), "log", run_id, CONNECTION],
+        env=deployment.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    try:
+        for line in process.stdout:
+            follow.feed_line(line.rstrip("\n"))
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
 
 
 def run_flower_job(
@@ -440,35 +473,42 @@ def run_flower_job(
     on_row: Callable[[dict], None] | None = None,
     timeout: float = 3600.0,
 ) -> dict[str, Any]:
-    """Submit the packaged Flower app ``app_dir`` (:func:`package_app`), follow its log
-    (each progress row to ``on_row`` as it arrives, about every 2 s) and return the result
-    the ServerApp reported. A failed run raises with the end of its log."""
+    """Submit the packaged Flower app ``app_dir`` (:func:`package_app`), follow its log as
+    it streams (each progress row to ``on_row`` as it arrives) and return the result the
+    ServerApp reported. A failed run raises with the end of its log."""
     submitted = deployment.flwr(["run", str(app_dir), CONNECTION, "--format", "json"])
     try:
         run_id = str(json.loads(submitted)["run-id"])
     except (json.JSONDecodeError, KeyError):
         raise FlowerRuntimeError(f"flwr run did not start a run: {submitted[-2000:]}") from None
     started = time.monotonic()
-    status, follow = "", RunLog(on_row)
-    while time.monotonic() - started < timeout:
+    follow = RunLog(on_row)
+    _follow_stream(deployment, run_id, follow, timeout)
+    status = ""
+    while time.monotonic() - started < timeout:  # the stream ends with the run, or breaks
         listed = json.loads(
             deployment.flwr(["list", CONNECTION, "--run-id", run_id, "--format", "json"])
         )
         status = str(listed["runs"][0].get("status", ""))
+        if status.startswith("finished:"):
+            break
+        time.sleep(1.0)
+        _follow_stream(deployment, run_id, follow, timeout - (time.monotonic() - started))
+    else:
+        raise FlowerRuntimeError(
+            f"Flower run {run_id} still {status or 'pending'} after {timeout} s"
+        )
+    text = ""
+    for _ in range(5):  # the last lines may reach the log just after the run ends
+        if follow.result is not None or status != "finished:completed":
+            break
+        time.sleep(1.0)
         text = deployment.flwr(["log", run_id, CONNECTION, "--show"])
         follow.feed(text)
-        if status.startswith("finished:"):
-            for _ in range(5):  # the last lines may reach the log just after the run ends
-                if follow.result is not None or status != "finished:completed":
-                    break
-                time.sleep(1.0)
-                text = deployment.flwr(["log", run_id, CONNECTION, "--show"])
-                follow.feed(text)
-            if status != "finished:completed" or follow.result is None:
-                raise FlowerRuntimeError(f"Flower run {run_id} {status}:\n{text[-4000:]}")
-            return follow.result
-        time.sleep(POLL_SECONDS)
-    raise FlowerRuntimeError(f"Flower run {run_id} still {status or 'pending'} after {timeout} s")
+    if status != "finished:completed" or follow.result is None:
+        text = text or deployment.flwr(["log", run_id, CONNECTION, "--show"])
+        raise FlowerRuntimeError(f"Flower run {run_id} {status}:\n{text[-4000:]}")
+    return follow.result
 
 
 def open_deployment(federation, shards: list[Path], home: Path) -> FlowerDeployment:
