@@ -1,13 +1,15 @@
 """The same federation in process and on Flower's deployment engine (loopback): wall time.
 
-    .venv/bin/python benchmarks/flower.py [--clients 3] [--rounds 3] [--out FILE.json]
+    .venv/bin/python benchmarks/flower.py [--clients 3] [--rounds 3] [--local-epochs 1]
+        [--out FILE.json]
 
 Runs the federate stage's ``run`` twice on the same digits shards, start encoder and params
 (``federate.runtime: simulation``, then ``flower``: a SuperLink and one SuperNode per shard
 on 127.0.0.1, started from ``.venv-flower``) and records each wall time, the per-round val
 accuracies (they should match) and the ratio. The Flower time includes starting the
-deployment, shipping the app and each ClientApp process's start-up (torch and Lightning
-imports), which dominate at digits scale.
+deployment (a warm worker per site), shipping the app, a ClientApp process per message and
+Flower's 3 s polls, which dominate at digits scale; ``--local-epochs`` adds training per
+round to see the ratio fall.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> int:
     )
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flower.json")
     args = parser.parse_args()
     from pipelines.stages import federate
@@ -66,7 +69,9 @@ def main() -> int:
         for runtime in ("simulation", "flower"):
             params = Params(
                 common=CommonParams(seed=0, device="cpu"),
-                federate=FederateParams(rounds=args.rounds, local_epochs=1, runtime=runtime),
+                federate=FederateParams(
+                    rounds=args.rounds, local_epochs=args.local_epochs, runtime=runtime
+                ),
             )
             tracker = _Tracker()
             print(f"{runtime} ...", file=sys.stderr, flush=True)
@@ -82,6 +87,7 @@ def main() -> int:
         **header("flower"),
         "clients": args.clients,
         "rounds": args.rounds,
+        "local_epochs": args.local_epochs,
         "runs": runs,
         "flower_over_simulation": round(
             runs["flower"]["seconds"] / runs["simulation"]["seconds"], 2

@@ -29,17 +29,8 @@ from results_json import header, write_json  # noqa: E402 (sibling module)
 def main() -> int:
     import numpy as np
 
-    from pipelines.federated.certificates import make_certificates, make_supernode_key
-    from pipelines.federated.flower_deploy import (
-        FlowerDeployment,
-        flower_bin,
-        flower_env,
-        free_port,
-        start_superlink,
-        stop_processes,
-    )
     from tests.conftest import BIN, make_workspace, workspace_env
-    from tests.e2e.test_flower_remote import digits_split, simulate_same_rows, start_site
+    from tests.e2e.test_flower_remote import digits_split, running_federation, simulate_same_rows
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -53,26 +44,7 @@ def main() -> int:
     sites, (server_x, server_y) = digits_split()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        certs = make_certificates(tmp / "certs", ["localhost"])
-        port = free_port()
-        superlink = f"127.0.0.1:{port}"
-        home = tmp / "superlink"
-        env = flower_env(home, flower_bin())
-        processes = [
-            start_superlink(
-                flower_bin(), port, home / "superlink.log", env, certs, supernode_auth=True
-            )
-        ]
-        try:
-            admin = FlowerDeployment(home, superlink, certs.ca_certificate)
-            admin.write_connection()
-            for name, (x, y) in sites.items():
-                folder = tmp / "sites" / name
-                folder.mkdir(parents=True)
-                np.savez(folder / "site.npz", x=x, y=y)
-                key, public = make_supernode_key(folder / "node.key")
-                admin.flwr(["supernode", "register", str(public), "lepton"])
-                processes.append(start_site(name, folder, superlink, tmp / "certs", key))
+        with running_federation(tmp, sites) as (superlink, certs):
             np.savez(tmp / "server.npz", x=server_x, y=server_y)
             root = make_workspace(
                 tmp / "ws",
@@ -103,8 +75,6 @@ def main() -> int:
                     print(done.stderr[-4000:], file=sys.stderr)
                     return 1
                 print(f"{stage}: {seconds[stage]} s", flush=True)
-        finally:
-            stop_processes(processes)
         remote = json.loads((root / "reports/federate.json").read_text())
         reported = json.loads((root / "models/federate/sites.json").read_text())
         started = time.perf_counter()

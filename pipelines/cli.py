@@ -220,6 +220,9 @@ def site_join(
     auth_key: Path = typer.Option(None, help="SuperNode private key (OpenSSH EC), if registered."),
     port: int = typer.Option(None, help="Port of the SuperNode's local API (default 9094)."),
     check: bool = typer.Option(False, help="Validate and prepare the data, then stop."),
+    warm: bool = typer.Option(
+        True, help="Keep torch and the rows loaded in a worker between Flower messages."
+    ),
 ) -> None:
     """Validate this site's data, prepare it and start a Flower SuperNode on it.
 
@@ -229,7 +232,14 @@ def site_join(
     """
     from pipelines.config import IngestParams
     from pipelines.federated.flower_deploy import flower_bin
-    from pipelines.federated.site import SiteFiles, exec_supernode, prepare_site, supernode_argv
+    from pipelines.federated.site import (
+        SiteFiles,
+        prepare_site,
+        run_site,
+        site_node_config,
+        supernode_argv,
+        worker_socket,
+    )
 
     _setup_logging()
     try:
@@ -243,8 +253,16 @@ def site_join(
             resize=_shape(resize, "--resize"),
         )
         files = SiteFiles(work_dir.resolve())
+        node_config = site_node_config(name, files)
+        socket_path = worker_socket(files) if warm else None
         argv = supernode_argv(
-            flower_bin(), superlink, name, files, root_certificates, insecure, auth_key, port
+            flower_bin(),
+            superlink,
+            {**node_config, **({"worker": str(socket_path)} if socket_path else {})},
+            root_certificates,
+            insecure,
+            auth_key,
+            port,
         )
         manifest = prepare_site(ingest, name, files.folder, holdout_fraction, seed)
     except LeptonError as exc:
@@ -261,7 +279,7 @@ def site_join(
     if not Path(argv[0]).exists():
         _fail(f"flower-supernode not found at {argv[0]} (make flower-setup, or $LEPTON_FLOWER_BIN)")
     typer.echo(f"starting the SuperNode: connecting to {superlink}", err=True)
-    exec_supernode(argv, files.folder / "flower-home")
+    raise typer.Exit(run_site(argv, node_config, socket_path, files.folder))
 
 
 @federation_app.command("certificates")

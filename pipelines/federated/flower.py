@@ -33,7 +33,6 @@ uses.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import tempfile
@@ -52,99 +51,76 @@ def _state_record(state):
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
+def _numpy_record(arrays):
+    from flwr.app import Array, ArrayRecord
+
+    record = ArrayRecord()
+    for key, value in arrays.items():
+        record[key] = Array.from_numpy_ndarray(value)
+    return record
+
+
 def make_client_app():
     """The ClientApp: checks and class statistics (``query``), local training (``train``),
-    scores on the site's held-out rows (``evaluate``)."""
+    scores on the site's held-out rows (``evaluate``), each through
+    :func:`~pipelines.federated.site_steps.run_step`: in this process, or in the site's warm
+    worker when the node config names one (``worker="<socket>"``; then this process needs
+    no torch). SecAgg+ rounds run here, inside Flower's ``secaggplus_mod``."""
     from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from pipelines.config import FederateParams
-    from pipelines.federated.fedavg import (
-        client_class_statistics,
-        client_model,
-        evaluate_accuracy,
-        train_client,
-    )
     from pipelines.federated.flower_secagg import (
         SECAGG_CONFIG_RECORD,
         secure_train,
         secure_when_asked,
     )
-    from pipelines.federated.sites import check_site_data, load_site
-    from pipelines.federated.ssl import train_ssl_client
 
     app = ClientApp()
 
     def site(context: Context, config) -> Any:
+        from pipelines.federated.sites import load_site
+
         scale = json.loads(str(config["normalization"])) if "normalization" in config else None
         return load_site(dict(context.node_config), scale)
 
+    def answer(kind: str, msg: Message, context: Context) -> Message:
+        config = dict(msg.content["config"])
+        arrays = (
+            {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            if "arrays" in msg.content.array_records
+            else {}
+        )
+        node = dict(context.node_config)
+        if "worker" in node:
+            from pipelines.federated.site_worker import call
+
+            info, metrics, out = call(str(node["worker"]), kind, config, arrays)
+        else:
+            from pipelines.federated.site_steps import run_step
+
+            info, metrics, out = run_step(kind, site(context, config), config, arrays)
+        content = RecordDict({"info": ConfigRecord(info)})
+        if metrics:
+            content["metrics"] = MetricRecord(metrics)
+        if out:
+            content["arrays"] = _numpy_record(out)
+        return Message(content=content, reply_to=msg)
+
     @app.query()
     def statistics(msg: Message, context: Context) -> Message:
-        config = msg.content["config"]
-        data = site(context, config)
-        if "expected" in config:  # refuse data unlike the run's before any training
-            check_site_data(data.train, json.loads(str(config["expected"])), data.source)
-        info = ConfigRecord(
-            {"site": data.name, "rows": len(data.train.labels), "holdout-rows": data.holdout_rows}
-        )
-        if "model-config" not in config:  # only which site this node is
-            return Message(content=RecordDict({"info": info}), reply_to=msg)
-        state = msg.content["arrays"].to_torch_state_dict()
-        stats = client_class_statistics(
-            state, data.train, "cpu", model_config=json.loads(str(config["model-config"]))
-        )
-        content = RecordDict({"arrays": _state_record(stats), "info": info})
-        return Message(content=content, reply_to=msg)
+        return answer("query", msg, context)
 
     @app.train(mods=[secure_when_asked])
     def train(msg: Message, context: Context) -> Message:
         if SECAGG_CONFIG_RECORD in msg.content.config_records:  # a SecAgg+ round
+            from pipelines.federated.fedavg import train_client
+
             return secure_train(msg, lambda config: site(context, config), train_client)
-        config = msg.content["config"]
-        data = site(context, config)
-        params = FederateParams.model_validate_json(str(config["params"]))
-        state = msg.content["arrays"].to_torch_state_dict()
-        step = train_client
-        if str(config.get("task", "classifier")) == "simclr":
-            step = functools.partial(
-                train_ssl_client,
-                temperature=float(config["temperature"]),
-                weight_decay=float(config["weight-decay"]),
-            )
-        new_state, size, loss = step(
-            state,
-            data.train,
-            params,
-            int(config["seed"]),
-            str(config["device"]),
-            model_config=json.loads(str(config["model-config"])),
-        )
-        content = RecordDict(
-            {
-                "arrays": _state_record(new_state),
-                "metrics": MetricRecord({"num-examples": int(size), "loss": float(loss)}),
-                "info": ConfigRecord({"site": data.name}),
-            }
-        )
-        return Message(content=content, reply_to=msg)
+        return answer("train", msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        config = msg.content["config"]
-        data = site(context, config)
-        metrics = {"rows": 0, "accuracy": 0.0}
-        if data.holdout is not None and len(data.holdout.labels):
-            model = client_model(
-                json.loads(str(config["model-config"])),
-                msg.content["arrays"].to_torch_state_dict(),
-            )
-            accuracy = evaluate_accuracy(model, data.holdout, "cpu")
-            metrics = {"rows": len(data.holdout.labels), "accuracy": accuracy}
-        content = RecordDict(
-            {"metrics": MetricRecord(metrics), "info": ConfigRecord({"site": data.name})}
-        )
-        return Message(content=content, reply_to=msg)
+        return answer("evaluate", msg, context)
 
     return app
 
@@ -194,29 +170,29 @@ def make_server_app(package_dir: Path):
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.serverapp import Grid, ServerApp
 
-    from pipelines.config import FederateParams, PretrainParams
-    from pipelines.federated.fedavg import (
-        RoundUpdates,
-        client_seed,
-        run_federation,
-        with_class_mean_head,
-    )
-    from pipelines.federated.flower_deploy import (
-        encode_blob,
-        read_run_spec,
-        report_progress,
-        report_result,
-    )
-    from pipelines.federated.flower_secagg import make_secagg_collect
-    from pipelines.federated.ssl import ssl_round_params
-    from pipelines.federated.strategies import Rejection, flatten_update
-    from pipelines.models.encoder import build_contrastive
-
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from safetensors.torch import save
+
+        from pipelines.config import FederateParams, PretrainParams
+        from pipelines.federated.fedavg import (
+            RoundUpdates,
+            client_seed,
+            run_federation,
+            with_class_mean_head,
+        )
+        from pipelines.federated.flower_deploy import (
+            encode_blob,
+            read_run_spec,
+            report_progress,
+            report_result,
+        )
+        from pipelines.federated.flower_secagg import make_secagg_collect
+        from pipelines.federated.ssl import ssl_round_params
+        from pipelines.federated.strategies import Rejection, flatten_update
+        from pipelines.models.encoder import build_contrastive
 
         spec, blobs = read_run_spec(package_dir)
         simclr = spec.get("task", "classifier") == "simclr"

@@ -152,6 +152,52 @@ def start_superlink(
     return process
 
 
+def start_site_worker(
+    python: Path,
+    socket_path: Path,
+    node_config: dict[str, Any],
+    log_path: Path,
+    threads_per_worker: int | None = None,
+) -> subprocess.Popen:
+    """Start a site's warm worker (:mod:`pipelines.federated.site_worker`) with ``python``
+    (the Flower environment's) on ``socket_path``; returns once it listens.
+    ``threads_per_worker`` caps its torch threads (several workers on one machine)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    threads = {"OMP_NUM_THREADS": str(threads_per_worker)} if threads_per_worker else {}
+    process = subprocess.Popen(
+        [
+            str(python),
+            "-m",
+            "pipelines.federated.site_worker",
+            str(socket_path),
+            json.dumps(node_config),
+        ],
+        stdout=log_path.open("a"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **threads},
+        start_new_session=True,
+    )
+    started = time.monotonic()
+    while not Path(socket_path).exists():
+        if process.poll() is not None:
+            said = log_path.read_text()[-2000:]
+            raise FlowerRuntimeError(f"the site worker exited ({process.returncode}): {said}")
+        if time.monotonic() - started > 120:
+            raise FlowerRuntimeError(
+                f"the site worker did not listen on {socket_path} within 120 s"
+            )
+        time.sleep(0.2)
+    return process
+
+
+def node_config_text(config: dict[str, Any]) -> str:
+    """A node config for ``--node-config``: ``key="text" key=number ...``."""
+    return " ".join(
+        f"{key}={value}" if isinstance(value, int) else f'{key}="{value}"'
+        for key, value in config.items()
+    )
+
+
 def stop_processes(processes: list[subprocess.Popen]) -> None:
     """SIGTERM each process group (newest first), then SIGKILL what is still up after 20 s."""
     import signal
@@ -166,7 +212,10 @@ def stop_processes(processes: list[subprocess.Popen]) -> None:
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                process.kill()
             process.wait()
 
 
@@ -286,15 +335,25 @@ class LoopbackDeployment(FlowerDeployment):
     """A SuperLink and one SuperNode per shard, on 127.0.0.1, insecure (tests and demos).
 
     Use as a context manager; the processes stop on exit. SuperNode ``i`` gets the node
-    config ``site="client_00i" client-index=i shard="<its shard>"``.
+    config ``site="client_00i" client-index=i shard="<its shard>"`` and, with ``warm``
+    (default), a warm worker that holds its shard and torch (``worker="<socket>"``,
+    :mod:`pipelines.federated.site_worker`).
     """
 
-    def __init__(self, shards: list[Path], home: Path, bin_dir: Path | None = None):
+    def __init__(
+        self, shards: list[Path], home: Path, bin_dir: Path | None = None, warm: bool = True
+    ):
+        import tempfile
+
         self.port = free_port()
         super().__init__(home, f"127.0.0.1:{self.port}", None, bin_dir)
         self.shards = [Path(s).resolve() for s in shards]
         self.processes: list[subprocess.Popen] = []
         self.nodes: dict[int, subprocess.Popen] = {}
+        self.workers: dict[int, subprocess.Popen] = {}
+        self.warm = warm
+        # Unix socket paths must stay short: a private folder under the system's temp dir
+        self.sockets = Path(tempfile.mkdtemp(prefix="lepton-sites-")) if warm else None
 
     def _start(self, argv: list[str], name: str) -> subprocess.Popen:
         log = (self.home / "logs" / f"{name}.log").open("a")
@@ -324,7 +383,26 @@ class LoopbackDeployment(FlowerDeployment):
         return self
 
     def start_node(self, index: int) -> None:
-        """Start the SuperNode of shard ``index`` (again, after :meth:`kill_node`)."""
+        """Start the SuperNode of shard ``index`` and its warm worker (again, after
+        :meth:`kill_node`)."""
+        config: dict[str, Any] = {
+            "site": f"client_{index:03d}",
+            "client-index": index,
+            "shard": str(self.shards[index]),
+        }
+        if self.warm:
+            socket_path = self.sockets / f"{index}.sock"
+            socket_path.unlink(missing_ok=True)
+            worker = start_site_worker(  # K workers share this machine's cores
+                self.bin / "python",
+                socket_path,
+                config,
+                self.home / "logs" / f"worker_{index}.log",
+                threads_per_worker=max(1, (os.cpu_count() or 1) // len(self.shards)),
+            )
+            self.processes.append(worker)
+            self.workers[index] = worker
+            config["worker"] = str(socket_path)
         node_port = free_port()
         node = self._start(
             [
@@ -335,7 +413,7 @@ class LoopbackDeployment(FlowerDeployment):
                 "--port",
                 str(node_port),
                 "--node-config",
-                f'site="client_{index:03d}" client-index={index} shard="{self.shards[index]}"',
+                node_config_text(config),
             ],
             f"supernode_{index}",
         )
@@ -343,12 +421,16 @@ class LoopbackDeployment(FlowerDeployment):
         wait_for_port(node_port, node, f"flower-supernode {index}")
 
     def kill_node(self, index: int) -> None:
-        """SIGKILL the SuperNode of shard ``index`` and its ClientApps, as a crash would."""
+        """SIGKILL the SuperNode of shard ``index``, its ClientApps and its worker, as a
+        crash of the site would."""
         import signal
 
         node = self.nodes.pop(index)
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()
+        if (worker := self.workers.pop(index, None)) is not None:
+            worker.kill()
+            worker.wait()
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -357,6 +439,8 @@ class LoopbackDeployment(FlowerDeployment):
         """Stop every process this deployment started (their process groups)."""
         stop_processes(self.processes)
         self.processes.clear()
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 def encode_blob(data: bytes) -> str:

@@ -24,27 +24,30 @@ import json
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 CLIPPING_RANGE = 8.0
 SECAGG_CONFIG_RECORD = "secaggplus_configs"  # flwr's RECORD_KEY_CONFIGS: a SecAgg+ message
 
 
-def _to_state(arrays, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _to_state(arrays, template):
     """NumPy arrays in ``template``'s key order → a state dict with its dtypes."""
+    import torch
+
     return {
         key: torch.as_tensor(np.asarray(array)).to(value.dtype).reshape(value.shape)
         for (key, value), array in zip(template.items(), arrays, strict=True)
     }
 
 
-def _to_arrays(state: dict[str, torch.Tensor]) -> list[np.ndarray]:
+def _to_arrays(state) -> list[np.ndarray]:
     """The tensors of ``state`` in sorted key order (the order both sides agree on)."""
     return [state[key].detach().cpu().numpy() for key in sorted(state)]
 
 
-def _in_state_order(flat: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+def _in_state_order(flat, state):
     """A flat update over ``state``'s float tensors in sorted key order → in ``state``'s order."""
+    import torch
+
     from pipelines.federated.strategies import float_keys
 
     parts, offset = {}, 0
@@ -69,6 +72,7 @@ def secure_train(msg, load_site: Callable, trainer: Callable):
     """ClientApp, inside ``secaggplus_mod``: the shared client step on the rows of
     ``load_site(config)``, its update as one flat vector in a legacy ``FitRes`` (the mod
     masks it before it leaves)."""
+    import torch
     from flwr.app import Message
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
@@ -103,6 +107,7 @@ def make_secagg_collect(grid, context, order: list[int], round_config: Callable,
     for the chosen sites (``order[index]`` is a site's node id; ``round_config(index,
     round_params, round_index)`` its training config). Returns a
     :class:`~pipelines.federated.fedavg.RoundUpdates` that holds only the mean update."""
+    import torch
     from flwr.app import ConfigRecord
     from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat

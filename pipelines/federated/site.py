@@ -5,9 +5,10 @@ reads (:func:`~pipelines.data.sources.load_source`, with the same validation and
 errors: a bad file is refused here, naming file, field and row, before anything starts),
 keeps ``holdout_fraction`` of the rows back to score the final model on, writes both parts
 into the site's work folder (``train.parquet``, ``holdout.parquet``, ``site.json``; the
-source's own pixel scale, replaced only once complete), then starts Flower's
-``flower-supernode`` with a node config that names them. The SuperNode's ClientApp
-(:mod:`pipelines.federated.flower`) reads only those files.
+source's own pixel scale, replaced only once complete), then runs the site's warm worker
+(:mod:`pipelines.federated.site_worker`: torch and the rows stay loaded between messages)
+and Flower's ``flower-supernode`` with a node config that names the files and the worker
+(:func:`run_site`). The ClientApps (:mod:`pipelines.federated.flower`) read only those.
 
 What leaves the site is what the ClientApp sends back (docs/federated.md): model weights
 after local training, row counts, the mean training loss, the class statistics of its
@@ -18,7 +19,6 @@ held-out accuracy and row count. No row or label leaves it; when the site refuse
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,11 +112,31 @@ def prepare_site(
     return manifest
 
 
+def site_node_config(name: str, files: SiteFiles) -> dict[str, Any]:
+    """The node config that names a site's prepared files (read at the source's scale)."""
+    return {
+        "site": name,
+        "data": str(files.train.resolve()),
+        "holdout": str(files.holdout.resolve()),
+        "scale": "raw",
+    }
+
+
+def worker_socket(files: SiteFiles) -> Path:
+    """Where the site's warm worker listens: in its folder, or (a Unix socket path must stay
+    under about 100 characters) in a private folder under the system's temp dir."""
+    import tempfile
+
+    path = files.folder.resolve() / "worker.sock"
+    if len(str(path)) < 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="lepton-site-")) / "worker.sock"
+
+
 def supernode_argv(
     bin_dir: Path,
     superlink: str,
-    name: str,
-    files: SiteFiles,
+    node_config: dict[str, Any],
     root_certificates: Path | None = None,
     insecure: bool = False,
     auth_private_key: Path | None = None,
@@ -124,8 +144,9 @@ def supernode_argv(
 ) -> list[str]:
     """The ``flower-supernode`` command line of a site: TLS with ``root_certificates`` (or
     ``insecure``), SuperNode authentication with ``auth_private_key`` (an OpenSSH EC key
-    whose public half the SuperLink's operator registered), and the node config that names
-    the site's files."""
+    whose public half the SuperLink's operator registered), and ``node_config``."""
+    from pipelines.federated.flower_deploy import node_config_text
+
     if (root_certificates is None) == (not insecure):
         raise ConfigError("give --root-certificates (TLS) or --insecure, not both or neither")
     if auth_private_key is not None and insecure:
@@ -136,10 +157,6 @@ def supernode_argv(
     ):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{what}: no such file: {path}")
-    node_config = (
-        f'site="{name}" data="{files.train.resolve()}" holdout="{files.holdout.resolve()}" '
-        'scale="raw"'
-    )
     argv = [str(Path(bin_dir) / "flower-supernode"), "--superlink", superlink]
     argv += (
         ["--insecure"]
@@ -150,12 +167,37 @@ def supernode_argv(
         argv += ["--auth-supernode-private-key", str(Path(auth_private_key).resolve())]
     if port is not None:
         argv += ["--port", str(port)]
-    return [*argv, "--node-config", node_config]
+    return [*argv, "--node-config", node_config_text(node_config)]
 
 
-def exec_supernode(argv: list[str], home: Path) -> None:
-    """Replace this process with the SuperNode (signals reach it directly)."""
-    from pipelines.federated.flower_deploy import flower_env
+def run_site(
+    supernode: list[str], node_config: dict[str, Any], socket_path: Path | None, log_dir: Path
+) -> int:
+    """Run the site until its SuperNode ends (or this process is told to stop): the warm
+    worker on ``socket_path`` first (none: the ClientApps load torch and the rows for every
+    message), then the SuperNode; both stop together. Returns the SuperNode's exit code."""
+    import signal
+    import subprocess
 
-    env = flower_env(home, Path(argv[0]).parent)
-    os.execve(argv[0], argv, env)
+    from pipelines.federated.flower_deploy import flower_env, start_site_worker, stop_processes
+
+    processes: list[subprocess.Popen] = []
+
+    def stop(signum, _frame) -> None:
+        stop_processes(processes)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        if socket_path is not None:
+            python = Path(supernode[0]).parent / "python"
+            processes.append(
+                start_site_worker(python, socket_path, node_config, log_dir / "worker.log")
+            )
+        env = flower_env(log_dir / "flower-home", Path(supernode[0]).parent)
+        node = subprocess.Popen(supernode, env=env, start_new_session=True)
+        processes.append(node)
+        return node.wait()
+    finally:
+        stop_processes(processes)

@@ -56,21 +56,56 @@ def test_a_bad_site_file_is_refused_before_anything_starts(tmp_path: Path):
 
 def test_supernode_command_names_the_sites_files_and_its_trust(tmp_path: Path):
     from pipelines.errors import ConfigError
-    from pipelines.federated.site import SiteFiles, supernode_argv
+    from pipelines.federated.site import SiteFiles, site_node_config, supernode_argv, worker_socket
 
     files = SiteFiles(tmp_path / "prepared")
+    node = {**site_node_config("a", files), "worker": str(worker_socket(files))}
     (tmp_path / "ca.crt").write_text("pem")
-    argv = supernode_argv(Path("/bin"), "link:8000", "a", files, tmp_path / "ca.crt", port=9101)
+    argv = supernode_argv(Path("/bin"), "link:8000", node, tmp_path / "ca.crt", port=9101)
     assert argv[:3] == ["/bin/flower-supernode", "--superlink", "link:8000"]
     assert argv[argv.index("--root-certificates") + 1] == str((tmp_path / "ca.crt").resolve())
     config = argv[argv.index("--node-config") + 1]
     assert 'site="a"' in config and 'scale="raw"' in config and str(files.train) in config
+    assert f'worker="{files.folder.resolve()}/worker.sock"' in config
+    deep = SiteFiles(tmp_path / ("x" * 120))  # a Unix socket path must stay short
+    assert len(str(worker_socket(deep))) < 100
     with pytest.raises(ConfigError, match="not both or neither"):
-        supernode_argv(Path("/bin"), "link:8000", "a", files)
+        supernode_argv(Path("/bin"), "link:8000", node)
     with pytest.raises(ConfigError, match="needs TLS"):
-        supernode_argv(Path("/bin"), "l:1", "a", files, insecure=True, auth_private_key=files.train)
+        supernode_argv(Path("/bin"), "l:1", node, insecure=True, auth_private_key=files.train)
     with pytest.raises(ConfigError, match="no such file"):
-        supernode_argv(Path("/bin"), "l:1", "a", files, tmp_path / "missing.crt")
+        supernode_argv(Path("/bin"), "l:1", node, tmp_path / "missing.crt")
+
+
+def test_a_site_worker_answers_as_the_clientapp_would(tmp_path: Path):
+    """The warm worker runs the same site step as an in-process ClientApp: the same
+    answer to a query, and an error (a refused file) comes back with its message."""
+    from pipelines.federated.flower_deploy import start_site_worker, stop_processes
+    from pipelines.federated.site import SiteFiles, prepare_site, site_node_config
+    from pipelines.federated.site_steps import run_step
+    from pipelines.federated.site_worker import call
+    from pipelines.federated.sites import load_site
+
+    write_site_npz(tmp_path / "site.npz")
+    files = SiteFiles(tmp_path / "prepared")
+    prepare_site(IngestParams(source="npz", path=str(tmp_path / "site.npz")), "a", files.folder)
+    node = site_node_config("a", files)
+    config = {
+        "normalization": json.dumps({"low": 0.0, "high": 16.0}),
+        "expected": json.dumps({"channels": 1, "image_shape": [8, 8], "num_classes": 10}),
+    }
+    socket_path = tmp_path / "w.sock"
+    worker = start_site_worker(BIN / "python", socket_path, node, tmp_path / "worker.log")
+    try:
+        info, metrics, arrays = call(socket_path, "query", config, {})
+        local = run_step("query", load_site(node, {"low": 0.0, "high": 16.0}), config, {})
+        assert (info, metrics, arrays) == local and info["site"] == "a"
+        wrong = {**config, "expected": json.dumps({"channels": 3, "image_shape": [8, 8],
+                                                   "num_classes": 10})}  # fmt: skip
+        with pytest.raises(RuntimeError, match="train.parquet.*3"):
+            call(socket_path, "query", wrong, {})
+    finally:
+        stop_processes([worker])
 
 
 def test_certificates_are_signed_by_the_ca_for_the_hosts_given(tmp_path: Path):

@@ -83,9 +83,10 @@ def test_flower_loopback_matches_the_simulation_round_by_round(tmp_path: Path):
 
 def test_secure_aggregation_with_fedadam_matches_the_in_process_run(tmp_path: Path):
     """SecAgg+ is a transport of the shared loop: with FedAdam, a server learning rate and
-    seeded sampling of 2 of 3 sites a round, every round matches the in-process run within
-    1e-3 (SecAgg+ quantizes each update to 2**22 levels). No class-mean head with SecAgg+:
-    it needs per-site statistics."""
+    seeded sampling of 2 of 3 sites a round, every round's training loss matches the
+    in-process run within 1e-3 and its val accuracy within one of the 200 val rows (SecAgg+
+    quantizes each update to 2**22 levels). No class-mean head with SecAgg+: it needs
+    per-site statistics."""
     from pipelines.federated.fedavg import run_federation, start_classifier
     from pipelines.io import load_weights, read_image_table
     from pipelines.models.encoder import load_encoder
@@ -125,7 +126,8 @@ def test_secure_aggregation_with_fedadam_matches_the_in_process_run(tmp_path: Pa
     for row, expected in zip(secure, plain, strict=True):
         assert row[3] == expected["accepted"] == 2
         assert row[2] == pytest.approx(expected["train_loss"], abs=1e-3)
-        assert row[1] == pytest.approx(expected["val_accuracy"], abs=1e-3)
+        # a val row near the decision boundary may flip on the quantization: at most one
+        assert row[1] == pytest.approx(expected["val_accuracy"], abs=1 / 200 + 1e-9)
     # the weights too, up to FedAdam's step on SecAgg+'s quantization noise: a coordinate
     # whose second moment is near zero moves by up to ~lr/5 on noise (measured max 0.0019)
     for key, value in trained.state_dict().items():
