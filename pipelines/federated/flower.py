@@ -13,14 +13,18 @@
   message it runs :func:`~pipelines.federated.fedavg.train_client` (the one client step
   every runtime shares), or :func:`~pipelines.federated.ssl.train_ssl_client` for a
   ``simclr`` task, and returns its weights, row count and loss; on an ``evaluate``
-  message it scores the model on its held-out rows and returns accuracy and row count.
+  message it scores the model on its held-out rows and returns accuracy and row count. Each
+  of these is :func:`~pipelines.federated.site_steps.run_step`, run in the ClientApp's own
+  process or, when the node config names a ``worker`` socket, in the site's warm worker
+  (:mod:`pipelines.federated.site_worker`).
 - the **ServerApp** reads the run spec packaged into the app (``run_spec.json``: federate
   params, seed, model config, start weights, the val table), waits for the SuperNodes,
   sets the head from their class statistics, then runs
   :func:`~pipelines.federated.fedavg.run_federation` with a ``collect`` that sends each
-  round to the sampled nodes, so screening, aggregation, DP and the server optimizer are the
-  simulation's own code. After the last round each site scores the final model on its
-  held-out rows. Each round's history row goes to its output as it ends, and the result
+  round to the sampled nodes (with ``secure_aggregation``, one that runs a SecAgg+ round:
+  :mod:`pipelines.federated.flower_secagg`), so screening, aggregation, DP and the server
+  optimizer are the simulation's own code. After the last round each site scores the final
+  model on its held-out rows. Each round's history row goes to its output as it ends, and the result
   (history, per-site metrics, final weights) at the end
   (:func:`~pipelines.federated.flower_deploy.report_result`); the stage reads both from
   ``flwr log``. A spec with ``"task": "simclr"`` runs federated SimCLR instead (encoder +
