@@ -27,10 +27,14 @@ from results_json import header, write_json  # noqa: E402 (sibling module)
 
 
 def main() -> int:
-    import numpy as np
 
-    from tests.conftest import BIN, make_workspace, workspace_env
-    from tests.e2e.test_flower_remote import digits_split, running_federation, simulate_same_rows
+    from tests.conftest import BIN, workspace_env
+    from tests.e2e.test_flower_remote import (
+        digits_split,
+        remote_workspace,
+        running_federation,
+        simulate_same_rows,
+    )
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,19 +49,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         with running_federation(tmp, sites) as (superlink, certs):
-            np.savez(tmp / "server.npz", x=server_x, y=server_y)
-            root = make_workspace(
-                tmp / "ws",
-                {
-                    "ingest": {"source": "npz", "path": str(tmp / "server.npz")},
-                    "partition": {"test_fraction": 0.3, "val_fraction": 0.3},
-                    "federate": {"runtime": "flower", "rounds": args.rounds},
-                    "federation": {
-                        "superlink": superlink,
-                        "root_certificates": str(certs.ca_certificate),
-                        "sites": len(sites),
-                    },
-                },
+            root = remote_workspace(
+                tmp, (server_x, server_y), superlink, certs, {"federate": {"rounds": args.rounds}}
             )
             seconds = {}
             for stage in ("ingest", "compress", "partition", "pretrain", "federate"):

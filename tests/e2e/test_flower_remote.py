@@ -124,23 +124,39 @@ def running_federation(folder: Path, sites: dict[str, tuple]):
         stop_processes(processes)
 
 
+def remote_workspace(
+    folder: Path, server: tuple, superlink: str, certs, overrides: dict | None = None
+) -> Path:
+    """A workspace holding only the server's rows (``server.npz``), in remote mode against
+    ``superlink`` over TLS; ``overrides`` go on top, per section."""
+    np.savez(folder / "server.npz", x=server[0], y=server[1])
+    params = {
+        "ingest": {"source": "npz", "path": str(folder / "server.npz")},
+        "partition": {"test_fraction": 0.3, "val_fraction": 0.3},
+        "federate": {"runtime": "flower"},
+        "federation": {
+            "superlink": superlink,
+            "root_certificates": str(certs.ca_certificate),
+            "sites": len(SITES),
+        },
+    }
+    for section, values in (overrides or {}).items():
+        params.setdefault(section, {}).update(values)
+    return make_workspace(folder / "ws", params)
+
+
 def test_remote_sites_train_without_their_rows_reaching_the_workspace(tmp_path: Path):
     sites, (server_x, server_y) = digits_split()
     with running_federation(tmp_path, sites) as (superlink, certs):
-        np.savez(tmp_path / "server.npz", x=server_x, y=server_y)
-        root = make_workspace(
-            tmp_path / "ws",
+        root = remote_workspace(
+            tmp_path,
+            (server_x, server_y),
+            superlink,
+            certs,
             {
-                "ingest": {"source": "npz", "path": str(tmp_path / "server.npz")},
-                "partition": {"test_fraction": 0.3, "val_fraction": 0.3},
                 "pretrain": {"epochs": 2, "batch_size": 128},
-                "federate": {"runtime": "flower", "rounds": 2, "local_epochs": 1},
-                "federation": {
-                    "superlink": superlink,
-                    "root_certificates": str(certs.ca_certificate),
-                    "sites": len(SITES),
-                    "site_wait_seconds": 120,
-                },
+                "federate": {"rounds": 2, "local_epochs": 1},
+                "federation": {"site_wait_seconds": 120},
             },
         )
         run_env = workspace_env(root)
