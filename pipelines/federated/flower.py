@@ -330,9 +330,16 @@ def make_server_app(package_dir: Path):
                 grid, context, order, round_config, max(s["rows"] for s in sites)
             )
 
+        site_losses: dict[str, float] = {}  # the last round's, for its progress line
+
         def collect(global_state, chosen, round_params, round_index) -> RoundUpdates:
             take_back_rejoined_sites()
-            return send_round(global_state, chosen, round_params, round_index)
+            got = send_round(global_state, chosen, round_params, round_index)
+            site_losses.clear()
+            site_losses.update(
+                {names[i]: loss for i, loss in zip(got.clients, got.losses, strict=True)}
+            )
+            return got
 
         model, history = run_federation(
             config,
@@ -342,7 +349,7 @@ def make_server_app(package_dir: Path):
             params,
             seed,
             device,
-            lambda _round, row: report_progress(row),
+            lambda _round, row: report_progress({**row, "site_losses": dict(site_losses)}),
             collect=collect,
             **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),
         )

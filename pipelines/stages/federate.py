@@ -90,14 +90,19 @@ def remote_data_key(superlink: str) -> str:
     return hashlib.sha256(f"remote:{superlink}".encode()).hexdigest()
 
 
+def site_key(site: str) -> str:
+    """A site's name as it may stand in an MLflow metric key."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(site))
+
+
 def site_metrics(sites: list[dict]) -> dict[str, float]:
     """MLflow metrics of each site: ``site.<name>.rows`` and, where the site scored the
     final model on its held-out rows, ``site.<name>.holdout_accuracy`` and ``..._rows``."""
-    import re
-
     metrics: dict[str, float] = {}
     for entry in sites:
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(entry["site"]))
+        name = site_key(entry["site"])
         metrics[f"site.{name}.rows"] = float(entry["rows"])
         if entry.get("holdout_accuracy") is not None:
             metrics[f"site.{name}.holdout_accuracy"] = float(entry["holdout_accuracy"])
@@ -241,6 +246,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         }
         if "epsilon" in row:
             per_round["round_epsilon"] = row["epsilon"]
+        for site, loss in row.get("site_losses", {}).items():  # Flower: each site's own loss
+            per_round[f"site.{site_key(site)}.round_train_loss"] = loss
         tracker.log_metrics(per_round, step=round_index)
         log.info(
             "round %d/%d val_accuracy=%.4f train_loss=%.4f clients %d/%d%s",

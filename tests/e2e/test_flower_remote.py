@@ -194,6 +194,11 @@ def test_remote_sites_train_without_their_rows_reaching_the_workspace(tmp_path: 
     logged = runs[0].data.metrics
     for name in SITES:
         assert f"site.{name}.holdout_accuracy" in logged and f"site.{name}.rows" in logged
+        # each site's training loss, round by round, as the run went
+        history = MlflowClient(tracking_uri=uri).get_metric_history(
+            runs[0].info.run_id, f"site.{name}.round_train_loss"
+        )
+        assert sorted(m.step for m in history) == [1, 2]
 
     # no site row in any output of the workspace or of MLflow
     server = row_digests(server_x)
