@@ -258,9 +258,9 @@ class FlowerDeployment:
             f'address = "{self.address}"\n{trust}'
         )
 
-    def check_installed(self) -> None:
+    def check_installed(self, executable: str = "flwr") -> None:
         """Raise when the Flower executables are not where this deployment looks."""
-        if not (self.bin / "flwr").exists():
+        if not (self.bin / executable).exists():
             raise FlowerRuntimeError(
                 f"Flower is not installed in {self.bin} (run `make flower-setup`, or set "
                 "$LEPTON_FLOWER_BIN)"
@@ -300,13 +300,6 @@ class FlowerDeployment:
 
     def __exit__(self, *exc) -> None:
         pass
-
-    def logs(self, tail: int = 3000) -> str:
-        """The end of every process log under ``home/logs``, for error messages."""
-        parts = []
-        for path in sorted((self.home / "logs").glob("*.log")):
-            parts.append(f"--- {path.name}\n{path.read_text()[-tail:]}")
-        return "\n".join(parts)
 
 
 class RemoteFederation(FlowerDeployment):
@@ -364,11 +357,7 @@ class LoopbackDeployment(FlowerDeployment):
         return process
 
     def __enter__(self) -> LoopbackDeployment:
-        if not (self.bin / "flower-superlink").exists():
-            raise FlowerRuntimeError(
-                f"Flower is not installed in {self.bin} (run `make flower-setup`, or set "
-                "$LEPTON_FLOWER_BIN)"
-            )
+        self.check_installed("flower-superlink")
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         self.write_connection()
         try:
@@ -451,6 +440,13 @@ def encode_blob(data: bytes) -> str:
 def decode_blob(text: str) -> bytes:
     """The bytes :func:`encode_blob` wrote."""
     return base64.b64decode(text.encode("ascii"))
+
+
+def weights_blob(module) -> bytes:
+    """A torch module's weights as safetensors bytes (the start weights of a run spec)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
 
 
 def package_app(

@@ -159,9 +159,7 @@ def pretrain_federated_on_flower(
     client NT-Xent per round)`` as the ServerApp reported them. Each SuperNode refuses data
     unlike ``expected`` (:mod:`pipelines.federated.sites`). ``on_round(round, loss)`` is
     called as each round ends on the server (read from ``flwr log`` while the run goes)."""
-    from safetensors.torch import save
-
-    from pipelines.federated.flower_deploy import APP_DIR, run_federated_job
+    from pipelines.federated.flower_deploy import APP_DIR, run_federated_job, weights_blob
     from pipelines.io import load_weights
 
     model = start_model(tuple(expected["image_shape"]), expected["channels"], p, seed)
@@ -174,7 +172,7 @@ def pretrain_federated_on_flower(
         "expected": expected,
         "normalization": normalization,
     }
-    blobs = {"initial": save({k: v.detach().contiguous() for k, v in model.state_dict().items()})}
+    blobs = {"initial": weights_blob(model)}
     result = run_federated_job(
         federation,
         shards,

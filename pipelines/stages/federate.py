@@ -134,10 +134,8 @@ def federate_on_flower(
     started one to run on instead (tests). Returns ``(model, history, sites)``; ``sites``
     has each site's name, rows, held-out rows and held-out accuracy.
     """
-    from safetensors.torch import save
-
     from pipelines.federated.fedavg import start_classifier
-    from pipelines.federated.flower_deploy import APP_DIR, run_federated_job
+    from pipelines.federated.flower_deploy import APP_DIR, run_federated_job, weights_blob
     from pipelines.models.encoder import load_classifier
 
     val = read_image_table(val_path)
@@ -151,7 +149,7 @@ def federate_on_flower(
         "model_config": model.config,
     }
     blobs = {
-        "initial": save({k: v.detach().contiguous() for k, v in model.state_dict().items()}),
+        "initial": weights_blob(model),
         "val": Path(val_path).read_bytes(),
     }
     result = run_federated_job(
