@@ -87,6 +87,11 @@ class PartitionParams(_Section):
 
 
 class PretrainParams(_Section):
+    # simclr: a CNN encoder learnt by SimCLR; scattering: a fixed ScatterNet, learnt from no
+    # row (the features record-level DP needs; pipelines/models/scattering.py)
+    method: Literal["simclr", "scattering"] = "simclr"
+    scattering_scales: int = Field(2, ge=1, le=6)  # J: the features sit on an h/2^J grid
+    scattering_orientations: int = Field(8, ge=1, le=16)  # L
     embedding_dim: int = Field(128, ge=4, le=4096)
     projection_dim: int = Field(64, ge=2, le=4096)
     epochs: int = Field(60, ge=1, le=10_000)
@@ -120,13 +125,25 @@ class PretrainParams(_Section):
 
 
 class DPParams(_Section):
-    """Client-level differential privacy (DP-FedAvg) of the federate stage."""
+    """Differential privacy of the federate stage.
+
+    ``unit: client`` protects whole clients (DP-FedAvg: clipped updates, noise at the server;
+    ``target_epsilon`` stops at the last round within it). ``unit: record`` protects each row
+    of each client (DP-SGD on a linear head over fixed features at every client, one
+    accountant per client; ``target_epsilon`` plans the noise multiplier before training).
+    """
 
     enabled: bool = False
+    unit: Literal["client", "record"] = "client"
     clip_norm: float = Field(1.0, gt=0.0, le=1e6)
-    noise_multiplier: float = Field(1.0, gt=0.0, le=1e3)
+    noise_multiplier: float = Field(1.0, gt=0.0, le=1e4)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     target_epsilon: float | None = Field(None, gt=0.0, le=1e6)
+    # record only
+    sample_rate: float = Field(1.0, gt=0.0, le=1.0)  # Poisson sampling rate q of a local step
+    accountant: Literal["rdp", "prv"] = "prv"
+    count_noise_multiplier: float = Field(20.0, gt=0.0, le=1e6)  # σ of each client's row count
+    average_decay: float = Field(0.9, ge=0.0, lt=1.0)  # EMA of the global head over rounds
 
 
 class FederateParams(_Section):
@@ -248,6 +265,8 @@ class EvaluateParams(_Section):
 class RegisterParams(_Section):
     model_name: str = Field("lepton-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     accuracy_floor: float = Field(0.95, ge=0.0, le=1.0)
+    # the floor for a model trained with record-level DP (privacy costs accuracy)
+    dp_accuracy_floor: float = Field(0.9, ge=0.0, le=1.0)
     max_regression: float = Field(0.0, ge=0.0, le=1.0)
 
 
@@ -284,6 +303,29 @@ with warnings.catch_warnings():
                 raise ValueError(
                     "federation.superlink with pretrain.mode 'federated' needs "
                     "pretrain.runtime 'flower'"
+                )
+            return self
+
+        @model_validator(mode="after")
+        def _record_dp_needs_features_that_saw_no_client_row(self) -> Params:
+            dp = self.federate.dp
+            if not (dp.enabled and dp.unit == "record"):
+                return self
+            if self.pretrain.method != "scattering":
+                raise ValueError(
+                    "federate.dp.unit 'record' needs pretrain.method 'scattering': SimCLR "
+                    f"(pretrain.method '{self.pretrain.method}') trains the encoder on the "
+                    "clients' rows without noise, which voids a record-level guarantee"
+                )
+            if self.federate.runtime != "simulation":
+                raise ValueError(
+                    "federate.dp.unit 'record' runs in federate.runtime 'simulation' (the "
+                    "Flower ClientApp does not carry a record-level accountant yet)"
+                )
+            if self.federate.strategy != "fedavg":
+                raise ValueError(
+                    "federate.dp.unit 'record' trains a linear head with FedAvg: set "
+                    f"federate.strategy 'fedavg' (got '{self.federate.strategy}')"
                 )
             return self
 

@@ -113,7 +113,10 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="pretrain",
-        description="SimCLR (NT-Xent) pretraining of the encoder; kNN and linear probes.",
+        description=(
+            "SimCLR (NT-Xent) pretraining of the encoder, or a fixed scattering transform; "
+            "kNN and linear probes."
+        ),
         deps=("data/partitions",),
         outs=("models/pretrain",),
         metrics=("reports/pretrain.json",),

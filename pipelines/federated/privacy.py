@@ -101,3 +101,47 @@ def check_budget(spent: float, planned: float, max_epsilon: float | None, data: 
             f"privacy budget exceeded for data {data[:12]}: {spent:.4g} spent + {planned:.4g} "
             f"planned > privacy.max_epsilon {max_epsilon:g}"
         )
+
+
+# Record-level DP: the ledger keeps ε per client data version (the content hash of the
+# client's shard), as one metric per client on each private federate run.
+CLIENT_EPSILON_PREFIX = "privacy.client_epsilon."
+UNIT_TAG = "lepton.privacy.unit"
+DELTA_TAG = "lepton.privacy.delta"
+
+
+def client_epsilon_key(data_sha256: str) -> str:
+    """The MLflow metric holding a run's ``ε`` on the client whose shard hashes to this."""
+    return CLIENT_EPSILON_PREFIX + data_sha256
+
+
+def spent_epsilon_by_client(
+    mlflow_client, experiment_ids: list[str], client_hashes: list[str]
+) -> dict[str, float]:
+    """Total ``ε`` the ledger holds for each client data version (finished runs)."""
+    spent = {}
+    for data_sha256 in client_hashes:
+        key = client_epsilon_key(data_sha256)
+        runs = mlflow_client.search_runs(
+            experiment_ids,
+            filter_string=f"metrics.`{key}` >= 0 and attributes.status = 'FINISHED'",
+            max_results=10_000,
+        )
+        spent[data_sha256] = float(sum(run.data.metrics.get(key, 0.0) for run in runs))
+    return spent
+
+
+def check_client_budgets(
+    spent: dict[str, float], names: dict[str, str], planned: float, max_epsilon: float | None
+) -> None:
+    """Raise :class:`PrivacyBudgetError` naming the first client (``names``: hash → shard
+    file) that this run's ``planned`` ε would take past ``max_epsilon``."""
+    if max_epsilon is None:
+        return
+    for data_sha256, before in spent.items():
+        if before + planned > max_epsilon:
+            raise PrivacyBudgetError(
+                f"privacy budget exceeded for client {names[data_sha256]} (data "
+                f"{data_sha256[:12]}): {before:.4g} spent + {planned:.4g} planned > "
+                f"privacy.max_epsilon {max_epsilon:g}"
+            )

@@ -222,7 +222,15 @@ def build_contrastive(config: dict[str, Any]) -> ContrastiveModel:
 
 
 def build_encoder(config: dict[str, Any]) -> Encoder:
-    """A freshly initialised :class:`Encoder` from its config dict."""
+    """A freshly initialised :class:`Encoder` from its config dict.
+
+    A ``kind: scattering`` config gives a
+    :class:`~pipelines.models.scattering.ScatteringEncoder` whose filter buffers are zero
+    until a state dict (which carries them) is loaded: every caller loads one."""
+    if config.get("kind") == "scattering":
+        from pipelines.models.scattering import build_scattering
+
+        return build_scattering(config, with_filters=False)
     return Encoder(
         embedding_dim=int(config["embedding_dim"]),
         channels=tuple(int(c) for c in config.get("channels", DEFAULT_CHANNELS)),

@@ -27,8 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.config import FederateParams, FederationParams, Params
-from pipelines.errors import GateError
-from pipelines.federated.privacy import DATA_TAG, EPSILON_METRIC
+from pipelines.errors import ConfigError, GateError
+from pipelines.federated.privacy import (
+    DATA_TAG,
+    DELTA_TAG,
+    EPSILON_METRIC,
+    UNIT_TAG,
+    client_epsilon_key,
+)
 from pipelines.federated.sites import SITES_FILE, check_site_data, expected_data
 from pipelines.io import (
     ImageTable,
@@ -99,11 +105,17 @@ def site_key(site: str) -> str:
 
 def site_metrics(sites: list[dict]) -> dict[str, float]:
     """MLflow metrics of each site: ``site.<name>.rows`` and, where the site scored the
-    final model on its held-out rows, ``site.<name>.holdout_accuracy`` and ``..._rows``."""
+    final model on its held-out rows, ``site.<name>.holdout_accuracy`` and ``..._rows``.
+    Under record-level DP the true row count is not released: ``site.<name>.rows_released``
+    (the noisy count) and ``site.<name>.epsilon`` instead."""
     metrics: dict[str, float] = {}
     for entry in sites:
         name = site_key(entry["site"])
-        metrics[f"site.{name}.rows"] = float(entry["rows"])
+        if entry.get("rows") is not None:
+            metrics[f"site.{name}.rows"] = float(entry["rows"])
+        for key in ("rows_released", "epsilon"):
+            if entry.get(key) is not None:
+                metrics[f"site.{name}.{key}"] = float(entry[key])
         if entry.get("holdout_accuracy") is not None:
             metrics[f"site.{name}.holdout_accuracy"] = float(entry["holdout_accuracy"])
             metrics[f"site.{name}.holdout_rows"] = float(entry["holdout_rows"])
@@ -198,6 +210,45 @@ def check_privacy_budget(
     return spent, planned
 
 
+def record_level(p: FederateParams) -> bool:
+    """Whether the run protects records (``federate.dp.unit: record``) rather than clients."""
+    return p.dp.enabled and p.dp.unit == "record"
+
+
+def check_record_features(encoder, encoder_path: Path) -> None:
+    """Refuse record-level DP on an encoder that was trained on rows (only the fixed
+    scattering transform is learnt from no row)."""
+    if encoder.config.get("kind") != "scattering":
+        raise ConfigError(
+            f"{encoder_path}: federate.dp.unit 'record' needs features that saw no client "
+            f"row, but this encoder is a '{encoder.config.get('kind')}' trained by SimCLR; "
+            "run pretrain with pretrain.method 'scattering'"
+        )
+
+
+def check_record_budgets(
+    params: Params, tracker: StageTracker, shard_tables: list
+) -> tuple[dict[str, str], dict[str, float], float]:
+    """``(hash → shard file, ε spent before per client hash, ε this run plans)`` for
+    record-level DP; raises when a client would pass ``privacy.max_epsilon``."""
+    from pipelines.federated.privacy import check_client_budgets, spent_epsilon_by_client
+    from pipelines.federated.record_federation import plan_record_run
+
+    planned = plan_record_run(params.federate).epsilon
+    names = {
+        union_sha256([table], table_num_classes(table)): str(path) for path, table in shard_tables
+    }
+    experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
+    spent = spent_epsilon_by_client(tracker.client, [experiment], list(names))
+    check_client_budgets(spent, names, planned, params.privacy.max_epsilon)
+    return names, spent, planned
+
+
+def table_num_classes(table) -> int:
+    """Classes of a table in memory or of a stream's layout."""
+    return int(table.layout.num_classes if isinstance(table, TableStream) else table.num_classes)
+
+
 def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]:
     """FedAvg from the pretrained encoder; write models/federate and its report."""
     from pipelines.models.encoder import load_encoder
@@ -223,8 +274,24 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     clients = [table for _, table in shard_tables]
     num_clients = federation.sites if federation.remote else len(clients)
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
-    spent_before, planned_epsilon = check_privacy_budget(params, tracker, data_sha256, num_clients)
-    if p.dp.enabled:
+    record = record_level(p)
+    if record:
+        check_record_features(encoder, paths.model_dir("pretrain") / "encoder.json")
+        client_files, spent_by_client, planned_epsilon = check_record_budgets(
+            params, tracker, shard_tables
+        )
+        spent_before = max(spent_by_client.values(), default=0.0)
+        log.info(
+            "record-level DP: each client spends at most epsilon %.4g in this run (ledger: "
+            "at most %.4g spent before by one client)",
+            planned_epsilon,
+            spent_before,
+        )
+    else:
+        spent_before, planned_epsilon = check_privacy_budget(
+            params, tracker, data_sha256, num_clients
+        )
+    if p.dp.enabled and not record:
         log.info(
             "DP-FedAvg: clip %g, noise multiplier %g, delta %g: this run spends epsilon %.4g "
             "(ledger for this data: %.4g spent before)",
@@ -288,6 +355,20 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
                 Path(tmp),
                 on_round,
             )
+    elif record:
+        from pipelines.federated.record_federation import run_record_federation
+
+        model, history, released = run_record_federation(
+            encoder,
+            clients,
+            [path.stem for path in shards],
+            val,
+            p,
+            params.common.seed,
+            params.common.device,
+            on_round,
+        )
+        sites = [{**entry, "rows": None, "holdout_rows": 0} for entry in released]
     else:
         model, history = federate(
             encoder, clients, val, p, params.common.seed, params.common.device, on_round
@@ -311,6 +392,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         "seconds": seconds,
         "samples_per_s": sum(row["samples"] for row in history) / seconds,
         "dp": int(p.dp.enabled),
+        "dp_unit": p.dp.unit if p.dp.enabled else "none",
     }
     if p.dp.enabled:
         metrics["epsilon"] = history[-1]["epsilon"]
@@ -337,6 +419,11 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     if p.dp.enabled:
         # the ledger entry: this run's ε on this data version (see pipelines.federated.privacy)
         tracker.log_metrics({EPSILON_METRIC: metrics["epsilon"]})
-        tracker.set_tags({DATA_TAG: data_sha256})
+        tracker.set_tags({DATA_TAG: data_sha256, UNIT_TAG: p.dp.unit, DELTA_TAG: str(p.dp.delta)})
+    if record:  # and each client's own ε on its data version
+        by_name = {Path(file).stem: sha for sha, file in client_files.items()}
+        tracker.log_metrics(
+            {client_epsilon_key(by_name[e["site"]]): e["epsilon"] for e in released}
+        )
     tracker.log_artifact(out, "federate")
     return metrics

@@ -192,6 +192,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         tracker.log_dataset(
             "clients", paths.partitions / "clients", content_sha256(labeled), "probe"
         )
+    if p.method == "scattering":
+        return _run_scattering(params, paths, tracker, labeled, val)
     if p.mode == "federated":
         return _run_federated(params, paths, tracker, shard_tables, labeled, val)
     unlabeled_path = paths.partitions / "unlabeled.parquet"
@@ -306,6 +308,33 @@ def _run_federated(
     if not remote:  # the sites' row counts stay at the sites
         metrics["samples_per_s"] = p.rounds * p.local_epochs * len(labeled) / seconds
     return _write_outputs(paths, tracker, encoder, losses, metrics, "round")
+
+
+def _run_scattering(
+    params: Params, paths: Paths, tracker: StageTracker, labeled: ImageTable, val: ImageTable
+) -> dict[str, float]:
+    """``method: scattering``: the encoder is a fixed ScatterNet for val's image shape and
+    channels (:mod:`pipelines.models.scattering`); nothing is trained, no pool row is read.
+    The probes score its features as for SimCLR."""
+    from pipelines.models.scattering import ScatteringEncoder
+
+    p = params.pretrain
+    start = time.perf_counter()
+    encoder = ScatteringEncoder(
+        val.image_shape, val.channels, p.scattering_scales, p.scattering_orientations
+    )
+    log.info(
+        "scattering encoder J=%d L=%d on %s x %d channels: %d features, learnt from no row",
+        p.scattering_scales,
+        p.scattering_orientations,
+        val.image_shape,
+        val.channels,
+        encoder.embedding_dim,
+    )
+    probes = probe_encoder(encoder, labeled, val, p.knn_k, params.common.device)
+    metrics = {**probes, "trained_rows": 0, "seconds": time.perf_counter() - start}
+    tracker.set_tags({"lepton.encoder": "scattering"})
+    return _write_outputs(paths, tracker, encoder, [], metrics, "epoch")
 
 
 def _write_outputs(

@@ -6,13 +6,15 @@ an ONNX file, or, when the quantum stage's hybrid head won on val, an MLflow mod
 registered as a new version of ``register.model_name`` and given the alias ``candidate``.
 It becomes ``champion`` only if every gate passes:
 
-- accuracy floor: test accuracy >= ``register.accuracy_floor``;
+- accuracy floor: test accuracy >= ``register.accuracy_floor``, or
+  ``register.dp_accuracy_floor`` for a model trained under record-level DP;
 - no regression: test accuracy >= the current champion's - ``register.max_regression``;
 - privacy budget: with ``privacy.max_epsilon`` set, the federated model's ε (from
   ``reports/federate.json``; unbounded without DP) is within it.
 
 The version carries tags that lead back to the data: pipeline run, git commit, dvc.lock hash,
-and the content hash of the ingested data.
+and the content hash of the ingested data; and its privacy: unit (``none``, ``client`` or
+``record``), ε and δ.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 import numpy as np
 
 from pipelines.config import Params, RegisterParams
-from pipelines.federated.privacy import EPSILON_TAG
+from pipelines.federated.privacy import DELTA_TAG, EPSILON_TAG, UNIT_TAG
 from pipelines.io import Paths, read_image_table, read_json, write_json
 from pipelines.tracking import StageTracker, lineage_tags, pipeline_run_key, tracking_uri
 
@@ -38,11 +40,15 @@ def evaluate_gates(
     p: RegisterParams,
     epsilon: float = math.inf,
     max_epsilon: float | None = None,
+    dp_unit: str = "none",
 ) -> dict[str, bool]:
     """Which promotion gates pass for a model of ``test_accuracy`` and privacy ``epsilon``
-    (``inf`` for a model trained without differential privacy)."""
+    (``inf`` for a model trained without differential privacy). A model trained under
+    record-level DP (``dp_unit`` ``record``) meets ``p.dp_accuracy_floor`` instead of
+    ``p.accuracy_floor``."""
+    floor = p.dp_accuracy_floor if dp_unit == "record" else p.accuracy_floor
     return {
-        "accuracy_floor": test_accuracy >= p.accuracy_floor,
+        "accuracy_floor": test_accuracy >= floor,
         "no_regression": champion_accuracy is None
         or test_accuracy >= champion_accuracy - p.max_regression,
         "privacy_budget": max_epsilon is None or epsilon <= max_epsilon,
@@ -124,8 +130,12 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     client = tracker.client
     champion_version, champion_accuracy = current_champion(client, p.model_name)
     federate_report = read_json(paths.report("federate"))
-    epsilon = float(federate_report["epsilon"]) if federate_report.get("dp") else math.inf
-    gates = evaluate_gates(test_accuracy, champion_accuracy, p, epsilon, params.privacy.max_epsilon)
+    private = bool(federate_report.get("dp"))
+    epsilon = float(federate_report["epsilon"]) if private else math.inf
+    dp_unit = federate_report.get("dp_unit", "client") if private else "none"
+    gates = evaluate_gates(
+        test_accuracy, champion_accuracy, p, epsilon, params.privacy.max_epsilon, dp_unit
+    )
 
     mlflow.set_tracking_uri(tracking_uri(paths.root))
     mlflow.set_registry_uri(tracking_uri(paths.root))
@@ -143,6 +153,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         "lepton.run_id": tracker.run_id,
         "lepton.data_sha256": raw_manifest.get("content_sha256", "unknown"),
         EPSILON_TAG: "inf" if math.isinf(epsilon) else f"{epsilon:.6g}",
+        UNIT_TAG: dp_unit,
+        DELTA_TAG: str(federate_report["delta"]) if private else "none",
         **lineage_tags(paths.root),
         **{f"gate.{name}": str(ok).lower() for name, ok in gates.items()},
     }

@@ -1,0 +1,240 @@
+"""FedAvg under record-level DP: private linear heads over fixed features, one accountant each.
+
+The round loop of ``federate.dp.unit: record`` (mechanism and accounting in
+:mod:`pipelines.federated.record_dp`). What each client releases, and nothing else:
+
+- once, before the first round, its row count plus Gaussian noise
+  (``federate.dp.count_noise_multiplier``; sensitivity 1, accounted as one step), which the
+  server uses as the client's FedAvg weight;
+- each round it is sampled in, its head after the round's DP-SGD steps;
+- its ``ε`` so far, a function of public settings and of the rounds it took part in.
+
+Its training loss, accuracy and true row count are never sent. The server averages the heads
+(weights: the noisy counts), applies the mean with ``federate.server_learning_rate`` and keeps
+an exponential moving average of the global head over the rounds
+(``federate.dp.average_decay``, post-processing: free in privacy), which is the released
+model and what val scores each round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.config import DPParams, FederateParams
+from pipelines.federated.record_dp import (
+    ClientAccountant,
+    RecordDPSettings,
+    as_float64,
+    epsilon_for,
+    generator_for,
+    local_steps,
+    plan_noise_multiplier,
+    private_head_training,
+)
+from pipelines.io import ImageTable, TableStream, batches_with_labels
+
+log = logging.getLogger(__name__)
+
+COUNT_RELEASE = "count"  # the seed stream of a client's noisy row count
+
+
+def count_release_step(dp: DPParams) -> tuple[float, float, int]:
+    """The accountant entry of the noisy row count: one Gaussian step at rate 1."""
+    return (dp.count_noise_multiplier, 1.0, 1)
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    """The noise and length of a record-level run, fixed before the first round."""
+
+    noise_multiplier: float
+    steps_per_round: int
+    rounds: int
+    epsilon: float  # of a client sampled in every round (the most any client can spend)
+
+
+def plan_record_run(p: FederateParams) -> RecordPlan:
+    """σ (from ``dp.target_epsilon`` when set, else ``dp.noise_multiplier``), the local steps
+    per round and the ``ε`` a client in every round ends with, counting its row count."""
+    dp = p.dp
+    steps = local_steps(p.local_epochs, dp.sample_rate)
+    total = steps * p.rounds
+    count = count_release_step(dp)
+    if dp.target_epsilon is not None:
+        sigma = plan_noise_multiplier(
+            dp.target_epsilon, dp.delta, dp.sample_rate, total, dp.accountant, prefix=[count]
+        )
+    else:
+        sigma = dp.noise_multiplier
+    epsilon = epsilon_for([count, (sigma, dp.sample_rate, total)], dp.delta, dp.accountant)
+    return RecordPlan(sigma, steps, p.rounds, epsilon)
+
+
+def client_features(
+    encoder: torch.nn.Module, table: ImageTable | TableStream, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features float64 (n, d), labels int64 (n,))`` of a client's rows, batch by batch."""
+    from pipelines.models.probes import extract_features
+
+    features, labels = [], []
+    for images, batch_labels in batches_with_labels(table):
+        if len(images):
+            features.append(extract_features(encoder, images, device=device))
+            labels.append(np.asarray(batch_labels, dtype=np.int64))
+    if not features:
+        return torch.zeros(0, encoder.embedding_dim, dtype=torch.float64), torch.zeros(
+            0, dtype=torch.int64
+        )
+    return as_float64(np.concatenate(features)), torch.from_numpy(np.concatenate(labels))
+
+
+@dataclass
+class PrivateClient:
+    """One client under record-level DP: its fixed features, labels and accountant, which it
+    keeps for the whole run."""
+
+    name: str
+    features: torch.Tensor
+    labels: torch.Tensor
+    accountant: ClientAccountant
+
+    def release_row_count(self, dp: DPParams, seed: int) -> float:
+        """Its row count plus ``N(0, σ_count²)``, at least 1 (spends one Gaussian step)."""
+        noise = torch.randn((), generator=generator_for(seed), dtype=torch.float64)
+        self.accountant.spend(*count_release_step(dp))
+        return max(1.0, float(len(self.labels) + dp.count_noise_multiplier * noise))
+
+    def train_round(
+        self, weight: torch.Tensor, bias: torch.Tensor, settings: RecordDPSettings, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round's DP-SGD steps from the global head; returns the client's head."""
+        if len(self.labels) == 0:
+            return weight.clone(), bias.clone()
+        head = private_head_training(
+            weight, bias, self.features, self.labels, settings, generator_for(seed)
+        )
+        self.accountant.spend(settings.noise_multiplier, settings.sample_rate, settings.steps)
+        return head
+
+
+class EpsilonCache:
+    """``ε`` of accountant histories, computed once per distinct history (clients that took
+    part in the same rounds share it)."""
+
+    def __init__(self):
+        self._known: dict[tuple, float] = {}
+
+    def __call__(self, accountant: ClientAccountant) -> float:
+        key = (accountant.delta, accountant.accountant, tuple(accountant.history))
+        if key not in self._known:
+            self._known[key] = accountant.epsilon()
+        return self._known[key]
+
+
+def run_record_federation(
+    encoder: torch.nn.Module,
+    clients: list[ImageTable | TableStream],
+    names: list[str],
+    val: ImageTable,
+    p: FederateParams,
+    seed: int,
+    device: str = "cpu",
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+):
+    """FedAvg of DP-SGD linear heads on ``encoder``'s fixed features.
+
+    Returns ``(model, history, released)``: the classifier (``encoder`` + the averaged head,
+    CPU, eval mode), one row per round (``round``, ``val_accuracy``, ``train_loss`` = NaN
+    (not released), ``clients``, ``accepted``, ``rejected``, ``dropped``, ``samples``,
+    ``epsilon`` = the largest client ε so far) and per client what it released:
+    ``{"site", "rows_released", "epsilon"}``.
+    """
+    from pipelines.federated.fedavg import client_seed, sample_clients, start_classifier
+
+    dp = p.dp
+    plan = plan_record_run(p)
+    log.info(
+        "record-level DP: noise multiplier %.4g, %d DP-SGD steps per round at sample rate "
+        "%g, clip %g; a client in every round ends at epsilon %.4g (delta %g, %s)",
+        plan.noise_multiplier,
+        plan.steps_per_round,
+        dp.sample_rate,
+        dp.clip_norm,
+        plan.epsilon,
+        dp.delta,
+        dp.accountant,
+    )
+    private = [
+        PrivateClient(
+            name,
+            *client_features(encoder, table, device),
+            ClientAccountant(dp.delta, dp.accountant),
+        )
+        for name, table in zip(names, clients, strict=True)
+    ]
+    released_rows = [
+        c.release_row_count(dp, client_seed(seed, 0, i) + 1) for i, c in enumerate(private)
+    ]
+    val_features = client_features(encoder, val, device)[0]
+    val_labels = torch.from_numpy(np.array(val.labels, dtype=np.int64))
+    dim, num_classes = int(encoder.embedding_dim), int(val.num_classes)
+    weight = torch.zeros(num_classes, dim, dtype=torch.float64)
+    bias = torch.zeros(num_classes, dtype=torch.float64)
+    average_w, average_b = weight.clone(), bias.clone()
+    settings = RecordDPSettings(
+        dp.clip_norm,
+        plan.noise_multiplier,
+        dp.sample_rate,
+        plan.steps_per_round,
+        p.learning_rate,
+    )
+    rng = np.random.default_rng(seed)
+    epsilon_of = EpsilonCache()
+    history: list[dict[str, float]] = []
+    for round_index in range(1, p.rounds + 1):
+        chosen = sample_clients(len(private), p.client_fraction, rng)
+        heads = [
+            private[i].train_round(weight, bias, settings, client_seed(seed, round_index, i))
+            for i in chosen
+        ]
+        shares = torch.tensor([released_rows[i] for i in chosen], dtype=torch.float64)
+        shares = shares / shares.sum()
+        mean_w = sum(s * h[0] for s, h in zip(shares, heads, strict=True))
+        mean_b = sum(s * h[1] for s, h in zip(shares, heads, strict=True))
+        weight = weight + p.server_learning_rate * (mean_w - weight)
+        bias = bias + p.server_learning_rate * (mean_b - bias)
+        if round_index == 1:
+            average_w, average_b = weight.clone(), bias.clone()
+        else:
+            decay = dp.average_decay
+            average_w = decay * average_w + (1 - decay) * weight
+            average_b = decay * average_b + (1 - decay) * bias
+        predicted = (val_features @ average_w.T + average_b).argmax(1)
+        row = {
+            "round": round_index,
+            "val_accuracy": float((predicted == val_labels).double().mean()),
+            "train_loss": math.nan,
+            "clients": len(chosen),
+            "accepted": len(chosen),
+            "rejected": 0,
+            "dropped": 0,
+            "samples": int(sum(released_rows[i] for i in chosen) * p.local_epochs),
+            "epsilon": max(epsilon_of(c.accountant) for c in private),
+        }
+        history.append(row)
+        if on_round is not None:
+            on_round(round_index, row)
+    model = start_classifier(encoder, num_classes, seed)
+    model.head.weight.data.copy_(average_w.float())
+    model.head.bias.data.copy_(average_b.float())
+    released = [
+        {"site": c.name, "rows_released": rows, "epsilon": epsilon_of(c.accountant)}
+        for c, rows in zip(private, released_rows, strict=True)
+    ]
+    return model.eval(), history, released
