@@ -79,10 +79,12 @@ def make_federation_workspace(
     rows_per_client: int | None = 150,
     embedding_dim: int = 16,
     shuffle_seed: int | None = None,
+    encoder_kind: str = "encoder",
 ):
     """Digits as the federate stage reads them: ``val.parquet``, ``clients`` shards and an
-    untrained pretrain encoder (seeded). Rows are taken in order, or shuffled with
-    ``shuffle_seed``; ``rows_per_client=None`` splits every remaining row."""
+    untrained pretrain encoder (seeded), or with ``encoder_kind="scattering"`` the fixed
+    scattering encoder. Rows are taken in order, or shuffled with ``shuffle_seed``;
+    ``rows_per_client=None`` splits every remaining row."""
     import numpy as np
     import torch
     from sklearn.datasets import load_digits
@@ -106,7 +108,12 @@ def make_federation_workspace(
     for k, rows in enumerate(np.array_split(rest, clients)):
         write_image_table(table.subset(rows), paths.partitions / "clients" / f"client_{k}.parquet")
     torch.manual_seed(0)
-    encoder = Encoder(embedding_dim=embedding_dim)
+    if encoder_kind == "scattering":
+        from pipelines.models.scattering import ScatteringEncoder
+
+        encoder = ScatteringEncoder((8, 8))
+    else:
+        encoder = Encoder(embedding_dim=embedding_dim)
     paths.model_dir("pretrain").mkdir(parents=True)
     save_weights(encoder, paths.model_dir("pretrain"), encoder.config, name="encoder")
     return paths
