@@ -175,6 +175,7 @@ STAGES: tuple[Stage, ...] = (
             "models/quantum",
             "models/optimize",
             "reports/optimize.json",
+            "reports/federate.json",
         ),
         outs=("reports/evaluate",),
         metrics=("reports/metrics.json",),

@@ -156,7 +156,9 @@ def run_record_federation(
     ``{"site", "rows_released", "epsilon"}``.
     """
     from pipelines.federated.fedavg import client_seed, sample_clients, start_classifier
+    from pipelines.models.devices import resolve_accelerator
 
+    device = resolve_accelerator(device)
     dp = p.dp
     plan = plan_record_run(p)
     log.info(

@@ -141,32 +141,37 @@ class ScatteringEncoder(nn.Module):
         while channels % self.norm_groups:
             self.norm_groups -= 1
 
-    def _modulus(self, x: torch.Tensor, j: int, groups: int) -> torch.Tensor:
-        """``|x ⋆ ψ_j|`` for each of ``groups`` input channels: ``groups·L`` channels."""
+    def _modulus(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """``|x ⋆ ψ_j|`` for each channel of ``x``: ``channels·L`` channels. Each channel is
+        filtered on its own (folded into the batch), so the weights keep a fixed shape and
+        the module exports to ONNX."""
         bank = getattr(self, f"psi{j}")
-        weight = bank.repeat(groups, 1, 1, 1)
-        out = F.conv2d(x, weight, padding=bank.shape[-1] // 2, groups=groups)
-        n, _, h, w = out.shape
-        out = out.view(n, groups, 2, self.orientations, h, w)
+        n, channels, h, w = x.shape
+        out = F.conv2d(x.reshape(n * channels, 1, h, w), bank, padding=bank.shape[-1] // 2)
+        out = out.reshape(n, channels, 2, self.orientations, h, w)
         return (out[:, :, 0].square() + out[:, :, 1].square() + 1e-12).sqrt().flatten(1, 2)
 
     def _lowpass(self, x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        weight = self.phi.expand(channels, 1, -1, -1)
-        return F.conv2d(
-            x, weight, stride=2**self.scales, padding=self.phi.shape[-1] // 2, groups=channels
+        """``x ⋆ φ_J`` subsampled by ``2^J``, channel by channel."""
+        n, channels, h, w = x.shape
+        out = F.conv2d(
+            x.reshape(n * channels, 1, h, w),
+            self.phi,
+            stride=2**self.scales,
+            padding=self.phi.shape[-1] // 2,
         )
+        return out.reshape(n, channels, *out.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised scattering coefficients ``(n, embedding_dim)`` of images."""
         n = x.shape[0]
         single = x.reshape(n * self.in_channels, 1, *x.shape[2:])
         orders = [self._lowpass(single)]
-        first = [self._modulus(single, j, 1) for j in range(self.scales)]
+        first = [self._modulus(single, j) for j in range(self.scales)]
         orders += [self._lowpass(u) for u in first]
         for j2 in range(1, self.scales):
             below = torch.cat(first[:j2], dim=1)  # all |x ⋆ ψ_j1| with j1 < j2
-            orders.append(self._lowpass(self._modulus(below, j2, below.shape[1])))
+            orders.append(self._lowpass(self._modulus(below, j2)))
         coefficients = torch.cat(orders, dim=1)
         coefficients = coefficients.reshape(n, -1, *coefficients.shape[2:])
         return F.group_norm(coefficients, self.norm_groups).flatten(1)

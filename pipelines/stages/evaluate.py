@@ -8,7 +8,10 @@ recall weighted by the client's label histogram.
 The deployable variant (the one ``register`` logs) is chosen here on the val set: int8 when
 its val accuracy is within ``evaluate.max_int8_drop`` of fp32 ONNX, else fp32 ONNX; the
 quantum stage's hybrid head replaces that choice only when its val accuracy beats every
-other variant's, its classical twin's included (ties go to the classical models).
+other variant's, its classical twin's included (ties go to the classical models). Under
+record-level DP (``federate.dp.unit: record``) the hybrid head is never chosen: the quantum
+stage trains it on the clients' rows without noise, so only the federated model's exports
+carry the guarantee.
 """
 
 from __future__ import annotations
@@ -74,15 +77,18 @@ def score(
     return metrics, matrix
 
 
-def choose_deployable(variants: dict[str, dict], p: EvaluateParams) -> str:
+def choose_deployable(
+    variants: dict[str, dict], p: EvaluateParams, record_private: bool = False
+) -> str:
     """The variant ``register`` logs, chosen on val accuracy (see the module docstring).
 
     int8 ONNX when its drop against fp32 ONNX is within ``p.max_int8_drop``, else fp32;
-    ``quantum_hybrid`` only when it is strictly better on val than every other variant.
+    ``quantum_hybrid`` only when it is strictly better on val than every other variant and
+    the federated model is not ``record_private`` (the hybrid head saw the rows unnoised).
     """
     drop = variants["onnx_fp32"]["val_accuracy"] - variants["onnx_int8"]["val_accuracy"]
     chosen = "onnx_int8" if drop <= p.max_int8_drop else "onnx_fp32"
-    hybrid = variants.get("quantum_hybrid")
+    hybrid = None if record_private else variants.get("quantum_hybrid")
     if hybrid is not None and all(
         hybrid["val_accuracy"] > v["val_accuracy"]
         for name, v in variants.items()
@@ -217,7 +223,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict:
             test_metrics["macro_f1"],
         )
 
-    chosen = choose_deployable(variants, params.evaluate)
+    record_private = read_json(paths.report("federate")).get("dp_unit") == "record"
+    chosen = choose_deployable(variants, params.evaluate, record_private)
     size = read_json(paths.report("optimize"))
     metrics = {
         "chosen_variant": chosen,
