@@ -13,7 +13,7 @@ MLFLOW_PORT ?= 5000
 FLOWER_VENV := .venv-flower
 FLOWER_STAMP := $(FLOWER_VENV)/.installed-$(shell cat requirements-flower.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup flower-setup run test test-fast lint format mlflow-ui airflow dvc-push bench bench-quantum bench-nightly bench-federated render clean help
+.PHONY: setup flower-setup run test test-fast lint format mlflow-ui airflow dvc-push bench bench-quantum bench-nightly bench-federated bench-privacy render clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -79,6 +79,9 @@ bench-nightly: setup  ## time `lepton run` with nothing changed (the unchanged n
 
 bench-federated: setup  ## FedAvg / FedProx / FedAdam per label split, centralized, DP (minutes)
 	$(BIN)/python benchmarks/federated.py
+
+bench-privacy: setup  ## record-level DP accuracy at epsilon 1, 3, 8 over seeds, with the canary audit (minutes)
+	$(BIN)/python benchmarks/privacy.py
 
 clean:  ## remove pipeline outputs and local stores (keeps .venv)
 	rm -rf data/raw data/compressed data/partitions models reports .lepton .airflow mlflow.db mlartifacts dvc.lock

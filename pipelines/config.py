@@ -317,11 +317,6 @@ with warnings.catch_warnings():
                     f"(pretrain.method '{self.pretrain.method}') trains the encoder on the "
                     "clients' rows without noise, which voids a record-level guarantee"
                 )
-            if self.federate.runtime != "simulation":
-                raise ValueError(
-                    "federate.dp.unit 'record' runs in federate.runtime 'simulation' (the "
-                    "Flower ClientApp does not carry a record-level accountant yet)"
-                )
             if self.federate.strategy != "fedavg":
                 raise ValueError(
                     "federate.dp.unit 'record' trains a linear head with FedAvg: set "

@@ -47,6 +47,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ROUND_TIMEOUT_SECONDS = 3600.0
+ACCOUNTANT_STATE = "lepton-accountant"  # the ClientApp's context.state record
 
 
 def _state_record(state):
@@ -78,6 +79,7 @@ def make_client_app():
         secure_train,
         secure_when_asked,
     )
+    from pipelines.federated.site_steps import ACCOUNTANT, RECORD_STEP
 
     app = ClientApp()
 
@@ -89,6 +91,11 @@ def make_client_app():
 
     def answer(kind: str, msg: Message, context: Context) -> Message:
         config = dict(msg.content["config"])
+        record_step = str(config.pop(RECORD_STEP, ""))
+        if record_step:  # record-level DP: the site's own accountant, kept in context.state
+            kind = record_step
+            if ACCOUNTANT_STATE in context.state.config_records:
+                config[ACCOUNTANT] = context.state[ACCOUNTANT_STATE][ACCOUNTANT]
         arrays = (
             {k: v.numpy() for k, v in msg.content["arrays"].items()}
             if "arrays" in msg.content.array_records
@@ -103,6 +110,8 @@ def make_client_app():
             from pipelines.federated.site_steps import run_step
 
             info, metrics, out = run_step(kind, site(context, config), config, arrays)
+        if ACCOUNTANT in info:  # stays at the site, for its next message
+            context.state[ACCOUNTANT_STATE] = ConfigRecord({ACCOUNTANT: info.pop(ACCOUNTANT)})
         content = RecordDict({"info": ConfigRecord(info)})
         if metrics:
             content["metrics"] = MetricRecord(metrics)
@@ -217,6 +226,23 @@ def make_server_app(package_dir: Path):
         with tempfile.TemporaryDirectory() as tmp:
             state, val = load_run_blobs(blobs, Path(tmp))
         nodes = wait_for_nodes(grid, int(spec["num_clients"]), float(spec["site_wait_seconds"]))
+        if not simclr and params.dp.enabled and params.dp.unit == "record":
+            from pipelines.federated.flower_record import run_record_on_grid
+
+            timeout = params.client_timeout_seconds or ROUND_TIMEOUT_SECONDS
+            model, history, sites = run_record_on_grid(
+                grid, spec, params, state, val, nodes, timeout
+            )
+            final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            report_result(
+                {
+                    "history": history,
+                    "sites": sites,
+                    "model_config": model.config,
+                    "weights": encode_blob(save(final)),
+                }
+            )
+            return
 
         # order the nodes by site name (each checks its data against the run's);
         # a classifier's head from their statistics

@@ -204,6 +204,16 @@ def private_head_training(
     return weight, bias
 
 
+def release_noisy_count(
+    rows: int, noise_multiplier: float, generator: torch.Generator, accountant: ClientAccountant
+) -> float:
+    """``rows`` plus ``N(0, σ²)`` (sensitivity 1), at least 1; spends one Gaussian step at
+    rate 1 in ``accountant``. A client's FedAvg weight under record-level DP."""
+    noise = torch.randn((), generator=generator, dtype=torch.float64)
+    accountant.spend(noise_multiplier, 1.0, 1)
+    return max(1.0, float(rows + noise_multiplier * noise))
+
+
 def generator_for(seed: int) -> torch.Generator:
     """A torch generator seeded with ``seed`` (sampling and noise of one client round)."""
     return torch.Generator().manual_seed(int(seed) % (2**63))

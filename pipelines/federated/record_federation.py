@@ -36,6 +36,7 @@ from pipelines.federated.record_dp import (
     local_steps,
     plan_noise_multiplier,
     private_head_training,
+    release_noisy_count,
 )
 from pipelines.io import ImageTable, TableStream, batches_with_labels
 
@@ -106,9 +107,9 @@ class PrivateClient:
 
     def release_row_count(self, dp: DPParams, seed: int) -> float:
         """Its row count plus ``N(0, σ_count²)``, at least 1 (spends one Gaussian step)."""
-        noise = torch.randn((), generator=generator_for(seed), dtype=torch.float64)
-        self.accountant.spend(*count_release_step(dp))
-        return max(1.0, float(len(self.labels) + dp.count_noise_multiplier * noise))
+        return release_noisy_count(
+            len(self.labels), dp.count_noise_multiplier, generator_for(seed), self.accountant
+        )
 
     def train_round(
         self, weight: torch.Tensor, bias: torch.Tensor, settings: RecordDPSettings, seed: int
@@ -137,30 +138,57 @@ class EpsilonCache:
         return self._known[key]
 
 
-def run_record_federation(
-    encoder: torch.nn.Module,
-    clients: list[ImageTable | TableStream],
-    names: list[str],
-    val: ImageTable,
-    p: FederateParams,
-    seed: int,
-    device: str = "cpu",
-    on_round: Callable[[int, dict[str, float]], None] | None = None,
-):
-    """FedAvg of DP-SGD linear heads on ``encoder``'s fixed features.
+class LocalRecordSites:
+    """The clients of an in-process run, each a :class:`PrivateClient` holding its own
+    accountant; noise streams are seeded from the run's seed (reproducible)."""
 
-    Returns ``(model, history, released)``: the classifier (``encoder`` + the averaged head,
-    CPU, eval mode), one row per round (``round``, ``val_accuracy``, ``train_loss`` = NaN
-    (not released), ``clients``, ``accepted``, ``rejected``, ``dropped``, ``samples``,
-    ``epsilon`` = the largest client ε so far) and per client what it released:
-    ``{"site", "rows_released", "epsilon"}``.
-    """
-    from pipelines.federated.fedavg import client_seed, sample_clients, start_classifier
-    from pipelines.models.devices import resolve_accelerator
+    def __init__(self, private: list[PrivateClient], dp: DPParams, seed: int):
+        self.private, self.dp, self.seed = private, dp, seed
+        self.epsilon_of = EpsilonCache()
 
-    device = resolve_accelerator(device)
-    dp = p.dp
-    plan = plan_record_run(p)
+    @property
+    def names(self) -> list[str]:
+        """The clients, in run order."""
+        return [c.name for c in self.private]
+
+    def release_row_counts(self) -> list[float]:
+        """Each client's noisy row count (before the first round)."""
+        from pipelines.federated.fedavg import client_seed
+
+        return [
+            c.release_row_count(self.dp, client_seed(self.seed, 0, i) + 1)
+            for i, c in enumerate(self.private)
+        ]
+
+    def train(self, chosen, weight, bias, settings: RecordDPSettings, round_index: int):
+        """The heads of the ``chosen`` clients after this round's DP-SGD steps."""
+        from pipelines.federated.fedavg import client_seed
+
+        return [
+            self.private[i].train_round(
+                weight, bias, settings, client_seed(self.seed, round_index, i)
+            )
+            for i in chosen
+        ]
+
+    def epsilons(self) -> list[float]:
+        """Each client's ``ε`` so far."""
+        return [self.epsilon_of(c.accountant) for c in self.private]
+
+
+@dataclass
+class RecordRun:
+    """What a record-level run ends with: the released head (the moving average over
+    rounds, float64), one history row per round and what each client released."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    history: list[dict[str, float]]
+    released: list[dict]
+
+
+def log_record_plan(plan: RecordPlan, dp: DPParams) -> None:
+    """One log line with the run's noise, steps and worst-case ``ε``."""
     log.info(
         "record-level DP: noise multiplier %.4g, %d DP-SGD steps per round at sample rate "
         "%g, clip %g; a client in every round ends at epsilon %.4g (delta %g, %s)",
@@ -172,39 +200,49 @@ def run_record_federation(
         dp.delta,
         dp.accountant,
     )
-    private = [
-        PrivateClient(
-            name,
-            *client_features(encoder, table, device),
-            ClientAccountant(dp.delta, dp.accountant),
-        )
-        for name, table in zip(names, clients, strict=True)
-    ]
-    released_rows = [
-        c.release_row_count(dp, client_seed(seed, 0, i) + 1) for i, c in enumerate(private)
-    ]
-    val_features = client_features(encoder, val, device)[0]
-    val_labels = torch.from_numpy(np.array(val.labels, dtype=np.int64))
-    dim, num_classes = int(encoder.embedding_dim), int(val.num_classes)
+
+
+def record_settings(p: FederateParams, plan: RecordPlan) -> RecordDPSettings:
+    """The DP-SGD settings every client uses each round."""
+    dp = p.dp
+    return RecordDPSettings(
+        dp.clip_norm, plan.noise_multiplier, dp.sample_rate, plan.steps_per_round, p.learning_rate
+    )
+
+
+def run_record_rounds(
+    sites,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    p: FederateParams,
+    seed: int,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+) -> RecordRun:
+    """The server's side of a record-level run, whatever holds the clients.
+
+    ``sites`` has ``names``, ``release_row_counts()``, ``train(chosen, weight, bias,
+    settings, round)`` → heads and ``epsilons()`` (:class:`LocalRecordSites` in process,
+    the Flower ServerApp's sites on Flower). Each round: sample clients, average their
+    heads (weights: the noisy counts), apply with ``server_learning_rate``, update the
+    moving average and score it on val.
+    """
+    from pipelines.federated.fedavg import sample_clients
+
+    dp = p.dp
+    plan = plan_record_run(p)
+    log_record_plan(plan, dp)
+    settings = record_settings(p, plan)
+    released_rows = sites.release_row_counts()
+    dim = int(val_features.shape[1])
     weight = torch.zeros(num_classes, dim, dtype=torch.float64)
     bias = torch.zeros(num_classes, dtype=torch.float64)
     average_w, average_b = weight.clone(), bias.clone()
-    settings = RecordDPSettings(
-        dp.clip_norm,
-        plan.noise_multiplier,
-        dp.sample_rate,
-        plan.steps_per_round,
-        p.learning_rate,
-    )
     rng = np.random.default_rng(seed)
-    epsilon_of = EpsilonCache()
     history: list[dict[str, float]] = []
     for round_index in range(1, p.rounds + 1):
-        chosen = sample_clients(len(private), p.client_fraction, rng)
-        heads = [
-            private[i].train_round(weight, bias, settings, client_seed(seed, round_index, i))
-            for i in chosen
-        ]
+        chosen = sample_clients(len(released_rows), p.client_fraction, rng)
+        heads = sites.train(chosen, weight, bias, settings, round_index)
         shares = torch.tensor([released_rows[i] for i in chosen], dtype=torch.float64)
         shares = shares / shares.sum()
         mean_w = sum(s * h[0] for s, h in zip(shares, heads, strict=True))
@@ -227,16 +265,71 @@ def run_record_federation(
             "rejected": 0,
             "dropped": 0,
             "samples": int(sum(released_rows[i] for i in chosen) * p.local_epochs),
-            "epsilon": max(epsilon_of(c.accountant) for c in private),
+            "epsilon": max(sites.epsilons()),
         }
         history.append(row)
         if on_round is not None:
             on_round(round_index, row)
-    model = start_classifier(encoder, num_classes, seed)
-    model.head.weight.data.copy_(average_w.float())
-    model.head.bias.data.copy_(average_b.float())
     released = [
-        {"site": c.name, "rows_released": rows, "epsilon": epsilon_of(c.accountant)}
-        for c, rows in zip(private, released_rows, strict=True)
+        {"site": name, "rows_released": rows, "epsilon": epsilon}
+        for name, rows, epsilon in zip(sites.names, released_rows, sites.epsilons(), strict=True)
     ]
-    return model.eval(), history, released
+    return RecordRun(average_w, average_b, history, released)
+
+
+def classifier_with_head(encoder: torch.nn.Module, run: RecordRun, seed: int):
+    """The released classifier: ``encoder`` + the run's head (CPU, eval mode)."""
+    from pipelines.federated.fedavg import start_classifier
+
+    model = start_classifier(encoder, int(run.weight.shape[0]), seed)
+    model.head.weight.data.copy_(run.weight.float())
+    model.head.bias.data.copy_(run.bias.float())
+    return model.eval()
+
+
+def val_features_and_labels(encoder: torch.nn.Module, val: ImageTable, device: str = "cpu"):
+    """``(features float64, labels int64)`` of the val table under ``encoder``."""
+    features = client_features(encoder, val, device)[0]
+    return features, torch.from_numpy(np.array(val.labels, dtype=np.int64))
+
+
+def run_record_federation(
+    encoder: torch.nn.Module,
+    clients: list[ImageTable | TableStream],
+    names: list[str],
+    val: ImageTable,
+    p: FederateParams,
+    seed: int,
+    device: str = "cpu",
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+):
+    """FedAvg of DP-SGD linear heads on ``encoder``'s fixed features, in process.
+
+    Returns ``(model, history, released)``: the classifier (``encoder`` + the averaged head,
+    CPU, eval mode), one row per round (``round``, ``val_accuracy``, ``train_loss`` = NaN
+    (not released), ``clients``, ``accepted``, ``rejected``, ``dropped``, ``samples``,
+    ``epsilon`` = the largest client ε so far) and per client what it released:
+    ``{"site", "rows_released", "epsilon"}``.
+    """
+    from pipelines.models.devices import resolve_accelerator
+
+    device = resolve_accelerator(device)
+    private = [
+        PrivateClient(
+            name,
+            *client_features(encoder, table, device),
+            ClientAccountant(p.dp.delta, p.dp.accountant),
+        )
+        for name, table in zip(names, clients, strict=True)
+    ]
+    val_features, val_labels = val_features_and_labels(encoder, val, device)
+    run = run_record_rounds(
+        LocalRecordSites(private, p.dp, seed),
+        val_features,
+        val_labels,
+        int(val.num_classes),
+        p,
+        seed,
+        on_round,
+    )
+    return classifier_with_head(encoder, run, seed), run.history, run.released

@@ -2,7 +2,10 @@
 
 :func:`run_step` is the one place a site answers ``query`` (check its data against the
 run's, its name and counts, the class statistics of its rows), ``train`` (the shared client
-step, or federated SimCLR's) and ``evaluate`` (the final model on its held-out rows).
+step, or federated SimCLR's) and ``evaluate`` (the final model on its held-out rows); under
+record-level DP ``record-count`` (its noisy row count) and ``record-train`` (DP-SGD on the
+head), each spending in the site's accountant, whose state comes in and goes back out as
+JSON (config ``accountant`` → info ``accountant``) for the ClientApp to keep.
 Config in, config out; weights as NumPy arrays by name. The ClientApp
 (:mod:`pipelines.federated.flower`) calls it in its own process, or hands the message to
 the site's warm worker (:mod:`pipelines.federated.site_worker`), which calls it with torch
@@ -20,6 +23,10 @@ import numpy as np
 from pipelines.federated.sites import SiteData, check_site_data
 
 Arrays = dict[str, np.ndarray]
+ACCOUNTANT = "accountant"  # config in, info out: the site's accountant state (JSON)
+RECORD_STEP = "record-step"  # config: run this record-level DP step instead of the message's
+NAME_ONLY = "name-only"  # config of a query under record-level DP: no row counts back
+PRIVATE_HEAD = ("private-head.weight", "private-head.bias")  # float64, record-level DP
 
 
 def _state(arrays: Arrays):
@@ -33,12 +40,15 @@ def _arrays(state) -> Arrays:
 
 
 def query(data: SiteData, config: dict[str, Any], arrays: Arrays) -> tuple[dict, dict, Arrays]:
-    """Refuse data unlike the run's (``expected``); name and counts; with ``model-config``
-    the class statistics of the site's rows under the given weights."""
+    """Refuse data unlike the run's (``expected``); name and counts (only the name with
+    ``name-only``); with ``model-config`` the class statistics of the site's rows under the
+    given weights."""
     from pipelines.federated.fedavg import client_class_statistics
 
     if "expected" in config:
         check_site_data(data.train, json.loads(str(config["expected"])), data.source)
+    if NAME_ONLY in config:
+        return {"site": data.name}, {}, {}
     info = {"site": data.name, "rows": len(data.train.labels), "holdout-rows": data.holdout_rows}
     if "model-config" not in config:
         return info, {}, {}
@@ -84,11 +94,83 @@ def evaluate(data: SiteData, config: dict[str, Any], arrays: Arrays) -> tuple[di
     return {"site": data.name}, metrics, {}
 
 
-STEPS = {"query": query, "train": train, "evaluate": evaluate}
+def _accountant(config: dict[str, Any]):
+    """The site's accountant from the state its ClientApp keeps (a new one on first use)."""
+    from pipelines.federated.record_dp import ClientAccountant
+
+    if ACCOUNTANT in config:
+        return ClientAccountant.from_state(json.loads(str(config[ACCOUNTANT])))
+    return ClientAccountant(float(config["delta"]), str(config["accountant-kind"]))
+
+
+def _noise_generator(config: dict[str, Any]):
+    """The round's sampling and noise stream: the run's seed on a loopback deployment
+    (reproducible; the rows are in the workspace anyway), else the site's own entropy,
+    which the server never sees (``secrets``)."""
+    import secrets
+
+    from pipelines.federated.record_dp import generator_for
+
+    seed = int(config["noise-seed"]) if "noise-seed" in config else secrets.randbits(63)
+    return generator_for(seed)
+
+
+def record_count(
+    data: SiteData, config: dict[str, Any], arrays: Arrays
+) -> tuple[dict, dict, Arrays]:
+    """Record-level DP, before the first round: the site's row count plus Gaussian noise
+    (``count-noise`` × N(0, 1), at least 1), spent in its accountant. The true count and
+    the held-out rows' count are not sent."""
+    from pipelines.federated.record_dp import release_noisy_count
+
+    accountant = _accountant(config)
+    released = release_noisy_count(
+        len(data.train.labels), float(config["count-noise"]), _noise_generator(config), accountant
+    )
+    info = {"site": data.name, ACCOUNTANT: json.dumps(accountant.to_state())}
+    return info, {"rows-released": released, "epsilon": accountant.epsilon()}, {}
+
+
+def record_train(
+    data: SiteData, config: dict[str, Any], arrays: Arrays
+) -> tuple[dict, dict, Arrays]:
+    """Record-level DP, one round: DP-SGD steps on the linear head over the fixed
+    encoder's features of the site's rows
+    (:func:`~pipelines.federated.record_dp.private_head_training`), spent in the site's
+    accountant. Sends back the head and ``ε`` so far, nothing else."""
+    import torch
+
+    from pipelines.federated.fedavg import client_model
+    from pipelines.federated.record_dp import RecordDPSettings, private_head_training
+    from pipelines.federated.record_federation import client_features
+
+    accountant = _accountant(config)
+    settings = RecordDPSettings(**json.loads(str(config["settings"])))
+    weight, bias = (torch.from_numpy(np.array(arrays.pop(k), copy=True)) for k in PRIVATE_HEAD)
+    if len(data.train.labels):
+        encoder = client_model(json.loads(str(config["model-config"])), _state(arrays)).encoder
+        features, labels = client_features(encoder.eval(), data.train)
+        weight, bias = private_head_training(
+            weight, bias, features, labels, settings, _noise_generator(config)
+        )
+        accountant.spend(settings.noise_multiplier, settings.sample_rate, settings.steps)
+    info = {"site": data.name, ACCOUNTANT: json.dumps(accountant.to_state())}
+    out = {PRIVATE_HEAD[0]: weight.numpy(), PRIVATE_HEAD[1]: bias.numpy()}
+    return info, {"epsilon": accountant.epsilon()}, out
+
+
+STEPS = {
+    "query": query,
+    "train": train,
+    "evaluate": evaluate,
+    "record-count": record_count,
+    "record-train": record_train,
+}
 
 
 def run_step(
     kind: str, data: SiteData, config: dict[str, Any], arrays: Arrays
 ) -> tuple[dict, dict, Arrays]:
-    """``(info, metrics, arrays)`` of message ``kind`` (``query``, ``train``, ``evaluate``)."""
+    """``(info, metrics, arrays)`` of message ``kind`` (``query``, ``train``, ``evaluate``,
+    and under record-level DP ``record-count`` and ``record-train``)."""
     return STEPS[kind](data, config, arrays)

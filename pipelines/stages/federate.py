@@ -159,6 +159,7 @@ def federate_on_flower(
         "seed": seed,
         "device": device,
         "model_config": model.config,
+        "remote": federation.remote,  # record-level DP: the sites draw their own noise
     }
     blobs = {
         "initial": weights_blob(model),
@@ -230,18 +231,39 @@ def check_record_budgets(
     params: Params, tracker: StageTracker, shard_tables: list
 ) -> tuple[dict[str, str], dict[str, float], float]:
     """``(hash → shard file, ε spent before per client hash, ε this run plans)`` for
-    record-level DP; raises when a client would pass ``privacy.max_epsilon``."""
+    record-level DP; raises when a client would pass ``privacy.max_epsilon``. A remote
+    federation's sites are one entry, keyed by its address (:func:`remote_data_key`): the
+    run records the largest ``ε`` any of its sites reported."""
     from pipelines.federated.privacy import check_client_budgets, spent_epsilon_by_client
     from pipelines.federated.record_federation import plan_record_run
 
     planned = plan_record_run(params.federate).epsilon
-    names = {
-        union_sha256([table], table_num_classes(table)): str(path) for path, table in shard_tables
-    }
+    if params.federation.remote:  # the sites are not seen here: one key for the federation
+        superlink = params.federation.superlink
+        names = {remote_data_key(superlink): f"the sites of {superlink}"}
+    else:
+        names = {
+            union_sha256([table], table_num_classes(table)): str(path)
+            for path, table in shard_tables
+        }
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
     spent = spent_epsilon_by_client(tracker.client, [experiment], list(names))
     check_client_budgets(spent, names, planned, params.privacy.max_epsilon)
     return names, spent, planned
+
+
+def client_epsilons(
+    client_files: dict[str, str], sites: list[dict], remote: bool
+) -> dict[str, float]:
+    """The ledger metrics of a record-level run: each client's ``ε`` under its data hash.
+    ``sites`` are in shard order (in process: named by shard; on a loopback deployment:
+    ``client_00i``); a remote federation's one key gets the largest ``ε`` of its sites."""
+    hashes = list(client_files)
+    if remote:
+        return {client_epsilon_key(hashes[0]): max(e["epsilon"] for e in sites)}
+    return {
+        client_epsilon_key(sha): entry["epsilon"] for sha, entry in zip(hashes, sites, strict=True)
+    }
 
 
 def table_num_classes(table) -> int:
@@ -421,9 +443,6 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         tracker.log_metrics({EPSILON_METRIC: metrics["epsilon"]})
         tracker.set_tags({DATA_TAG: data_sha256, UNIT_TAG: p.dp.unit, DELTA_TAG: str(p.dp.delta)})
     if record:  # and each client's own ε on its data version
-        by_name = {Path(file).stem: sha for sha, file in client_files.items()}
-        tracker.log_metrics(
-            {client_epsilon_key(by_name[e["site"]]): e["epsilon"] for e in released}
-        )
+        tracker.log_metrics(client_epsilons(client_files, sites, federation.remote))
     tracker.log_artifact(out, "federate")
     return metrics

@@ -243,3 +243,50 @@ def test_a_site_killed_mid_run_is_left_out_and_takes_part_again_when_back(tmp_pa
     assert 2 in accepted, accepted  # rounds without the killed site
     after = accepted[accepted.index(2) :]
     assert after[-1] == 3, accepted  # it took part again once back
+
+
+def test_record_level_dp_on_flower_matches_the_simulation_with_an_accountant_per_site(
+    tmp_path: Path, monkeypatch
+):
+    """Each SuperNode keeps its own accountant in its ClientApp state across messages: its
+    ε after 3 rounds equals the in-process client's, and the rounds are the same."""
+    import csv
+
+    from pipelines.config import DPParams, PretrainParams
+    from pipelines.tracking import stage_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("LEPTON_PIPELINE_RUN", "test-record-flower")
+    paths = make_federation_workspace(tmp_path / "ws", encoder_kind="scattering")
+    dp = DPParams(enabled=True, unit="record", target_epsilon=3.0)
+    results = {}
+    for runtime in ("simulation", "flower"):
+        params = Params(
+            common=CommonParams(seed=0, device="cpu"),
+            pretrain=PretrainParams(method="scattering"),
+            federate=FederateParams(
+                runtime=runtime, rounds=3, local_epochs=1, learning_rate=2.0, dp=dp
+            ),
+        )
+        with stage_run("federate", paths.root, "lepton") as tracker:
+            metrics = federate.run(params, paths, tracker)
+        with (paths.model_dir("federate") / "rounds.csv").open() as handle:
+            rounds = [
+                value
+                for row in csv.DictReader(handle)
+                for value in (float(row["val_accuracy"]), float(row["epsilon"]))
+            ]
+        sites = read_json(paths.model_dir("federate") / "sites.json")
+        results[runtime] = (metrics, rounds, sites)
+
+    (simulation, sim_rounds, sim_sites), (flower, flower_rounds, flower_sites) = (
+        results["simulation"],
+        results["flower"],
+    )
+    assert flower["dp_unit"] == "record" and len(flower_rounds) == 2 * 3
+    assert flower_rounds == pytest.approx(sim_rounds, abs=1e-6)
+    assert flower["epsilon"] == pytest.approx(simulation["epsilon"], rel=1e-9)
+    assert 0.5 < flower["epsilon"] <= 3.0
+    for a, b in zip(sim_sites, flower_sites, strict=True):  # only noisy counts and ε leave
+        assert b["rows"] is None and b["rows_released"] == pytest.approx(a["rows_released"])
+        assert b["epsilon"] == pytest.approx(a["epsilon"], rel=1e-9)

@@ -271,3 +271,64 @@ def test_an_unreachable_superlink_fails_fast_and_keeps_the_outputs(tmp_path: Pat
     assert (out / "model.json").read_text() == "previous"
     assert not paths.report("federate").exists()
     assert os.listdir(out) == ["model.json"]
+
+
+def test_record_level_dp_at_remote_sites_releases_only_noisy_counts_heads_and_epsilon(
+    tmp_path: Path,
+):
+    """Record-level DP with the sites' rows at the sites: each site accounts for itself
+    (its own noise, its accountant in its ClientApp state), the run reports their ε, and no
+    true row count or held-out score leaves a site."""
+    sites, server = digits_split()
+    with running_federation(tmp_path, sites) as (superlink, certs):
+        root = remote_workspace(
+            tmp_path,
+            server,
+            superlink,
+            certs,
+            {
+                "pretrain": {"method": "scattering", "scattering_scales": 1},
+                "federate": {
+                    "rounds": 10,
+                    "local_epochs": 1,
+                    "learning_rate": 1.0,
+                    "dp": {"enabled": True, "unit": "record", "target_epsilon": 3.0},
+                },
+                "federation": {"site_wait_seconds": 120},
+            },
+        )
+        run_env = workspace_env(root)
+        for stage in ("ingest", "compress", "partition", "pretrain", "federate"):
+            done = subprocess.run(
+                [str(BIN / "lepton"), "stage", "run", stage],
+                cwd=root, env=run_env, capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            assert done.returncode == 0, (stage, done.stderr[-4000:])
+
+    metrics = json.loads((root / "reports/federate.json").read_text())
+    assert metrics["dp_unit"] == "record" and 2.9 < metrics["epsilon"] <= 3.0
+    assert metrics["val_accuracy"] > 0.5  # 10 noisy rounds, far above chance (0.1)
+    reported = json.loads((root / "models/federate/sites.json").read_text())
+    assert [s["site"] for s in reported] == list(SITES)
+    for entry, name in zip(reported, SITES, strict=True):
+        prepared = json.loads((tmp_path / "sites" / name / "prepared" / "site.json").read_text())
+        assert entry["rows"] is None and "holdout_accuracy" not in entry
+        assert entry["rows_released"] != prepared["rows"]  # noised (a tie has odds ~0)
+        assert entry["epsilon"] == pytest.approx(metrics["epsilon"])  # in every round
+
+    from mlflow import MlflowClient
+
+    from pipelines.federated.privacy import client_epsilon_key
+    from pipelines.stages.federate import remote_data_key
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("lepton").experiment_id],
+        filter_string="tags.lepton.stage = 'federate'",
+    )
+    logged = runs[0].data.metrics
+    assert logged[client_epsilon_key(remote_data_key(superlink))] == pytest.approx(
+        metrics["epsilon"]
+    )
+    assert not [k for k in logged if k.endswith((".rows", ".holdout_accuracy"))]

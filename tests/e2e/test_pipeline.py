@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipelines.registry import SOURCE_PROBE, STAGES
-from tests.conftest import BIN, workspace_env
+from tests.conftest import BIN, TINY_OVERRIDES, make_workspace, workspace_env
 
 pytestmark = pytest.mark.slow
 
@@ -224,3 +224,39 @@ def test_one_image_added_to_the_folder_reruns_ingest_and_downstream(tiny_workspa
     assert third.returncode == 0, third.stderr[-2000:]
     for stage in ("ingest", "compress", "partition"):
         assert f"Stage '{stage}' didn't change, skipping" in third.stdout, stage
+
+
+# docs/federated.md, "Record-level DP": the ε = 3 setting of benchmarks/privacy.py
+RECORD_DP_EPSILON_3 = {
+    "pretrain": {"method": "scattering", "scattering_scales": 1},
+    "federate": {
+        "rounds": 100,
+        "local_epochs": 1,
+        "learning_rate": 1.0,
+        "dp": {"enabled": True, "unit": "record", "target_epsilon": 3.0},
+    },
+}
+
+
+def test_record_level_dp_at_epsilon_3_runs_through_and_registers(tmp_path: Path):
+    """The documented ε = 3 override, whole pipeline through `dvc repro`: the model is
+    registered and promoted past the DP floor, tagged with its unit, ε and δ."""
+    overrides = {**TINY_OVERRIDES, **RECORD_DP_EPSILON_3}
+    overrides["register"] = {}  # the default floors: 0.95, and 0.9 under record DP
+    root = make_workspace(tmp_path / "ws", overrides)
+    done = run([str(BIN / "dvc"), "repro"], root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    federate = json.loads((root / "reports/federate.json").read_text())
+    assert federate["dp_unit"] == "record" and 2.9 < federate["epsilon"] <= 3.0
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["chosen_variant"] != "quantum_hybrid"
+    register = json.loads((root / "reports/register.json").read_text())
+    assert register["promoted"] == 1, register
+    assert register["test_accuracy"] >= 0.9
+    client, _ = mlflow_runs(root)
+    version = client.get_model_version_by_alias("lepton-digits", "champion")
+    assert version.tags["lepton.privacy.unit"] == "record"
+    assert float(version.tags["lepton.privacy.epsilon"]) == pytest.approx(
+        federate["epsilon"], rel=1e-5
+    )
+    assert version.tags["lepton.privacy.delta"] == "1e-05"

@@ -129,9 +129,11 @@ def test_the_config_refuses_record_dp_on_features_trained_on_client_rows():
     with pytest.raises(ConfigError, match="needs pretrain.method 'scattering'"):
         validate_params(raw)
     raw["pretrain"]["method"] = "scattering"
-    raw["federate"]["runtime"] = "flower"
-    with pytest.raises(ConfigError, match="runs in federate.runtime 'simulation'"):
+    raw["federate"].update(runtime="flower", secure_aggregation=True)
+    with pytest.raises(ConfigError, match="secure_aggregation needs federate.dp.enabled false"):
         validate_params(raw)
+    raw["federate"]["secure_aggregation"] = False
+    assert validate_params(raw).federate.runtime == "flower"
 
 
 @pytest.fixture
