@@ -70,6 +70,10 @@ class CompressParams(_Section):
     pca_components: int = Field(0, ge=0, le=4096)
 
 
+# the encoder's training rows under which record-level DP holds (Params.encoder_rows)
+ROWS_THAT_COST_CLIENTS_NO_PRIVACY = ("no rows", "public split", "server-held rows")
+
+
 class PartitionParams(_Section):
     test_fraction: Fraction = 0.2
     val_fraction: Fraction = 0.1
@@ -78,6 +82,9 @@ class PartitionParams(_Section):
     skew: Literal["iid", "dirichlet"] = "dirichlet"
     alpha: float = Field(0.5, gt=0.0, le=1000.0)
     min_client_rows: int = Field(10, ge=1)
+    # share of the training pool declared public: it becomes the unlabeled pool that SimCLR
+    # pretrains on, and no client holds it (features that cost record-level DP nothing)
+    public_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _splits_leave_training_rows(self) -> PartitionParams:
@@ -144,6 +151,9 @@ class DPParams(_Section):
     accountant: Literal["rdp", "prv"] = "prv"
     count_noise_multiplier: float = Field(20.0, gt=0.0, le=1e6)  # σ of each client's row count
     average_decay: float = Field(0.9, ge=0.0, lt=1.0)  # EMA of the global head over rounds
+    # features centred on the server's val rows and, when > 0, projected onto their top
+    # principal directions before DP-SGD (pipelines/federated/feature_projection.py)
+    feature_components: int = Field(0, ge=0, le=65536)
 
 
 class FederateParams(_Section):
@@ -291,10 +301,28 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = EvaluateParams()
         register: RegisterParams = RegisterParams()
 
+        def encoder_rows(self) -> str:
+            """Whose rows the pretrained encoder learns from: ``"no rows"`` (the fixed
+            scattering transform), ``"client rows"`` (federated SimCLR, or central SimCLR on
+            the pooled training rows), ``"public split"`` (``partition.public_fraction``) or
+            ``"server-held rows"`` (remote mode: the workspace's own rows)."""
+            if self.pretrain.method == "scattering":
+                return "no rows"
+            if self.pretrain.mode == "federated":
+                return "client rows"
+            if self.federation.remote:
+                return "server-held rows"
+            return "public split" if self.partition.public_fraction > 0 else "client rows"
+
         @model_validator(mode="after")
         def _remote_sites_need_flower(self) -> Params:
             if not self.federation.remote:
                 return self
+            if self.partition.public_fraction > 0:
+                raise ValueError(
+                    "partition.public_fraction holds client rows out as public; with "
+                    "federation.superlink every workspace row is server-held already: set it 0"
+                )
             if self.federate.runtime != "flower":
                 raise ValueError(
                     "federation.superlink (remote sites) needs federate.runtime 'flower'"
@@ -311,11 +339,15 @@ with warnings.catch_warnings():
             dp = self.federate.dp
             if not (dp.enabled and dp.unit == "record"):
                 return self
-            if self.pretrain.method != "scattering":
+            if self.encoder_rows() not in ROWS_THAT_COST_CLIENTS_NO_PRIVACY:
                 raise ValueError(
-                    "federate.dp.unit 'record' needs pretrain.method 'scattering': SimCLR "
-                    f"(pretrain.method '{self.pretrain.method}') trains the encoder on the "
-                    "clients' rows without noise, which voids a record-level guarantee"
+                    "federate.dp.unit 'record' needs features that saw no client row: "
+                    f"SimCLR (pretrain.method '{self.pretrain.method}', mode "
+                    f"'{self.pretrain.mode}') here trains the encoder on the clients' rows "
+                    "without noise, which voids a record-level guarantee; use "
+                    "pretrain.method 'scattering', or central SimCLR on a public split "
+                    "(partition.public_fraction > 0) or on server-held rows "
+                    "(federation.superlink)"
                 )
             if self.federate.strategy != "fedavg":
                 raise ValueError(

@@ -48,6 +48,22 @@ def split_holdout(
     return train, val, test
 
 
+def split_public(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(private, public)`` positions into ``labels``: ``fraction`` of the rows, stratified
+    by label, declared public (``partition.public_fraction``); no client ever holds them."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    count = round(fraction * n)
+    if fraction <= 0.0 or count < 1:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    if count >= n:
+        raise ConfigError(
+            f"partition.public_fraction {fraction}: the public split would take all {n} "
+            "training rows and leave none for the clients"
+        )
+    return _stratified_split(np.arange(n), labels, count, seed + 1)
+
+
 def select_labeled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Indices of the ``fraction`` of rows whose labels are kept, stratified by label."""
     labels = np.asarray(labels)

@@ -6,8 +6,9 @@ SuperNodes. Each site keeps its accountant in its ClientApp's ``context.state`` 
 whole run (:mod:`pipelines.federated.flower`) and takes its steps in
 :func:`~pipelines.federated.site_steps.record_count` and
 :func:`~pipelines.federated.site_steps.record_train`. What a site sends back: its name; once,
-its noisy row count; each round it is sampled in, its head after the round's DP-SGD steps;
-and its ``ε`` so far. On a remote federation each site draws its sampling and noise from its
+its noisy row count; each round it is sampled in, its head after the round's DP-SGD steps
+(on its features under the server's public feature map, sent with the head); and its ``ε``
+so far. On a remote federation each site draws its sampling and noise from its
 own entropy; on a loopback deployment they come from the run's seed, as in the simulation,
 so both runtimes give the same rounds.
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from pipelines.config import FederateParams
+from pipelines.federated.feature_projection import FeatureProjection
 from pipelines.federated.record_dp import RecordDPSettings
 from pipelines.federated.site_steps import NAME_ONLY, PRIVATE_HEAD, RECORD_STEP
 
@@ -68,6 +70,7 @@ class GridRecordSites:
         self.names = sorted(by_site)
         self.order = [by_site[name].metadata.src_node_id for name in self.names]
         self._epsilon = [0.0] * len(self.names)
+        self.projection: dict[str, np.ndarray] = {}
 
     def _send(self, nodes, configs, arrays, kind: str, what: str, group: str = "") -> list:
         """One message per node (``configs[i]`` to ``nodes[i]``); the replies, or raises
@@ -98,6 +101,10 @@ class GridRecordSites:
         if not self.seeded:
             return {}
         return {NOISE_SEED: client_seed(self.seed, round_index, index) + offset}
+
+    def use_projection(self, projection: FeatureProjection) -> None:
+        """Send the server's public feature map with every round's head."""
+        self.projection = projection.to_arrays()
 
     def release_row_counts(self) -> list[float]:
         """Each site's noisy row count (``record-count``, spent in its accountant)."""
@@ -131,6 +138,7 @@ class GridRecordSites:
         dp = self.params.dp
         arrays = {
             **self.start,
+            **self.projection,
             PRIVATE_HEAD[0]: weight.numpy(),
             PRIVATE_HEAD[1]: bias.numpy(),
         }

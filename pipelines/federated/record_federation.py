@@ -9,6 +9,11 @@ The round loop of ``federate.dp.unit: record`` (mechanism and accounting in
 - each round it is sampled in, its head after the round's DP-SGD steps;
 - its ``ε`` so far, a function of public settings and of the rounds it took part in.
 
+Before the first round the server centres the features on its own val rows and may project
+them onto their top principal directions (``federate.dp.feature_components``,
+:mod:`pipelines.federated.feature_projection`): a public map, sent to every client, that
+costs no privacy; the released head folds it back onto the encoder's features.
+
 Its training loss, accuracy and true row count are never sent. The server averages the heads
 (weights: the noisy counts), applies the mean with ``federate.server_learning_rate`` and keeps
 an exponential moving average of the global head over the rounds
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 
 from pipelines.config import DPParams, FederateParams
+from pipelines.federated.feature_projection import FeatureProjection, fit_feature_projection
 from pipelines.federated.record_dp import (
     ClientAccountant,
     RecordDPSettings,
@@ -151,6 +157,11 @@ class LocalRecordSites:
         """The clients, in run order."""
         return [c.name for c in self.private]
 
+    def use_projection(self, projection: FeatureProjection) -> None:
+        """Map every client's features with the server's public ``projection``."""
+        for client in self.private:
+            client.features = projection.apply(client.features)
+
     def release_row_counts(self) -> list[float]:
         """Each client's noisy row count (before the first round)."""
         from pipelines.federated.fedavg import client_seed
@@ -179,7 +190,8 @@ class LocalRecordSites:
 @dataclass
 class RecordRun:
     """What a record-level run ends with: the released head (the moving average over
-    rounds, float64), one history row per round and what each client released."""
+    rounds, float64, on the encoder's features), one history row per round and what each
+    client released."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -221,11 +233,13 @@ def run_record_rounds(
 ) -> RecordRun:
     """The server's side of a record-level run, whatever holds the clients.
 
-    ``sites`` has ``names``, ``release_row_counts()``, ``train(chosen, weight, bias,
-    settings, round)`` → heads and ``epsilons()`` (:class:`LocalRecordSites` in process,
-    the Flower ServerApp's sites on Flower). Each round: sample clients, average their
-    heads (weights: the noisy counts), apply with ``server_learning_rate``, update the
-    moving average and score it on val.
+    ``sites`` has ``names``, ``use_projection(projection)``, ``release_row_counts()``,
+    ``train(chosen, weight, bias, settings, round)`` → heads and ``epsilons()``
+    (:class:`LocalRecordSites` in process, the Flower ServerApp's sites on Flower). First
+    the feature map is fitted on ``val_features`` (server-held) and handed to the sites.
+    Each round: sample clients, average their heads (weights: the noisy counts), apply with
+    ``server_learning_rate``, update the moving average and score it on val. The returned
+    head is folded back onto the encoder's features.
     """
     from pipelines.federated.fedavg import sample_clients
 
@@ -233,8 +247,18 @@ def run_record_rounds(
     plan = plan_record_run(p)
     log_record_plan(plan, dp)
     settings = record_settings(p, plan)
+    projection = fit_feature_projection(val_features, dp.feature_components)
+    log.info(
+        "features centred on %d server-held val rows%s",
+        len(val_labels),
+        f", projected onto {projection.dim} principal directions"
+        if projection.basis is not None
+        else "",
+    )
+    sites.use_projection(projection)
+    val_features = projection.apply(val_features)
     released_rows = sites.release_row_counts()
-    dim = int(val_features.shape[1])
+    dim = projection.dim
     weight = torch.zeros(num_classes, dim, dtype=torch.float64)
     bias = torch.zeros(num_classes, dtype=torch.float64)
     average_w, average_b = weight.clone(), bias.clone()
@@ -274,7 +298,7 @@ def run_record_rounds(
         {"site": name, "rows_released": rows, "epsilon": epsilon}
         for name, rows, epsilon in zip(sites.names, released_rows, sites.epsilons(), strict=True)
     ]
-    return RecordRun(average_w, average_b, history, released)
+    return RecordRun(*projection.fold(average_w, average_b), history, released)
 
 
 def classifier_with_head(encoder: torch.nn.Module, run: RecordRun, seed: int):

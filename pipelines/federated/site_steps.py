@@ -94,12 +94,20 @@ def evaluate(data: SiteData, config: dict[str, Any], arrays: Arrays) -> tuple[di
     return {"site": data.name}, metrics, {}
 
 
-def _accountant(config: dict[str, Any]):
-    """The site's accountant from the state its ClientApp keeps (a new one on first use)."""
+def _accountant(config: dict[str, Any], first_use: bool = False):
+    """The site's accountant from the state its ClientApp keeps; a new one only on
+    ``first_use`` (the row-count release before round 1). A training round without it (a
+    SuperNode restarted mid-run, its ``context.state`` lost) is refused: starting again from
+    ε = 0 would under-count what the site has spent."""
     from pipelines.federated.record_dp import ClientAccountant
 
     if ACCOUNTANT in config:
         return ClientAccountant.from_state(json.loads(str(config[ACCOUNTANT])))
+    if not first_use:
+        raise RuntimeError(
+            "record-level DP: this site's accountant is gone (its SuperNode restarted during "
+            "the run?); the run cannot go on without what the site has spent so far"
+        )
     return ClientAccountant(float(config["delta"]), str(config["accountant-kind"]))
 
 
@@ -123,7 +131,7 @@ def record_count(
     the held-out rows' count are not sent."""
     from pipelines.federated.record_dp import release_noisy_count
 
-    accountant = _accountant(config)
+    accountant = _accountant(config, first_use=True)
     released = release_noisy_count(
         len(data.train.labels), float(config["count-noise"]), _noise_generator(config), accountant
     )
@@ -135,11 +143,13 @@ def record_train(
     data: SiteData, config: dict[str, Any], arrays: Arrays
 ) -> tuple[dict, dict, Arrays]:
     """Record-level DP, one round: DP-SGD steps on the linear head over the fixed
-    encoder's features of the site's rows
+    encoder's features of the site's rows, under the server's public feature map
+    (:mod:`~pipelines.federated.feature_projection`, in the message's arrays)
     (:func:`~pipelines.federated.record_dp.private_head_training`), spent in the site's
     accountant. Sends back the head and ``ε`` so far, nothing else."""
     import torch
 
+    from pipelines.federated.feature_projection import FeatureProjection
     from pipelines.federated.fedavg import client_model
     from pipelines.federated.record_dp import RecordDPSettings, private_head_training
     from pipelines.federated.record_federation import client_features
@@ -147,9 +157,11 @@ def record_train(
     accountant = _accountant(config)
     settings = RecordDPSettings(**json.loads(str(config["settings"])))
     weight, bias = (torch.from_numpy(np.array(arrays.pop(k), copy=True)) for k in PRIVATE_HEAD)
+    projection = FeatureProjection.from_arrays(arrays)
     if len(data.train.labels):
         encoder = client_model(json.loads(str(config["model-config"])), _state(arrays)).encoder
         features, labels = client_features(encoder.eval(), data.train)
+        features = projection.apply(features)
         weight, bias = private_head_training(
             weight, bias, features, labels, settings, _noise_generator(config)
         )

@@ -26,7 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.config import FederateParams, FederationParams, Params
+from pipelines.config import (
+    ROWS_THAT_COST_CLIENTS_NO_PRIVACY,
+    FederateParams,
+    FederationParams,
+    Params,
+)
 from pipelines.errors import ConfigError, GateError
 from pipelines.federated.privacy import (
     DATA_TAG,
@@ -217,13 +222,18 @@ def record_level(p: FederateParams) -> bool:
 
 
 def check_record_features(encoder, encoder_path: Path) -> None:
-    """Refuse record-level DP on an encoder that was trained on rows (only the fixed
-    scattering transform is learnt from no row)."""
-    if encoder.config.get("kind") != "scattering":
+    """Refuse record-level DP on an encoder that was trained on client rows. The fixed
+    scattering transform is learnt from no row; a SimCLR encoder qualifies only when its
+    ``encoder.json`` says ``trained_on`` a public split or server-held rows (pretrain writes
+    it from the partition manifest's ``unlabeled_source``)."""
+    if encoder.config.get("kind") == "scattering":
+        return
+    trained_on = read_json(encoder_path).get("trained_on", "client rows (not recorded)")
+    if trained_on not in ROWS_THAT_COST_CLIENTS_NO_PRIVACY:
         raise ConfigError(
-            f"{encoder_path}: federate.dp.unit 'record' needs features that saw no client "
-            f"row, but this encoder is a '{encoder.config.get('kind')}' trained by SimCLR; "
-            "run pretrain with pretrain.method 'scattering'"
+            f"{encoder_path}: trained_on '{trained_on}': federate.dp.unit 'record' needs "
+            "features that saw no client row; run pretrain with pretrain.method "
+            "'scattering', or SimCLR on a public split (partition.public_fraction > 0)"
         )
 
 

@@ -7,15 +7,19 @@ reconstructions that overshoot the range are clipped), then writes to ``data/par
 - ``test.parquet``, ``val.parquet``: stratified hold-out sets.
 - ``unlabeled.parquet``: every training-pool row. The contract needs labels, so the true
   labels are stored; self-supervised pretraining never reads them (only evaluation probes
-  may, as a labeled reference).
+  may, as a labeled reference). With ``public_fraction`` > 0 it holds only the public split:
+  that share of the training pool, declared public, which no client holds (the manifest's
+  ``unlabeled_source`` says ``"public split"``), so an encoder pretrained on it costs the
+  clients no privacy (record-level DP, ``federate.dp.unit: record``).
 - ``clients/client_000.parquet`` ...: the labeled share (``labeled_fraction`` of the
-  training pool), sharded IID or with Dirichlet(alpha) label skew.
+  training pool, less any public split), sharded IID or with Dirichlet(alpha) label skew.
 - ``manifest.json`` (seed, skew, alpha, row counts, per-client label histograms) and
   ``client_labels.png`` (stacked bars of each client's label counts).
 
 In remote mode (``federation.superlink`` set) the sites hold the client rows: the workspace's
-own rows become test, val and the unlabeled pool (server-held data), and no client shard is
-written (``clients/`` stays empty, the manifest says ``"sites": "remote"``).
+own rows become test, val and the unlabeled pool (server-held data, ``unlabeled_source``
+``"server-held rows"``), and no client shard is written (``clients/`` stays empty, the
+manifest says ``"sites": "remote"``).
 
 Every file follows the image-table contract: read them with ``pipelines.io.read_image_table``.
 """
@@ -36,6 +40,7 @@ from pipelines.data.splits import (
     select_labeled,
     shard_clients,
     split_holdout,
+    split_public,
 )
 from pipelines.io import (
     ContentHasher,
@@ -65,19 +70,33 @@ def partition_rows(
     labels: np.ndarray, p: PartitionParams, seed: int, remote_sites: bool = False
 ) -> dict[str, Any]:
     """Which rows go where: sorted row indices into the whole table for ``test``, ``val``,
-    ``unlabeled`` (the training pool), ``labeled`` and each of ``clients``, plus ``shards``:
-    each client's rows as indices into ``labeled``. Only the labels are needed. With
-    ``remote_sites`` the sites hold the clients' rows: no row is labeled, no client shard."""
+    ``unlabeled`` (the training pool, or only its public split with ``public_fraction``),
+    ``labeled`` and each of ``clients``, plus ``shards``: each client's rows as indices into
+    ``labeled``. Only the labels are needed. With ``remote_sites`` the sites hold the
+    clients' rows: no row is labeled, no client shard."""
     train, val, test = split_holdout(labels, p.test_fraction, p.val_fraction, seed)
     if remote_sites:
         none = np.zeros(0, dtype=np.int64)
-        return {"test": test, "val": val, "unlabeled": train, "labeled": none}
+        return {
+            "test": test,
+            "val": val,
+            "train": train,
+            "public": none,
+            "unlabeled": train,
+            "labeled": none,
+        }
+    private, public = split_public(labels[train], p.public_fraction, seed)
+    pool = train
+    unlabeled = train[public] if len(public) else train
+    train = train[private]
     labeled = train[select_labeled(labels[train], p.labeled_fraction, seed)]
     shards = shard_clients(labels[labeled], p.num_clients, p.skew, p.alpha, p.min_client_rows, seed)
     return {
         "test": test,
         "val": val,
-        "unlabeled": train,
+        "train": pool,
+        "public": pool[public],
+        "unlabeled": unlabeled,
         "labeled": labeled,
         "clients": [labeled[s] for s in shards],
         "shards": shards,
@@ -167,6 +186,15 @@ def write_partitions(
     return digests, clipped / total if total else 0.0
 
 
+def unlabeled_source(remote: bool, public_rows: int) -> str:
+    """Whose rows ``unlabeled.parquet`` holds (the manifest's ``unlabeled_source``):
+    ``"server-held rows"`` in remote mode, ``"public split"`` with a public split, else
+    ``"client rows"`` (the same rows the client shards hold)."""
+    if remote:
+        return "server-held rows"
+    return "public split" if public_rows else "client rows"
+
+
 def client_name(index: int) -> str:
     """File stem of client ``index``: ``client_000``."""
     return f"client_{index:03d}"
@@ -227,7 +255,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     histograms = client_label_histograms(layout.labels, rows, layout.num_classes)
     sizes = histograms.sum(1)
     metrics = {
-        "train_rows": len(rows["unlabeled"]),
+        "train_rows": len(rows["train"]),
+        "public_rows": len(rows["public"]),
         "labeled_rows": len(rows["labeled"]),
         "val_rows": len(rows["val"]),
         "test_rows": len(rows["test"]),
@@ -257,11 +286,13 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
                 "clipped_fraction": clipped,
             },
             "rows": {
-                k: metrics[k] for k in ("train_rows", "labeled_rows", "val_rows", "test_rows")
+                k: metrics[k]
+                for k in ("train_rows", "public_rows", "labeled_rows", "val_rows", "test_rows")
             },
             "client_rows": dict(zip(names, sizes.tolist(), strict=True)),
             "client_label_histograms": dict(zip(names, histograms.tolist(), strict=True)),
             "label_skew": metrics["label_skew"],
+            "unlabeled_source": unlabeled_source(remote, metrics["public_rows"]),
             "unlabeled_note": "unlabeled.parquet keeps the true labels; pretraining ignores them",
             "source_content_sha256": source.get("source_content_sha256"),
         }
@@ -276,8 +307,12 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         )
     else:
         log.info(
-            "train %d (labeled %d), val %d, test %d; %d clients of %d..%d rows, label skew %.3f",
-            *(metrics[k] for k in ("train_rows", "labeled_rows", "val_rows", "test_rows")),
+            "train %d (public %d, labeled %d), val %d, test %d; %d clients of %d..%d rows, "
+            "label skew %.3f",
+            *(
+                metrics[k]
+                for k in ("train_rows", "public_rows", "labeled_rows", "val_rows", "test_rows")
+            ),
             p.num_clients,
             metrics["min_client_rows"],
             metrics["max_client_rows"],

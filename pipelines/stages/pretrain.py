@@ -204,6 +204,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         else content_sha256(unlabeled)
     )
     tracker.log_dataset("unlabeled", unlabeled_path, unlabeled_sha256, "training")
+    trained_on = unlabeled_source(paths)
 
     def on_epoch(epoch: int, loss: float) -> None:
         tracker.log_metrics({"epoch_train_loss": loss}, step=epoch)
@@ -211,8 +212,9 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
 
     shape = unlabeled.layout if isinstance(unlabeled, TableStream) else unlabeled
     log.info(
-        "SimCLR on %d unlabeled images %s x %d channels, %d epochs%s",
+        "SimCLR on %d unlabeled images (%s) %s x %d channels, %d epochs%s",
         len(shape.labels),
+        trained_on,
         shape.image_shape,
         shape.channels,
         p.epochs,
@@ -232,7 +234,17 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         "seconds": seconds,
         "samples_per_s": p.epochs * len(shape.labels) / seconds,
     }
-    return _write_outputs(paths, tracker, encoder, losses, metrics, "epoch")
+    return _write_outputs(paths, tracker, encoder, losses, metrics, "epoch", trained_on)
+
+
+def unlabeled_source(paths: Paths) -> str:
+    """Whose rows ``unlabeled.parquet`` holds, as partition's manifest declares it
+    (``unlabeled_source``: ``"public split"``, ``"server-held rows"`` or ``"client rows"``);
+    ``"client rows"`` when the manifest does not say."""
+    manifest = paths.partitions / "manifest.json"
+    if not manifest.is_file():
+        return "client rows"
+    return str(read_json(manifest).get("unlabeled_source", "client rows"))
 
 
 def probe_halves(val: ImageTable) -> tuple[ImageTable, ImageTable]:
@@ -307,7 +319,7 @@ def _run_federated(
     }
     if not remote:  # the sites' row counts stay at the sites
         metrics["samples_per_s"] = p.rounds * p.local_epochs * len(labeled) / seconds
-    return _write_outputs(paths, tracker, encoder, losses, metrics, "round")
+    return _write_outputs(paths, tracker, encoder, losses, metrics, "round", "client rows")
 
 
 def _run_scattering(
@@ -334,7 +346,7 @@ def _run_scattering(
     probes = probe_encoder(encoder, labeled, val, p.knn_k, params.common.device)
     metrics = {**probes, "trained_rows": 0, "seconds": time.perf_counter() - start}
     tracker.set_tags({"lepton.encoder": "scattering"})
-    return _write_outputs(paths, tracker, encoder, [], metrics, "epoch")
+    return _write_outputs(paths, tracker, encoder, [], metrics, "epoch", "no rows")
 
 
 def _write_outputs(
@@ -344,8 +356,13 @@ def _write_outputs(
     losses: list[float],
     metrics: dict[str, float],
     unit: str,
+    trained_on: str,
 ) -> dict[str, float]:
-    """models/pretrain (encoder, history.csv per ``unit``) and reports/pretrain.json, at once."""
+    """models/pretrain (encoder, history.csv per ``unit``) and reports/pretrain.json, at once.
+
+    ``encoder.json`` records whose rows the encoder learnt from (``trained_on``: ``"no rows"``,
+    ``"client rows"``, ``"public split"``, ``"server-held rows"``); record-level DP in
+    federate accepts only features that saw no client row."""
     log.info(
         "val kNN accuracy %.4f, linear probe %.4f (%.1f s)",
         metrics["val_knn_accuracy"],
@@ -354,9 +371,11 @@ def _write_outputs(
     )
     out = paths.model_dir("pretrain")
     with atomic_outputs(dirs=[out], files=[paths.report("pretrain")]) as staged:
-        save_weights(encoder, staged.path(out), encoder.config, name="encoder")
+        config = {**encoder.config, "trained_on": trained_on}
+        save_weights(encoder, staged.path(out), config, name="encoder")
         write_history(staged.path(out) / "history.csv", losses, unit)
         write_json(staged.path(paths.report("pretrain")), metrics)
+    tracker.set_tags({"lepton.encoder_trained_on": trained_on})
     tracker.log_metrics(metrics)
     tracker.log_artifact(out, "pretrain")
     return metrics

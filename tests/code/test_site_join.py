@@ -142,6 +142,15 @@ def test_remote_params_need_tls_or_insecure_and_flower():
     remote = {"superlink": "link:8000", "insecure": True}
     params = validate_params({"federation": remote, "federate": {"runtime": "flower"}})
     assert params.federation.remote and not FederationParams().remote
+    assert params.encoder_rows() == "server-held rows"  # SimCLR on the workspace's rows
+    with pytest.raises(ConfigError, match="public_fraction .* server-held already"):
+        validate_params(
+            {
+                "federation": remote,
+                "federate": {"runtime": "flower"},
+                "partition": {"public_fraction": 0.2},
+            }
+        )
 
 
 def test_the_supernode_image_joins_with_the_flower_environments_lepton():

@@ -15,6 +15,7 @@ from pipelines.data.splits import (
     select_labeled,
     shard_clients,
     split_holdout,
+    split_public,
 )
 from pipelines.errors import ConfigError
 from pipelines.io import ImageTable, Paths, read_image_table, write_json
@@ -159,3 +160,36 @@ def test_partition_stage_writes_normalized_consistent_shards(tmp_path):
     assert json.loads(paths.report("partition").read_text()) == pytest.approx(metrics)
     assert tracker.metrics == [metrics]
     assert set(tracker.datasets) == {"test", "val", "unlabeled", "clients"}
+    assert manifest["unlabeled_source"] == "client rows" and metrics["public_rows"] == 0
+
+
+def test_a_public_split_is_stratified_and_refuses_to_take_every_row():
+    private, public = split_public(LABELS, 0.25, seed=3)
+    assert len(public) == 150 and np.bincount(LABELS[public]).tolist() == [15] * 10
+    assert np.array_equal(np.sort(np.concatenate([private, public])), np.arange(600))
+    assert len(split_public(LABELS, 0.0, seed=3)[1]) == 0
+    with pytest.raises(ConfigError, match="public_fraction 0.9999: .* leave none"):
+        split_public(LABELS, 0.9999, seed=3)
+
+
+def test_the_public_split_is_the_unlabeled_pool_and_no_client_holds_it(tmp_path):
+    from pipelines.stages import partition
+
+    paths = Paths(tmp_path)
+    rng = np.random.default_rng(0)
+    table = ImageTable(rng.integers(0, 17, (600, 4, 4)).astype(np.float32), LABELS, 10)
+    encode_table(table, paths.compressed, CompressParams())
+    write_json(paths.compressed / "manifest.json", {"pixel_min": 0.0, "pixel_max": 16.0})
+    p = PartitionParams(num_clients=4, public_fraction=0.25, min_client_rows=5)
+    metrics = partition.run(Params(partition=p), paths, RecordingTracker())
+
+    out = paths.partitions
+    pool = read_image_table(out / "unlabeled.parquet")
+    clients = [read_image_table(f) for f in sorted((out / "clients").glob("*.parquet"))]
+    assert metrics["train_rows"] == 420 and metrics["public_rows"] == len(pool) == 105
+    assert metrics["labeled_rows"] == sum(len(c) for c in clients) == 420 - 105
+    public = {row.tobytes() for row in pool.images}
+    assert not any(row.tobytes() in public for c in clients for row in c.images)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["unlabeled_source"] == "public split"
+    assert manifest["rows"]["public_rows"] == 105

@@ -17,6 +17,7 @@ from pipelines.config import (
     DPParams,
     FederateParams,
     Params,
+    PartitionParams,
     PretrainParams,
     PrivacyParams,
     RegisterParams,
@@ -33,7 +34,7 @@ from pipelines.federated.record_dp import (
     plan_noise_multiplier,
     private_head_training,
 )
-from pipelines.io import Paths, read_json
+from pipelines.io import Paths, read_json, write_json
 from pipelines.tracking import client, stage_run
 from tests.conftest import make_federation_workspace
 
@@ -126,9 +127,16 @@ def test_the_config_refuses_record_dp_on_features_trained_on_client_rows():
         "federate": {"dp": {"enabled": True, "unit": "record"}},
         "pretrain": {"method": "simclr"},
     }
-    with pytest.raises(ConfigError, match="needs pretrain.method 'scattering'"):
+    with pytest.raises(ConfigError, match="needs features that saw no client row"):
         validate_params(raw)
-    raw["pretrain"]["method"] = "scattering"
+    # SimCLR on a public split is accepted; federated SimCLR trains at the clients: refused
+    raw["partition"] = {"public_fraction": 0.3}
+    assert validate_params(raw).encoder_rows() == "public split"
+    raw["pretrain"]["mode"] = "federated"
+    with pytest.raises(ConfigError, match="mode 'federated'"):
+        validate_params(raw)
+    del raw["partition"]
+    raw["pretrain"] = {"method": "scattering"}
     raw["federate"].update(runtime="flower", secure_aggregation=True)
     with pytest.raises(ConfigError, match="secure_aggregation needs federate.dp.enabled false"):
         validate_params(raw)
@@ -208,6 +216,23 @@ def test_the_stage_refuses_a_cnn_encoder_under_record_dp(tmp_path, monkeypatch):
     assert not (tmp_path / "models/federate").exists()
 
 
+def test_the_stage_takes_a_simclr_encoder_pretrained_on_the_public_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    make_federation_workspace(tmp_path, clients=2, rows_per_client=50)
+    config_path = tmp_path / "models/pretrain/encoder.json"
+    write_json(config_path, {**read_json(config_path), "trained_on": "public split"})
+    params = Params(
+        common=CommonParams(seed=0, device="cpu"),
+        partition=PartitionParams(public_fraction=0.3),
+        federate=FederateParams(
+            rounds=2, dp=DPParams(enabled=True, unit="record", target_epsilon=3.0)
+        ),
+    )
+    _, metrics = run_federate(tmp_path, params)
+    assert metrics["dp_unit"] == "record" and 0 < metrics["epsilon"] <= 3.0
+    assert read_json(tmp_path / "models/federate/model.json")["encoder"]["kind"] != "scattering"
+
+
 def test_the_register_gate_has_a_floor_for_record_dp():
     from pipelines.stages.register import evaluate_gates
 
@@ -270,3 +295,51 @@ def test_the_audit_bound_follows_the_guesses():
     rng = np.random.default_rng(0)
     assert epsilon_lower_bound(rng.random(200), included, 1e-5).epsilon_lower_bound < 0.5
     assert math.isfinite(perfect.epsilon_lower_bound)
+
+
+def test_a_site_step_keeps_its_accountant_and_refuses_a_round_without_it():
+    """The Flower site steps under record DP: the count release starts the site's
+    accountant; a training round carries it on, and a round without it (a SuperNode that
+    restarted and lost its ClientApp state) is refused rather than counted from ε = 0."""
+    import dataclasses
+    import json
+
+    from sklearn.datasets import load_digits
+
+    from pipelines.federated.feature_projection import fit_feature_projection
+    from pipelines.federated.fedavg import start_classifier
+    from pipelines.federated.site_steps import ACCOUNTANT, PRIVATE_HEAD, run_step
+    from pipelines.federated.sites import SiteData
+    from pipelines.io import ImageTable
+    from pipelines.models.scattering import ScatteringEncoder
+
+    data = load_digits()
+    rows = ImageTable((data.images[:120] / 16).astype(np.float32), data.target[:120], 10)
+    site = SiteData("a", rows, None, "a.npz")
+    base = {"delta": 1e-5, "accountant-kind": "rdp", "noise-seed": 3}
+    info, metrics, _ = run_step("record-count", site, {**base, "count-noise": 20.0}, {})
+    assert info["site"] == "a" and metrics["rows-released"] > 0 and metrics["epsilon"] > 0
+    encoder = ScatteringEncoder((8, 8), 1, 1)
+    settings = RecordDPSettings(1.0, 2.0, 1.0, 1, 1.0)
+    dim = encoder.embedding_dim
+    projection = fit_feature_projection(torch.randn(50, dim, dtype=torch.float64), 5)
+    model = start_classifier(encoder, 10, 0)
+    arrays = {
+        **{k: v.numpy() for k, v in model.state_dict().items()},
+        **projection.to_arrays(),
+        PRIVATE_HEAD[0]: np.zeros((10, 5)),
+        PRIVATE_HEAD[1]: np.zeros(10),
+    }
+    config = {
+        **base,
+        "settings": json.dumps(dataclasses.asdict(settings)),
+        "model-config": json.dumps({"encoder": encoder.config, "num_classes": 10}),
+    }
+    with pytest.raises(RuntimeError, match="accountant is gone"):
+        run_step("record-train", site, config, dict(arrays))
+    trained, spent, out = run_step(
+        "record-train", site, {**config, ACCOUNTANT: info[ACCOUNTANT]}, dict(arrays)
+    )
+    assert out[PRIVATE_HEAD[0]].shape == (10, 5) and np.abs(out[PRIVATE_HEAD[0]]).sum() > 0
+    assert spent["epsilon"] > metrics["epsilon"]
+    assert set(spent) == {"epsilon"} and set(trained) == {"site", ACCOUNTANT}
