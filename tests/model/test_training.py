@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipelines.config import CommonParams, FederateParams, Params, PretrainParams
-from pipelines.io import ImageTable, Paths, read_json, write_image_table
+from pipelines.io import ImageTable, Paths, read_json, write_image_table, write_json
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +167,11 @@ def test_pretrain_and_federate_stages_write_their_outputs(tmp_path: Path, digits
         federate=FederateParams(rounds=2, local_epochs=1, batch_size=64),
     )
 
+    # partition declared the pool a public split: the encoder says so (record DP reads it)
+    write_json(parts / "manifest.json", {"unlabeled_source": "public split"})
     tracker = RecordingTracker()
     metrics = pretrain.run(params, paths, tracker)
+    assert read_json(paths.model_dir("pretrain") / "encoder.json")["trained_on"] == "public split"
     assert set(metrics) == {
         "train_loss",
         "val_knn_accuracy",
