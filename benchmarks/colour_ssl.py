@@ -1,5 +1,7 @@
-"""Why colour images score lower: SimCLR with and without colour views, and the supervised
-ceiling of the same encoder on coloured digits.
+"""Why colour images scored lower: SimCLR on the colour contrast map (``pretrain.colour_input:
+contrast``, the default; with and without the learning-rate warm-up) and on the RGB channels
+with and without colour views, and the supervised ceiling of the same encoder on coloured
+digits.
 
 The ``rgb32`` example set (the digits at 32x32 in random foreground/background colours, as
 ``lepton example-data rgb32`` writes it) split as the partition stage's defaults split it
@@ -86,14 +88,30 @@ def main() -> int:
     from pipelines.stages.pretrain import pretrain, probe_encoder
 
     p = PretrainParams(epochs=args.epochs)
+    rgb = p.model_copy(update={"colour_input": "rgb"})
     variants = {
-        "rgb32, default views (colour views on half of them)": ("rgb32", AugmentConfig()),
-        "rgb32, no colour views": ("rgb32", dataclasses.replace(AugmentConfig(), colour_prob=0)),
-        "rgb32, colour views on every view": (
+        "rgb32, contrast input (the default)": ("rgb32", AugmentConfig(), p),
+        "rgb32, contrast input, no warm-up": (
+            "rgb32",
+            AugmentConfig(),
+            p.model_copy(update={"warmup_epochs": 0}),
+        ),
+        "rgb32, rgb input, default views (colour views on half of them)": (
+            "rgb32",
+            AugmentConfig(),
+            rgb,
+        ),
+        "rgb32, rgb input, no colour views": (
+            "rgb32",
+            dataclasses.replace(AugmentConfig(), colour_prob=0),
+            rgb,
+        ),
+        "rgb32, rgb input, colour views on every view": (
             "rgb32",
             dataclasses.replace(AugmentConfig(), colour_prob=1.0),
+            rgb,
         ),
-        "digits28 (grayscale reference)": ("digits28", AugmentConfig()),
+        "digits28 (grayscale reference)": ("digits28", AugmentConfig(), p),
     }
     payload: dict = {
         **header("colour_ssl"),
@@ -110,16 +128,21 @@ def main() -> int:
     for name in ("rgb32", "digits28"):
         table = example_table(name)
         splits[name] = partition(table, PartitionParams(), 42)
-        config = encoder_config_for(table.image_shape, table.channels, p.embedding_dim)
         print(f"{name}: supervised from a random encoder ...", file=sys.stderr, flush=True)
-        payload["sets"][name] = {
-            "supervised_from_random_init": supervised(None, config, splits[name])
-        }
-    for label, (name, views) in variants.items():
+        payload["sets"][name] = {}
+        for colour_input in ("contrast", "rgb") if table.channels > 1 else ("contrast",):
+            config = encoder_config_for(
+                table.image_shape, table.channels, p.embedding_dim, colour_input
+            )
+            key = "supervised_from_random_init" + ("_rgb_input" if colour_input == "rgb" else "")
+            payload["sets"][name][key] = supervised(None, config, splits[name])
+    for label, (name, views, variant_params) in variants.items():
         print(f"{label} ...", file=sys.stderr, flush=True)
         parts = splits[name]
         started = time.perf_counter()
-        encoder, losses = pretrain(parts["unlabeled"], p, 42, "cpu", augment_config=views)
+        encoder, losses = pretrain(
+            parts["unlabeled"], variant_params, 42, "cpu", augment_config=views
+        )
         seconds = time.perf_counter() - started
         probes = probe_encoder(encoder, concat_tables(parts["clients"], 10), parts["val"], 10)
         payload["variants"][label] = {

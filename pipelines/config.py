@@ -100,10 +100,14 @@ class PretrainParams(_Section):
     scattering_scales: int = Field(2, ge=1, le=6)  # J: the features sit on an h/2^J grid
     scattering_orientations: int = Field(8, ge=1, le=16)  # L
     embedding_dim: int = Field(128, ge=4, le=4096)
+    # colour images only: contrast = the encoder sees each pixel's colour contrast against
+    # the image's mean colour (blind to hue and polarity); rgb = the standardized channels
+    colour_input: Literal["contrast", "rgb"] = "contrast"
     projection_dim: int = Field(64, ge=2, le=4096)
     epochs: int = Field(60, ge=1, le=10_000)
     batch_size: int = Field(256, ge=4, le=65536)
     learning_rate: float = Field(0.002, gt=0.0, le=10.0)
+    warmup_epochs: int = Field(6, ge=0, le=10_000)  # linear warm-up before the cosine decay
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     temperature: float = Field(0.2, gt=0.0, le=10.0)
     knn_k: int = Field(10, ge=1, le=1000)

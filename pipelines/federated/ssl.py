@@ -99,7 +99,9 @@ def start_model(image_shape: tuple[int, int], channels: int, p: PretrainParams, 
     from pipelines.models.systems import pl
 
     pl.seed_everything(seed, verbose=False)
-    encoder = build_encoder(encoder_config_for(image_shape, channels, p.embedding_dim))
+    encoder = build_encoder(
+        encoder_config_for(image_shape, channels, p.embedding_dim, p.colour_input)
+    )
     return ContrastiveModel(encoder, p.projection_dim)
 
 

@@ -35,6 +35,9 @@ DEFAULT_CHANNELS = (32, 64, 128)
 DEFAULT_POOL_AFTER = 0
 WORKING_SIDE = 8  # the stem halves an image until its shorter side is at most about this
 STEM_WIDTHS = (16, 32)  # channels of the stem's blocks; later blocks keep the last width
+# what a colour encoder's first layer sees: "contrast" (one channel, see colour_contrast) or
+# "rgb" (the standardized channels, see standardize)
+COLOUR_INPUTS = ("contrast", "rgb")
 
 
 def stem_for(image_shape: tuple[int, int], widths: tuple[int, ...] = STEM_WIDTHS) -> list[int]:
@@ -57,10 +60,14 @@ def encoder_config(
     in_channels: int = 1,
     stem: tuple[int, ...] = (),
     standardize_input: bool = False,
+    colour_input: str = "rgb",
 ) -> dict[str, Any]:
     """Config dict of an :class:`Encoder` (what ``encoder.json`` holds)."""
+    if colour_input not in COLOUR_INPUTS:
+        raise ValueError(f"colour_input must be one of {COLOUR_INPUTS}, got {colour_input!r}")
     return {
         "standardize_input": bool(standardize_input),
+        "colour_input": colour_input,
         "kind": "encoder",
         "embedding_dim": int(embedding_dim),
         "channels": [int(c) for c in channels],
@@ -72,15 +79,21 @@ def encoder_config(
 
 
 def encoder_config_for(
-    image_shape: tuple[int, int], in_channels: int, embedding_dim: int = 128
+    image_shape: tuple[int, int],
+    in_channels: int,
+    embedding_dim: int = 128,
+    colour_input: str = "contrast",
 ) -> dict[str, Any]:
-    """The default encoder config for images of ``image_shape`` with ``in_channels``:
-    colour images are standardized per image and channel (see :class:`Encoder`)."""
+    """The default encoder config for images of ``image_shape`` with ``in_channels``.
+
+    Colour images are standardized per image and channel; with ``colour_input="contrast"``
+    the first layer then sees only their colour contrast (:func:`colour_contrast`)."""
     return encoder_config(
         embedding_dim,
         in_channels=in_channels,
         stem=tuple(stem_for(image_shape)),
         standardize_input=in_channels > 1,
+        colour_input=colour_input if in_channels > 1 else "rgb",
     )
 
 
@@ -122,12 +135,29 @@ def standardize(x: torch.Tensor, eps: float = 5e-2) -> torch.Tensor:
     return centred / (std + eps)
 
 
+def colour_contrast(x: torch.Tensor, eps: float = 5e-2) -> torch.Tensor:
+    """``(n, c, h, w)`` colour images → ``(n, 1, h, w)``: how far each pixel's colour is
+    from the image's mean colour, averaged over the channels (each shifted and scaled by
+    :func:`standardize`), then standardized per image.
+
+    The map is the same whatever the hue, the order of the channels, their gains (up to
+    scale) and whether the object is lighter or darker than its ground in each channel:
+    exactly what SimCLR's colour augmentations ask the encoder to ignore. Given the colour
+    channels themselves, the encoder learns to tell images apart by colour and SimCLR stalls
+    (``benchmarks/colour_ssl.py``)."""
+    distance = standardize(x, eps).abs().mean(dim=1, keepdim=True)
+    centred = distance - distance.mean(dim=(2, 3), keepdim=True)
+    return centred / (centred.pow(2).mean(dim=(2, 3), keepdim=True).sqrt() + eps)
+
+
 class Encoder(nn.Module):
     """Small CNN: a stem of stride-2 3x3 conv blocks (as many as the image size needs,
     see :func:`stem_for`), 3x3 conv blocks (GroupNorm, ReLU) with one 2x2 max-pool after
     block ``pool_after``, global average pooling, then a linear map to ``embedding_dim``.
 
-    ``(n, in_channels, h, w)`` → ``(n, embedding_dim)`` for any ``h, w``.
+    ``(n, in_channels, h, w)`` → ``(n, embedding_dim)`` for any ``h, w``. Colour input goes
+    through :func:`colour_contrast` (``colour_input="contrast"``, one channel into the first
+    layer) or :func:`standardize` (``standardize_input`` with ``colour_input="rgb"``).
     """
 
     def __init__(
@@ -139,14 +169,23 @@ class Encoder(nn.Module):
         in_channels: int = 1,
         stem: tuple[int, ...] = (),
         standardize_input: bool = False,
+        colour_input: str = "rgb",
     ):
         super().__init__()
         self.config = encoder_config(
-            embedding_dim, channels, groups, pool_after, in_channels, stem, standardize_input
+            embedding_dim,
+            channels,
+            groups,
+            pool_after,
+            in_channels,
+            stem,
+            standardize_input,
+            colour_input,
         )
         self.standardize_input = standardize_input
+        self.contrast_input = colour_input == "contrast" and in_channels > 1
         layers: list[nn.Module] = []
-        c_in = in_channels
+        c_in = 1 if self.contrast_input else in_channels
         for c_out in stem:
             layers += _conv_block(c_in, c_out, groups, stride=2)
             c_in = c_out
@@ -160,12 +199,22 @@ class Encoder(nn.Module):
         self.embedding_dim = embedding_dim
         self.in_channels = in_channels
 
+    def first_layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the first conv block sees of images ``(n, in_channels, h, w)``: the
+        colour contrast map, the standardized channels, or the images as they are."""
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"the encoder takes {self.in_channels} channels, got {x.shape[1]}")
+        if self.contrast_input:
+            return colour_contrast(x)
+        if self.standardize_input:
+            return standardize(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings ``(n, embedding_dim)`` of images ``(n, in_channels, h, w)``."""
-        if self.standardize_input:
-            x = standardize(x)
+        features = self.features(self.first_layer_input(x))
         # mean over space = adaptive average pooling to 1x1, with a deterministic backward
-        return self.fc(self.features(x).mean(dim=(2, 3)))
+        return self.fc(features.mean(dim=(2, 3)))
 
 
 class Classifier(nn.Module):
@@ -239,6 +288,7 @@ def build_encoder(config: dict[str, Any]) -> Encoder:
         in_channels=int(config.get("in_channels", 1)),
         stem=tuple(int(c) for c in config.get("stem", ())),
         standardize_input=bool(config.get("standardize_input", False)),
+        colour_input=str(config.get("colour_input", "rgb")),
     )
 
 

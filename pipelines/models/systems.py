@@ -180,12 +180,29 @@ class _EpochLossSystem(pl.LightningModule):
             self._on_epoch_end(len(self.history), mean)
 
 
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning-rate schedule: a linear ramp from ``1/(w+1)`` of the rate to the
+    full rate over ``w = warmup_epochs`` epochs, then a cosine decay over the rest."""
+    warmup = max(0, min(warmup_epochs, epochs - 1))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs - warmup, 1))
+    if warmup == 0:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
 class SimCLRSystem(_EpochLossSystem):
     """SimCLR: two augmented views of each image, encoder → projection head → NT-Xent.
 
-    AdamW with a cosine learning-rate decay over the Trainer's ``max_epochs`` (a constant
-    rate with ``cosine_schedule=False``). The augmentation generator is seeded with
-    ``seed`` on the training device at fit start.
+    AdamW with a cosine learning-rate decay over the Trainer's ``max_epochs``, after a linear
+    warm-up over the first ``warmup_epochs`` (a constant rate with ``cosine_schedule=False``).
+    Without the warm-up, full-rate steps from a random start can collapse every embedding
+    to one point, where NT-Xent sits at log(2B − 1) and no longer moves. The augmentation
+    generator is seeded with ``seed`` on the training device at fit start.
     """
 
     def __init__(
@@ -199,11 +216,13 @@ class SimCLRSystem(_EpochLossSystem):
         seed: int = 0,
         on_epoch_end: EpochHook | None = None,
         cosine_schedule: bool = True,
+        warmup_epochs: int = 0,
     ):
         super().__init__(on_epoch_end)
         self.encoder = encoder
         self.head = head
         self.cosine_schedule = cosine_schedule
+        self.warmup_epochs = warmup_epochs
         self.criterion = NTXentLoss(temperature)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -234,7 +253,7 @@ class SimCLRSystem(_EpochLossSystem):
         if not self.cosine_schedule:  # a federated client: the server sets each round's rate
             return optimizer
         epochs = max(int(self.trainer.max_epochs or 1), 1)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        schedule = warmup_cosine_schedule(optimizer, epochs, self.warmup_epochs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "epoch"},

@@ -76,7 +76,7 @@ def pretrain(
     shape = unlabeled.layout if isinstance(unlabeled, TableStream) else unlabeled
     if len(shape.labels) == 0:
         raise ValueError("the unlabeled pool is empty")
-    config = encoder_config_for(shape.image_shape, shape.channels, p.embedding_dim)
+    config = encoder_config_for(shape.image_shape, shape.channels, p.embedding_dim, p.colour_input)
     if p.strategy == "ddp":
         if augment_config is not None:
             raise ValueError("pretrain with strategy 'ddp' uses the default views")
@@ -95,6 +95,7 @@ def pretrain(
         temperature=p.temperature,
         learning_rate=p.learning_rate,
         weight_decay=p.weight_decay,
+        warmup_epochs=p.warmup_epochs,
         seed=seed,
         on_epoch_end=on_epoch,
         **({"augment_config": augment_config} if augment_config is not None else {}),

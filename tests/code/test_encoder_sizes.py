@@ -12,6 +12,7 @@ from pipelines.models.encoder import (
     build_classifier,
     build_encoder,
     classifier_config,
+    colour_contrast,
     encoder_config_for,
     receptive_field,
     stem_for,
@@ -29,7 +30,7 @@ def test_encoder_and_classifier_shapes(c: int, h: int, w: int) -> None:
     assert encoder(x).shape == (4, 16)
     model = build_classifier(classifier_config(config, 10))
     assert model(x).shape == (4, 10)
-    with pytest.raises(RuntimeError):
+    with pytest.raises((RuntimeError, ValueError), match="channels"):
         encoder(torch.rand(4, 4 - c if c == 3 else 3, h, w))  # wrong channel count
 
 
@@ -46,7 +47,7 @@ def last_feature_map_reach(c: int, h: int, w: int) -> torch.Tensor:
     torch.manual_seed(0)
     encoder = build_encoder(encoder_config_for((h, w), c)).eval()
     x = torch.rand(1, c, h, w, requires_grad=True)
-    features = encoder.features(x)
+    features = encoder.features(encoder.first_layer_input(x))
     features[0, :, features.shape[2] // 2, features.shape[3] // 2].sum().backward()
     return x.grad.abs().sum(dim=(0, 1)) > 0
 
@@ -116,3 +117,43 @@ def test_colour_augmentations_change_colour_only_for_rgb() -> None:
     assert (red_share < 0.5).any()  # some views moved the colour to another channel / gray
     gray = torch.full((8, 1, 8, 8), 0.5)
     assert torch.equal(augment(gray, torch.Generator().manual_seed(2), colour), gray)
+
+
+def object_on_ground(fg: list[float], bg: list[float]) -> torch.Tensor:
+    """One 3x16x16 image: a bar of colour ``fg`` on a ground of colour ``bg``."""
+    image = torch.tensor(bg).view(3, 1, 1).expand(3, 16, 16).clone()
+    image[:, 4:12, 6:10] = torch.tensor(fg).view(3, 1, 1)
+    return image
+
+
+def test_colour_contrast_ignores_hue_channel_order_and_polarity() -> None:
+    base = object_on_ground([0.9, 0.2, 0.1], [0.1, 0.3, 0.8])
+    views = torch.stack(
+        [
+            base,
+            base[[2, 0, 1]],  # channels in another order
+            1.0 - base,  # every channel inverted: dark on light
+            torch.cat([base[:1], 1.0 - base[1:]]),  # some channels inverted
+            object_on_ground([0.2, 0.7, 0.3], [0.6, 0.6, 0.2]),  # other colours altogether
+        ]
+    )
+    maps = colour_contrast(views)
+    assert maps.shape == (5, 1, 16, 16)
+    for other in maps[1:4]:
+        torch.testing.assert_close(other, maps[0], atol=1e-5, rtol=0)
+    # other colours: the same map up to the small epsilon of the standardization
+    torch.testing.assert_close(maps[4], maps[0], atol=0.1, rtol=0.05)
+    # the shape is still there: the bar stands out from its ground
+    assert maps[0, 0, 8, 8] > 1.0 and maps[0, 0, 0, 0] < 0.0
+
+
+def test_colour_input_rgb_keeps_the_channels() -> None:
+    contrast = build_encoder(encoder_config_for((16, 16), 3))
+    rgb = build_encoder(encoder_config_for((16, 16), 3, colour_input="rgb"))
+    assert contrast.config["colour_input"] == "contrast" and rgb.config["colour_input"] == "rgb"
+    assert contrast.features[0].in_channels == 1 and rgb.features[0].in_channels == 3
+    # grayscale has no colour to drop
+    assert build_encoder(encoder_config_for((16, 16), 1)).config["colour_input"] == "rgb"
+    # a config written before colour_input existed builds the rgb encoder it was trained as
+    old = {k: v for k, v in rgb.config.items() if k != "colour_input"}
+    assert build_encoder(old).features[0].in_channels == 3

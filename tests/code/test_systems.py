@@ -1,10 +1,12 @@
-"""The Trainer factory: external callbacks still load, but the entry points are read once."""
+"""The Trainer factory (external callbacks still load, the entry points are read once) and the
+SimCLR learning-rate schedule."""
 
 from __future__ import annotations
 
 from importlib.metadata import EntryPoint
 
 import pytest
+import torch
 
 from pipelines.models import systems
 
@@ -57,3 +59,21 @@ def test_trainer_has_no_logger_and_the_loss_is_in_history() -> None:
     assert trainer.logger is None
     assert len(system.history) == 5
     assert system.history[-1] < system.history[0]
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_warmup_cosine_schedule(warmup: int) -> None:
+    from pipelines.models.systems import warmup_cosine_schedule
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine_schedule(optimizer, epochs=10, warmup_epochs=warmup)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    ramp, decay = rates[: warmup + 1], rates[warmup:]
+    assert ramp == pytest.approx([(i + 1) / (warmup + 1) for i in range(warmup + 1)])
+    assert decay[0] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))  # the cosine falls
+    assert decay[-1] < 0.1
