@@ -104,7 +104,7 @@ class PretrainParams(_Section):
     # the image's mean colour (blind to hue and polarity); rgb = the standardized channels
     colour_input: Literal["contrast", "rgb"] = "contrast"
     projection_dim: int = Field(64, ge=2, le=4096)
-    epochs: int = Field(60, ge=1, le=10_000)
+    epochs: int = Field(150, ge=1, le=10_000)
     batch_size: int = Field(256, ge=4, le=65536)
     learning_rate: float = Field(0.002, gt=0.0, le=10.0)
     warmup_epochs: int = Field(6, ge=0, le=10_000)  # linear warm-up before the cosine decay
@@ -165,6 +165,10 @@ class FederateParams(_Section):
     secure_aggregation: bool = False
     rounds: int = Field(36, ge=1, le=10_000)
     local_epochs: int = Field(2, ge=1, le=1000)
+    # a client whose local_epochs come to fewer optimizer steps trains more epochs; the
+    # committed params.yaml sets 20 (and augment: true), code that builds FederateParams
+    # itself gets the plain client step
+    min_local_steps: int = Field(0, ge=0, le=1_000_000)
     batch_size: int = Field(16, ge=1, le=65536)
     learning_rate: float = Field(0.002, gt=0.0, le=10.0)
     augment: bool = False  # clients train on random views of their rows (augment.py)

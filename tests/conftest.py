@@ -18,7 +18,8 @@ WORKSPACE_FILES = ("dags", "pipelines", "params.yaml", "dvc.yaml", ".dvcignore",
 # Small enough to run the whole pipeline in about a minute on two cores.
 TINY_OVERRIDES = {
     "pretrain": {"epochs": 2, "batch_size": 128},
-    "federate": {"rounds": 2, "local_epochs": 1},
+    # the plain client step: no random views, no extra epochs on the tiny shards
+    "federate": {"rounds": 2, "local_epochs": 1, "augment": False, "min_local_steps": 0},
     "quantum": {"n_qubits": 2, "reps": 1, "train_samples": 8, "batch_size": 8},
     "optimize": {"latency_repeats": 2, "latency_batch_sizes": [1, 64]},
     "register": {"accuracy_floor": 0.3},

@@ -107,6 +107,16 @@ def client_loader(client_table: ImageTable | TableStream, batch_size: int, seed:
     )
 
 
+def local_epochs_for(rows: int, params: FederateParams) -> int:
+    """Epochs a client with ``rows`` rows trains in one round: ``params.local_epochs``, or
+    more when its shard is so small that those would be fewer than ``params.min_local_steps``
+    optimizer steps (batches of ``params.batch_size``). With few labeled rows per client,
+    two epochs are a handful of steps and the model is left under-trained
+    (docs/benchmarks.md, few labels)."""
+    batches = max(1, math.ceil(rows / params.batch_size))
+    return max(params.local_epochs, math.ceil(params.min_local_steps / batches))
+
+
 def train_client(
     global_state: Mapping[str, torch.Tensor],
     client_table: ImageTable | TableStream,
@@ -119,9 +129,10 @@ def train_client(
     """One client's local update: a Lightning fit of the global model on its shard.
 
     Builds the classifier from ``model_config``, loads ``global_state``, trains it for
-    ``params.local_epochs`` epochs (Adam, ``params.learning_rate``, batches of
-    ``params.batch_size`` shuffled with ``seed``) and returns ``(state on CPU, number of
-    samples, mean training loss of the last local epoch)``. An empty shard returns the
+    :func:`local_epochs_for` epochs (``params.local_epochs``, more on a tiny shard; Adam,
+    ``params.learning_rate``, batches of ``params.batch_size`` shuffled with ``seed``) and
+    returns ``(state on CPU, number of samples, mean training loss of the last local
+    epoch)``. An empty shard returns the
     global state unchanged, 0 samples and a NaN loss. A :class:`~pipelines.io.TableStream`
     is read from disk in chunks each epoch (:func:`client_loader`).
     """
@@ -141,7 +152,7 @@ def train_client(
         seed=seed,
     )
     loader = client_loader(client_table, params.batch_size, seed)
-    trainer = make_trainer(params.local_epochs, device)
+    trainer = make_trainer(local_epochs_for(rows, params), device)
     trainer.fit(system, loader)
     return cpu_copy(model.state_dict()), rows, system.history[-1]
 
@@ -495,7 +506,7 @@ def run_federation(
             "accepted": len(accepted),
             "rejected": len(rejected),
             "dropped": len(got.dropped),
-            "samples": sum(got.sizes) * params.local_epochs,
+            "samples": sum(n * local_epochs_for(n, params) for n in got.sizes),
         }
         if params.dp.enabled:
             row["epsilon"] = epsilon_after(

@@ -200,9 +200,9 @@ class SimCLRSystem(_EpochLossSystem):
 
     AdamW with a cosine learning-rate decay over the Trainer's ``max_epochs``, after a linear
     warm-up over the first ``warmup_epochs`` (a constant rate with ``cosine_schedule=False``).
-    Without the warm-up, full-rate steps from a random start can collapse every embedding
-    to one point, where NT-Xent sits at log(2B − 1) and no longer moves. The augmentation
-    generator is seeded with ``seed`` on the training device at fit start.
+    Without the warm-up, full-rate steps from a random start can collapse the embeddings
+    onto a few points, where NT-Xent stays near log(2B − 1) and learns slowly if at all.
+    The augmentation generator is seeded with ``seed`` on the training device at fit start.
     """
 
     def __init__(

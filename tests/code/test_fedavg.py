@@ -1,5 +1,5 @@
-"""Client sampling, round learning rates and the class-mean head (the aggregation of updates
-is tested in test_strategies.py)."""
+"""Client sampling, round learning rates, local epochs on small shards and the class-mean
+head (the aggregation of updates is tested in test_strategies.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pipelines.federated.fedavg import (
     FINAL_LR_FRACTION,
     class_mean_head,
     init_head_from_class_means,
+    local_epochs_for,
     round_learning_rate,
     sample_clients,
 )
@@ -23,6 +24,17 @@ def test_sample_clients_fraction_distinct_and_seeded() -> None:
     assert chosen == sample_clients(10, 0.3, np.random.default_rng(0))
     assert sample_clients(10, 0.01, np.random.default_rng(0)).__len__() == 1
     assert sample_clients(5, 1.0, np.random.default_rng(0)) == [0, 1, 2, 3, 4]
+
+
+def test_small_shards_train_enough_steps() -> None:
+    p = FederateParams(local_epochs=2, batch_size=16, min_local_steps=20)
+    assert local_epochs_for(320, p) == 2  # 20 batches an epoch: two epochs are plenty
+    assert local_epochs_for(160, p) == 2  # 10 batches x 2 = 20 steps
+    assert local_epochs_for(150, p) == 2  # 10 batches (the last one short)
+    assert local_epochs_for(25, p) == 10  # 2 batches an epoch: 10 epochs for 20 steps
+    assert local_epochs_for(1, p) == 20
+    # 0 keeps local_epochs whatever the shard
+    assert local_epochs_for(25, p.model_copy(update={"min_local_steps": 0})) == 2
 
 
 def test_round_learning_rate_decays_from_full_to_floor() -> None:
@@ -79,3 +91,31 @@ def test_head_from_class_means_classifies_separable_clients() -> None:
     assert torch.equal(state["encoder.fc.weight"], model.state_dict()["encoder.fc.weight"])
     model.load_state_dict(state)
     assert (predict_logits(model, images).argmax(1) == labels).mean() == 1.0
+
+
+def test_client_step_on_random_views_with_extra_epochs_learns() -> None:
+    """The default client step of params.yaml: random views (``augment``) and extra epochs
+    on a shard too small for ``min_local_steps`` (here 2 batches an epoch → 8 epochs)."""
+    from pipelines.federated.fedavg import evaluate_accuracy, train_client
+    from pipelines.io import ImageTable
+    from pipelines.models.encoder import Classifier, Encoder
+
+    rng = np.random.default_rng(1)
+    images = rng.random((32, 8, 8), dtype=np.float32) * 0.2
+    labels = np.repeat([0, 1], 16)
+    images[:16, :, :4] += 0.8  # class 0: bright left half
+    images[16:, :, 4:] += 0.8  # class 1: bright right half
+    table = ImageTable(images.clip(0, 1), labels, 2)
+    torch.manual_seed(0)
+    model = Classifier(Encoder(embedding_dim=16), 2)
+    chance = evaluate_accuracy(model.eval(), table, "cpu")
+    p = FederateParams(
+        local_epochs=1, batch_size=16, learning_rate=0.01, augment=True, min_local_steps=16
+    )
+    assert local_epochs_for(32, p) == 8
+    state, rows, loss = train_client(
+        model.state_dict(), table, p, 0, "cpu", model_config=model.config
+    )
+    model.load_state_dict(state)
+    assert rows == 32 and np.isfinite(loss)
+    assert evaluate_accuracy(model.eval(), table, "cpu") == 1.0 > chance
