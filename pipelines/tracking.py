@@ -46,15 +46,30 @@ def client(root: Path):
     return MlflowClient(tracking_uri=tracking_uri(root), registry_uri=tracking_uri(root))
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview; with
+# it, on the runs and models of model training
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def experiment_id(mlflow_client, name: str, root: Path) -> str:
-    """Id of experiment ``name``, created with the workspace artifact root if missing."""
+    """Id of experiment ``name``, created with the workspace artifact root if missing, and
+    marked as a model-training experiment (unless someone marked it otherwise)."""
     found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_root(root))
-    except Exception:  # created meanwhile by another process
-        return mlflow_client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        try:
+            return mlflow_client.create_experiment(
+                name,
+                artifact_location=artifact_root(root),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+            )
+        except Exception:  # created meanwhile by another process
+            found = mlflow_client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        mlflow_client.set_experiment_tag(
+            found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+        )
+    return found.experiment_id
 
 
 def pipeline_run_key() -> str:
