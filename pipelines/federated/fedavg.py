@@ -132,9 +132,9 @@ def train_client(
     :func:`local_epochs_for` epochs (``params.local_epochs``, more on a tiny shard; Adam,
     ``params.learning_rate``, batches of ``params.batch_size`` shuffled with ``seed``) and
     returns ``(state on CPU, number of samples, mean training loss of the last local
-    epoch)``. An empty shard returns the
-    global state unchanged, 0 samples and a NaN loss. A :class:`~pipelines.io.TableStream`
-    is read from disk in chunks each epoch (:func:`client_loader`).
+    epoch)``. An empty shard returns the global state unchanged, 0 samples and a NaN loss.
+    A :class:`~pipelines.io.TableStream` is read from disk in chunks each epoch
+    (:func:`client_loader`).
     """
     from pipelines.models.augment import FINE_TUNE_AUGMENT
     from pipelines.models.systems import ClassifierSystem, make_trainer

@@ -46,7 +46,6 @@ def ssl_round_params(p: PretrainParams) -> FederateParams:
     return FederateParams(
         rounds=p.rounds,
         local_epochs=p.local_epochs,
-        min_local_steps=0,
         batch_size=p.client_batch_size,
         learning_rate=p.learning_rate,
     )

@@ -164,7 +164,7 @@ def _simclr_fit(spec: dict[str, Any], rank: int, on_epoch):
         temperature=p["temperature"],
         learning_rate=p["learning_rate"],
         weight_decay=p["weight_decay"],
-        warmup_epochs=p.get("warmup_epochs", 0),
+        warmup_epochs=p["warmup_epochs"],
         seed=spec["seed"] + rank,
         on_epoch_end=on_epoch,
     )

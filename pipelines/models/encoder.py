@@ -140,9 +140,10 @@ def colour_contrast(x: torch.Tensor, eps: float = 5e-2) -> torch.Tensor:
     from the image's mean colour, averaged over the channels (each shifted and scaled by
     :func:`standardize`), then standardized per image.
 
-    The map is the same whatever the hue, the order of the channels, their gains (up to
-    scale) and whether the object is lighter or darker than its ground in each channel:
-    exactly what SimCLR's colour augmentations ask the encoder to ignore. Given the colour
+    The map is the same whatever the order of the channels and whether the object is
+    lighter or darker than its ground in each channel, and for an object of one colour on a
+    ground of another nearly the same whatever the two colours: exactly what SimCLR's colour
+    augmentations ask the encoder to ignore. Given the colour
     channels themselves, the encoder learns to tell images apart by colour and SimCLR stalls
     (``benchmarks/colour_ssl.py``)."""
     distance = standardize(x, eps).abs().mean(dim=1, keepdim=True)

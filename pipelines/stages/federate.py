@@ -3,10 +3,11 @@
 Starts from the pretrained encoder (``models/pretrain``) with a linear head set from federated
 class means of its features (FedNCM), then runs ``federate.rounds`` rounds: sample
 ``client_fraction`` of the clients in ``data/partitions/clients/``, fit each locally for
-``local_epochs`` (a Lightning fit, client learning rate decaying over the rounds; FedProx adds
-a proximal term), drop clients that fail or time out, reject non-finite or too-large updates,
-aggregate the rest (``federate.aggregator``; DP-FedAvg with ``federate.dp``), apply it with
-the server optimizer (FedAdam or plain), score on val. With DP, the ε of the run is checked
+``local_epochs`` (more on a shard too small for ``min_local_steps``; a Lightning fit, client
+learning rate decaying over the rounds; FedProx adds a proximal term), drop clients that
+fail or time out, reject non-finite or too-large updates, aggregate the rest
+(``federate.aggregator``; DP-FedAvg with ``federate.dp``), apply it with the server
+optimizer (FedAdam or plain), score on val. With DP, the ε of the run is checked
 against the privacy ledger before training starts (``privacy.max_epsilon``) and recorded in
 it afterwards. Writes ``models/federate/model.{safetensors,json}`` (the final classifier),
 ``rounds.csv`` (one row per round), ``sites.json`` (each site: name, rows and, for remote
