@@ -274,10 +274,24 @@ class OptimizeParams(_Section):
     onnx_opset: int = Field(17, ge=13, le=23)
     latency_batch_sizes: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = (1, 256)
     latency_repeats: int = Field(30, ge=1, le=10_000)
+    latency_threads: int = Field(1, ge=1, le=256)
+    calibration_rows: int = Field(256, ge=1, le=1_000_000)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # share of every conv's channels that structured pruning removes; 0 = no pruned variant
+    prune_ratio: float = Field(0.5, ge=0.0, le=0.5)
+    # the distilled student's widths against the teacher's; 0 = no distilled variant
+    student_width: float = Field(0.5, ge=0.0, le=1.0)
+    distill_epochs: int = Field(60, ge=1, le=10_000)
+    distill_batch_size: int = Field(64, ge=1, le=65536)
+    distill_learning_rate: float = Field(0.003, gt=0.0, le=1.0)
+    distill_temperature: float = Field(4.0, gt=0.0, le=100.0)
+    distill_soft_weight: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class EvaluateParams(_Section):
-    max_int8_drop: float = Field(0.02, ge=0.0, le=1.0)
+    # the champion is the smallest (then fastest) ONNX variant whose val accuracy is at most
+    # this much below onnx_fp32's
+    max_accuracy_drop: float = Field(0.005, ge=0.0, le=1.0)
 
 
 class RegisterParams(_Section):

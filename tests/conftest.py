@@ -21,7 +21,12 @@ TINY_OVERRIDES = {
     # the plain client step: no random views, no extra epochs on the tiny shards
     "federate": {"rounds": 2, "local_epochs": 1, "augment": False, "min_local_steps": 0},
     "quantum": {"n_qubits": 2, "reps": 1, "train_samples": 8, "batch_size": 8},
-    "optimize": {"latency_repeats": 2, "latency_batch_sizes": [1, 64]},
+    "optimize": {
+        "latency_repeats": 2,
+        "latency_batch_sizes": [1, 64],
+        "calibration_rows": 32,
+        "distill_epochs": 2,
+    },
     "register": {"accuracy_floor": 0.3},
 }
 

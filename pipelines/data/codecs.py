@@ -442,3 +442,12 @@ def compress_table(
     metrics)``."""
     encoding, metrics, _ = compress_stream(TableStream.from_table(table), directory, p)
     return encoding, read_compressed(directory), metrics
+
+
+def normalize_pixels(images: np.ndarray, low: float, high: float) -> tuple[np.ndarray, float]:
+    """Map ``[min(low, 0), high]`` onto [0, 1], clipping; return images and the clipped share."""
+    low = min(low, 0.0)
+    span = high - low if high > low else 1.0
+    scaled = (images.astype(np.float64) - low) / span
+    clipped = float(np.mean((scaled < 0) | (scaled > 1))) if scaled.size else 0.0
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32), clipped

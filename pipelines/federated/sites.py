@@ -79,7 +79,7 @@ class SiteData:
 def scaled(table: ImageTable, normalization: dict[str, float]) -> ImageTable:
     """``table`` with its pixels mapped to [0, 1] by the run's pixel range (partition's
     ``normalization``: ``low``, ``high``), as the run's own splits are."""
-    from pipelines.stages.partition import normalize_pixels
+    from pipelines.data.codecs import normalize_pixels
 
     images, _ = normalize_pixels(table.images, normalization["low"], normalization["high"])
     return ImageTable(images, table.labels, table.num_classes)

@@ -38,6 +38,10 @@ STEM_WIDTHS = (16, 32)  # channels of the stem's blocks; later blocks keep the l
 # what a colour encoder's first layer sees: "contrast" (one channel, see colour_contrast) or
 # "rgb" (the standardized channels, see standardize)
 COLOUR_INPUTS = ("contrast", "rgb")
+# normalisation after each conv: "group" (GroupNorm: federated clients hold non-IID shards)
+# or "batch" (BatchNorm: models trained in one place, e.g. a distilled student; the ONNX
+# export folds it into the conv, which static int8 then runs as one fused integer op)
+NORMS = ("group", "batch")
 
 
 def stem_for(image_shape: tuple[int, int], widths: tuple[int, ...] = STEM_WIDTHS) -> list[int]:
@@ -61,10 +65,13 @@ def encoder_config(
     stem: tuple[int, ...] = (),
     standardize_input: bool = False,
     colour_input: str = "rgb",
+    norm: str = "group",
 ) -> dict[str, Any]:
     """Config dict of an :class:`Encoder` (what ``encoder.json`` holds)."""
     if colour_input not in COLOUR_INPUTS:
         raise ValueError(f"colour_input must be one of {COLOUR_INPUTS}, got {colour_input!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return {
         "standardize_input": bool(standardize_input),
         "colour_input": colour_input,
@@ -75,6 +82,7 @@ def encoder_config(
         "pool_after": int(pool_after),
         "in_channels": int(in_channels),
         "stem": [int(c) for c in stem],
+        "norm": norm,
     }
 
 
@@ -102,10 +110,16 @@ def classifier_config(encoder: dict[str, Any], num_classes: int) -> dict[str, An
     return {"kind": "classifier", "encoder": dict(encoder), "num_classes": int(num_classes)}
 
 
-def _conv_block(c_in: int, c_out: int, groups: int, stride: int = 1) -> list[nn.Module]:
+def _conv_block(
+    c_in: int, c_out: int, groups: int, stride: int = 1, norm: str = "group"
+) -> list[nn.Module]:
+    if norm == "group":
+        normalise: nn.Module = nn.GroupNorm(min(groups, c_out), c_out)
+    else:
+        normalise = nn.BatchNorm2d(c_out)
     return [
         nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
-        nn.GroupNorm(min(groups, c_out), c_out),
+        normalise,
         nn.ReLU(inplace=True),
     ]
 
@@ -153,8 +167,9 @@ def colour_contrast(x: torch.Tensor, eps: float = 5e-2) -> torch.Tensor:
 
 class Encoder(nn.Module):
     """Small CNN: a stem of stride-2 3x3 conv blocks (as many as the image size needs,
-    see :func:`stem_for`), 3x3 conv blocks (GroupNorm, ReLU) with one 2x2 max-pool after
-    block ``pool_after``, global average pooling, then a linear map to ``embedding_dim``.
+    see :func:`stem_for`), 3x3 conv blocks (GroupNorm or BatchNorm, ReLU) with one 2x2
+    max-pool after block ``pool_after``, global average pooling, then a linear map to
+    ``embedding_dim``.
 
     ``(n, in_channels, h, w)`` → ``(n, embedding_dim)`` for any ``h, w``. Colour input goes
     through :func:`colour_contrast` (``colour_input="contrast"``, one channel into the first
@@ -171,6 +186,7 @@ class Encoder(nn.Module):
         stem: tuple[int, ...] = (),
         standardize_input: bool = False,
         colour_input: str = "rgb",
+        norm: str = "group",
     ):
         super().__init__()
         self.config = encoder_config(
@@ -182,16 +198,17 @@ class Encoder(nn.Module):
             stem,
             standardize_input,
             colour_input,
+            norm,
         )
         self.standardize_input = standardize_input
         self.contrast_input = colour_input == "contrast" and in_channels > 1
         layers: list[nn.Module] = []
         c_in = 1 if self.contrast_input else in_channels
         for c_out in stem:
-            layers += _conv_block(c_in, c_out, groups, stride=2)
+            layers += _conv_block(c_in, c_out, groups, stride=2, norm=norm)
             c_in = c_out
         for index, c_out in enumerate(channels):
-            layers += _conv_block(c_in, c_out, groups)
+            layers += _conv_block(c_in, c_out, groups, norm=norm)
             if index == pool_after:
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             c_in = c_out
@@ -290,6 +307,7 @@ def build_encoder(config: dict[str, Any]) -> Encoder:
         stem=tuple(int(c) for c in config.get("stem", ())),
         standardize_input=bool(config.get("standardize_input", False)),
         colour_input=str(config.get("colour_input", "rgb")),
+        norm=str(config.get("norm", "group")),
     )
 
 

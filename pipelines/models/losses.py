@@ -1,4 +1,5 @@
-"""NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Chen et al., 2020)."""
+"""Losses: NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Chen et al.,
+2020), and the knowledge-distillation loss of the optimize stage's students."""
 
 from __future__ import annotations
 
@@ -36,3 +37,32 @@ class NTXentLoss(nn.Module):
         logits = logits.masked_fill(self_mask, float("-inf"))
         positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
         return F.cross_entropy(logits, positives)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    temperature: float,
+    soft_weight: float,
+) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., 2015): ``soft_weight`` times the KL divergence
+    of the student's from the teacher's temperature-softened class probabilities (scaled by
+    ``temperature**2``, so its gradients keep their size as the temperature changes), plus
+    ``1 - soft_weight`` times the cross-entropy on hard labels.
+
+    The hard labels are ``labels`` where given, else the teacher's predictions. Without a
+    teacher the loss is the plain cross-entropy on ``labels``.
+    """
+    if teacher_logits is None:
+        if labels is None:
+            raise ValueError("distillation without a teacher needs labels")
+        return F.cross_entropy(student_logits, labels)
+    hard = labels if labels is not None else teacher_logits.argmax(1)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (temperature**2)
+    return soft_weight * soft + (1.0 - soft_weight) * F.cross_entropy(student_logits, hard)

@@ -3,6 +3,8 @@
 - :class:`SimCLRSystem`: encoder + projection head, two augmented views per image, NT-Xent.
 - :class:`ClassifierSystem`: cross-entropy training of a :class:`Classifier` (a federated
   client's local fit).
+- :class:`DistillationSystem`: a student classifier learning a teacher's soft predictions
+  (the optimize stage's distilled and pruned variants).
 
 Both keep the mean training loss of every epoch in ``history`` and may call an
 ``on_epoch_end(epoch, loss)`` function (progress lines, MLflow). :func:`make_trainer` builds
@@ -33,7 +35,7 @@ from torch.utils.data import (
 from pipelines.models.augment import AugmentConfig, augment
 from pipelines.models.devices import resolve_accelerator
 from pipelines.models.encoder import Classifier, Encoder, ProjectionHead
-from pipelines.models.losses import NTXentLoss
+from pipelines.models.losses import NTXentLoss, distillation_loss
 
 try:
     import lightning.pytorch as pl
@@ -320,3 +322,72 @@ class ClassifierSystem(_EpochLossSystem):
         return torch.optim.Adam(
             self.classifier.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )
+
+
+class DistillationSystem(_EpochLossSystem):
+    """Knowledge distillation of ``teacher`` (frozen, eval mode) into ``student``.
+
+    Each batch is ``(images,)`` or ``(images, labels)``; with an ``augment_config`` it is
+    replaced by one random view, which teacher and student both see. The loss is
+    :func:`~pipelines.models.losses.distillation_loss` (without a teacher: cross-entropy on
+    the labels, the baseline a distilled student is compared with). AdamW with the warm-up
+    and cosine decay of :func:`warmup_cosine_schedule` over the Trainer's ``max_epochs``.
+    """
+
+    def __init__(
+        self,
+        student: Classifier | nn.Module,
+        teacher: nn.Module | None,
+        temperature: float = 4.0,
+        soft_weight: float = 0.9,
+        learning_rate: float = 3e-3,
+        weight_decay: float = 1e-4,
+        augment_config: AugmentConfig | None = None,
+        seed: int = 0,
+        warmup_epochs: int = 1,
+        on_epoch_end: EpochHook | None = None,
+    ):
+        super().__init__(on_epoch_end)
+        self.student = student
+        # not a registered submodule: Lightning neither trains nor moves it with a state dict
+        self._teacher = [teacher.eval()] if teacher is not None else []  # run under no_grad
+        self.temperature = temperature
+        self.soft_weight = soft_weight
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.augment_config = augment_config
+        self.seed = seed
+        self.warmup_epochs = warmup_epochs
+        self._generator: torch.Generator | None = None
+
+    def on_fit_start(self) -> None:
+        if self._teacher:
+            self._teacher[0].to(self.device)
+        if self.augment_config is not None:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0]
+        labels = batch[1] if len(batch) > 1 else None
+        if self.augment_config is not None:
+            images = augment(images, self._generator, self.augment_config)
+        teacher_logits = None
+        if self._teacher:
+            with torch.no_grad():
+                teacher_logits = self._teacher[0](images)
+        loss = distillation_loss(
+            self.student(images), teacher_logits, labels, self.temperature, self.soft_weight
+        )
+        self._track(loss, len(images))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.student.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        schedule = warmup_cosine_schedule(optimizer, epochs, self.warmup_epochs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "epoch"},
+        }

@@ -4,8 +4,9 @@
 the hybrid head is the chosen variant, so nothing is pickled: the weights travel as
 safetensors artifacts (``encoder``: the federated classifier's folder, ``head``: the quantum
 stage's folder) and this code rebuilds the model from them. Input: images ``(n, c, h, w)``
-float32 (``c`` as the encoder was trained); output: logits ``(n, num_classes)``; the circuit
-runs on the torch statevector backend on the CPU.
+float32 (``c`` as the encoder was trained); output: ``label`` ``(n,)``, ``probabilities`` and
+``logits`` ``(n, num_classes)``, as the ONNX variants answer; the circuit runs on the torch
+statevector backend on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ def hybrid_logits(encoder, head, images: np.ndarray) -> np.ndarray:
     return predict_logits(head, extract_features(encoder, images))
 
 
+def labelled_outputs(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """What a served classifier answers: argmax labels, softmax probabilities and logits."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return {
+        "label": logits.argmax(1).astype(np.int64),
+        "probabilities": (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32),
+        "logits": logits.astype(np.float32),
+    }
+
+
 class HybridClassifierModel(PythonModel):
     """MLflow pyfunc: images → encoder features → hybrid head → logits."""
 
@@ -36,8 +47,8 @@ class HybridClassifierModel(PythonModel):
         self.head = load_head(context.artifacts["head"], "hybrid")
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints
-        """Logits ``(n, num_classes)`` of images ``(n, c, h, w)``."""
-        return hybrid_logits(self.encoder, self.head, np.asarray(model_input))
+        """``{"label", "probabilities", "logits"}`` of images ``(n, c, h, w)``."""
+        return labelled_outputs(hybrid_logits(self.encoder, self.head, np.asarray(model_input)))
 
 
 mlflow.models.set_model(HybridClassifierModel())

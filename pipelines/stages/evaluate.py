@@ -1,17 +1,22 @@
 """Every model variant on the test set: accuracy, macro-F1, per-client accuracy, plots.
 
-Variants: the federated torch model, its ONNX fp32 and int8 exports (scored in onnxruntime),
-and the quantum stage's hybrid head beside its classical head of equal size. Per-client
-accuracy is the accuracy a client would see on its own label mix: the test set's per-class
-recall weighted by the client's label histogram.
+Variants: the federated torch model, every ONNX variant the optimize stage built (fp32,
+static int8, pruned, distilled, and their int8; scored in onnxruntime), and the quantum
+stage's hybrid head beside its classical head of equal size. Per-client accuracy is the
+accuracy a client would see on its own label mix: the test set's per-class recall weighted
+by the client's label histogram.
 
-The deployable variant (the one ``register`` logs) is chosen here on the val set: int8 when
-its val accuracy is within ``evaluate.max_int8_drop`` of fp32 ONNX, else fp32 ONNX; the
-quantum stage's hybrid head replaces that choice only when its val accuracy beats every
-other variant's, its classical twin's included (ties go to the classical models). Under
-record-level DP (``federate.dp.unit: record``) the hybrid head is never chosen: the quantum
-stage trains it on the clients' rows without noise, so only the federated model's exports
-carry the guarantee.
+The deployable variant (the one ``register`` logs), the *champion*, is chosen on the val
+set: among the ONNX variants whose val accuracy is at most ``evaluate.max_accuracy_drop``
+below ``onnx_fp32``'s, the smallest file, then the fastest at the largest latency batch
+(:func:`choose_deployable`). The quantum stage's hybrid head replaces that choice only when
+its val accuracy beats every other variant's, its classical twin's included (ties go to the
+classical models). Under record-level DP (``federate.dp.unit: record``) the hybrid head is
+never chosen: the quantum stage trains it on the clients' rows without noise, so only the
+federated model's exports carry the guarantee.
+
+``compression.png`` plots every ONNX variant's size against its latency, coloured by test
+accuracy (DVC plots and MLflow); ``compression.csv`` holds the same table.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pipelines.tracking import StageTracker
 
 log = logging.getLogger(__name__)
 
-DEPLOYABLE = ("onnx_fp32", "onnx_int8", "quantum_hybrid")
+REFERENCE = "onnx_fp32"
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -78,16 +83,26 @@ def score(
 
 
 def choose_deployable(
-    variants: dict[str, dict], p: EvaluateParams, record_private: bool = False
+    variants: dict[str, dict],
+    compression: dict[str, dict],
+    p: EvaluateParams,
+    record_private: bool = False,
 ) -> str:
     """The variant ``register`` logs, chosen on val accuracy (see the module docstring).
 
-    int8 ONNX when its drop against fp32 ONNX is within ``p.max_int8_drop``, else fp32;
+    ``compression``: the optimize report's per-variant ``bytes`` and ``latency_ms_b<n>``
+    (the ONNX variants). Among those whose val accuracy is within ``p.max_accuracy_drop``
+    of ``onnx_fp32``'s, the smallest, then the fastest at the largest batch measured.
     ``quantum_hybrid`` only when it is strictly better on val than every other variant and
     the federated model is not ``record_private`` (the hybrid head saw the rows unnoised).
     """
-    drop = variants["onnx_fp32"]["val_accuracy"] - variants["onnx_int8"]["val_accuracy"]
-    chosen = "onnx_int8" if drop <= p.max_int8_drop else "onnx_fp32"
+    floor = variants[REFERENCE]["val_accuracy"] - p.max_accuracy_drop
+    eligible = [
+        name
+        for name in compression
+        if name in variants and variants[name]["val_accuracy"] >= floor - 1e-12
+    ]
+    chosen = min(eligible or [REFERENCE], key=lambda name: _size_then_latency(compression[name]))
     hybrid = None if record_private else variants.get("quantum_hybrid")
     if hybrid is not None and all(
         hybrid["val_accuracy"] > v["val_accuracy"]
@@ -96,6 +111,75 @@ def choose_deployable(
     ):
         return "quantum_hybrid"
     return chosen
+
+
+def _size_then_latency(metrics: dict) -> tuple[float, float]:
+    batches = sorted(int(k.rsplit("_b", 1)[1]) for k in metrics if k.startswith("latency_ms_b"))
+    latency = metrics[f"latency_ms_b{batches[-1]}"] if batches else 0.0
+    return metrics["bytes"], latency
+
+
+def plot_compression(
+    compression: dict[str, dict], variants: dict[str, dict], chosen: str, path: Path
+) -> None:
+    """Size (KB, log) against latency at the largest batch, one point per ONNX variant,
+    coloured by test accuracy; the champion ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in compression if n in variants]
+    batches = sorted(
+        int(k.rsplit("_b", 1)[1]) for k in compression[REFERENCE] if k.startswith("latency_ms_b")
+    )
+    key = f"latency_ms_b{batches[-1]}"
+    sizes = [compression[n]["bytes"] / 1024 for n in names]
+    latency = [compression[n][key] for n in names]
+    accuracy = [variants[n]["test_accuracy"] for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    points = ax.scatter(sizes, latency, c=accuracy, cmap="viridis", s=60, zorder=3)
+    for name, x, y in zip(names, sizes, latency, strict=True):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        if name == chosen:
+            ax.scatter([x], [y], s=220, facecolors="none", edgecolors="red", zorder=4)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="ONNX file size (KB, log scale)",
+        ylabel=f"latency at batch {batches[-1]} (ms, 1 thread)",
+        title="Compressed variants (ringed: champion)",
+    )
+    fig.colorbar(points, ax=ax, label="test accuracy")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_compression_csv(
+    compression: dict[str, dict], variants: dict[str, dict], path: Path
+) -> None:
+    """One row per ONNX variant: size, parameters, latency, speed-ups, test accuracy."""
+    names = [n for n in compression if n in variants]
+    measured = [k for k in compression[REFERENCE] if k.startswith(("latency_ms_b", "speedup_b"))]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["variant", "bytes", "size_ratio", "parameters", *measured]
+            + ["test_accuracy", "test_agreement"]
+        )
+        for name in names:
+            m = compression[name]
+            writer.writerow(
+                [
+                    name,
+                    int(m["bytes"]),
+                    f"{m['size_ratio']:.3f}",
+                    int(m["parameters"]),
+                    *(f"{m[k]:.4f}" for k in measured),
+                    f"{variants[name]['test_accuracy']:.6f}",
+                    f"{variants[name].get('test_agreement', float('nan')):.6f}",
+                ]
+            )
 
 
 def plot_confusion(matrix: np.ndarray, title: str, path: Path) -> None:
@@ -157,20 +241,18 @@ def plot_per_client(variants: dict[str, dict], path: Path) -> None:
 def variant_predictors(paths: Paths) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """name → function from images ``(n, c, h, w)`` to logits, for every model variant."""
     from pipelines.models.encoder import load_classifier
+    from pipelines.models.onnx_export import onnx_logits, onnx_session
     from pipelines.models.probes import extract_features, predict_logits
     from pipelines.quantum.hybrid import load_heads
-    from pipelines.stages.optimize import onnx_logits, onnx_session
 
     classifier = load_classifier(paths.model_dir("federate"))
     optimized = paths.model_dir("optimize")
-    fp32 = onnx_session(optimized / "model.onnx")
-    int8 = onnx_session(optimized / "model.int8.onnx")
-
     predictors: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "federated": lambda x: predict_logits(classifier, x),
-        "onnx_fp32": lambda x: onnx_logits(fp32, x),
-        "onnx_int8": lambda x: onnx_logits(int8, x),
+        "federated": lambda x: predict_logits(classifier, x)
     }
+    for name, file in read_json(optimized / "manifest.json")["files"].items():
+        session = onnx_session(optimized / file)
+        predictors[name] = lambda x, session=session: onnx_logits(session, x)
     encoder = classifier.encoder
     for name, head in load_heads(paths.model_dir("quantum")).items():
         predictors[f"quantum_{name}"] = lambda x, head=head: head(extract_features(encoder, x))
@@ -202,12 +284,14 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict:
     test = read_image_table(paths.partitions / "test.parquet")
     val = read_image_table(paths.partitions / "val.parquet")
     histograms = client_histograms(paths, test.num_classes)
+    compression = read_json(paths.report("optimize"))["variants"]
     variants: dict[str, dict] = {}
     matrices: dict[str, np.ndarray] = {}
+    test_predictions: dict[str, np.ndarray] = {}
     for name, predict in variant_predictors(paths).items():
-        test_metrics, matrix = score(
-            test.labels, predict(test.images), test.num_classes, histograms
-        )
+        logits = predict(test.images)
+        test_predictions[name] = logits.argmax(1)
+        test_metrics, matrix = score(test.labels, logits, test.num_classes, histograms)
         val_metrics, _ = score(val.labels, predict(val.images), val.num_classes, histograms)
         variants[name] = {
             "test_accuracy": test_metrics["accuracy"],
@@ -223,17 +307,35 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict:
             test_metrics["macro_f1"],
         )
 
+    for name in compression:  # agreement with the fp32 export on the test rows
+        agree = test_predictions[name] == test_predictions[REFERENCE]
+        variants[name]["test_agreement"] = float(agree.mean())
     record_private = read_json(paths.report("federate")).get("dp_unit") == "record"
-    chosen = choose_deployable(variants, params.evaluate, record_private)
-    size = read_json(paths.report("optimize"))
+    chosen = choose_deployable(variants, compression, params.evaluate, record_private)
+    if chosen in compression:
+        log.info(
+            "champion %s: %.1fx smaller than onnx_fp32, %s; test accuracy %.4f (fp32 %.4f)",
+            chosen,
+            compression[chosen]["size_ratio"],
+            ", ".join(
+                f"{v:.2f}x as fast at b{k.rsplit('_b', 1)[1]}"
+                for k, v in compression[chosen].items()
+                if k.startswith("speedup_b")
+            ),
+            variants[chosen]["test_accuracy"],
+            variants[REFERENCE]["test_accuracy"],
+        )
     metrics = {
         "chosen_variant": chosen,
         "test_accuracy": variants[chosen]["test_accuracy"],
         "test_macro_f1": variants[chosen]["test_macro_f1"],
         "val_accuracy": variants[chosen]["val_accuracy"],
-        "int8_accuracy_drop": variants["onnx_fp32"]["test_accuracy"]
-        - variants["onnx_int8"]["test_accuracy"],
-        "int8_size_ratio": size.get("int8_size_ratio"),
+        "accuracy_drop": variants[REFERENCE]["test_accuracy"] - variants[chosen]["test_accuracy"],
+        **{
+            key: compression[chosen][key]
+            for key in compression.get(chosen, {})
+            if key.startswith(("size_ratio", "speedup_b", "bytes", "latency_ms_b"))
+        },
         "variants": variants,
         "sites": site_scores(paths),
     }
@@ -254,6 +356,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict:
                 staged.path(out) / f"confusion_{name}.png",
             )
         plot_per_client(variants, staged.path(out) / "per_client_accuracy.png")
+        plot_compression(compression, variants, chosen, staged.path(out) / "compression.png")
+        write_compression_csv(compression, variants, staged.path(out) / "compression.csv")
         with (staged.path(out) / "variants.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["variant", "test_accuracy", "test_macro_f1", "val_accuracy"])

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import Params, PartitionParams
-from pipelines.data.codecs import compressed_stream
+from pipelines.data.codecs import compressed_stream, normalize_pixels
 from pipelines.data.splits import (
     label_histograms,
     label_skew,
@@ -55,15 +55,6 @@ from pipelines.io import (
 from pipelines.tracking import StageTracker
 
 log = logging.getLogger(__name__)
-
-
-def normalize_pixels(images: np.ndarray, low: float, high: float) -> tuple[np.ndarray, float]:
-    """Map ``[min(low, 0), high]`` onto [0, 1], clipping; return images and the clipped share."""
-    low = min(low, 0.0)
-    span = high - low if high > low else 1.0
-    scaled = (images.astype(np.float64) - low) / span
-    clipped = float(np.mean((scaled < 0) | (scaled > 1))) if scaled.size else 0.0
-    return np.clip(scaled, 0.0, 1.0).astype(np.float32), clipped
 
 
 def partition_rows(

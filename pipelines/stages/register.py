@@ -31,8 +31,6 @@ from pipelines.tracking import StageTracker, lineage_tags, pipeline_run_key, tra
 
 log = logging.getLogger(__name__)
 
-VARIANT_FILES = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
-
 
 def evaluate_gates(
     test_accuracy: float,
@@ -68,15 +66,20 @@ def current_champion(client, name: str) -> tuple[str | None, float | None]:
 
 
 def log_onnx_model(paths: Paths, variant: str, example_input: np.ndarray, model_name: str):
-    """Log and register the ONNX file of ``variant`` in the active run; returns its info."""
+    """Log and register the ONNX file of ``variant`` in the active run; returns its info.
+    The model answers with ``logits``, ``probabilities`` and ``label`` (see
+    :mod:`pipelines.models.onnx_export`)."""
     import mlflow
     import onnx
     from mlflow.models import infer_signature
 
-    from pipelines.stages.optimize import onnx_logits, onnx_session
+    from pipelines.models.onnx_export import INPUT_NAME, onnx_session
 
-    model_path = paths.model_dir("optimize") / VARIANT_FILES[variant]
-    example_output = onnx_logits(onnx_session(model_path), example_input)
+    optimized = paths.model_dir("optimize")
+    model_path = optimized / read_json(optimized / "manifest.json")["files"][variant]
+    session = onnx_session(model_path)
+    names = [o.name for o in session.get_outputs()]
+    example_output = dict(zip(names, session.run(None, {INPUT_NAME: example_input}), strict=True))
     return mlflow.onnx.log_model(
         onnx.load(str(model_path)),
         name="model",
@@ -85,6 +88,48 @@ def log_onnx_model(paths: Paths, variant: str, example_input: np.ndarray, model_
         registered_model_name=model_name,
         await_registration_for=60,
     )
+
+
+def model_card(
+    variant: str,
+    evaluation: dict,
+    compression: dict,
+    data_sha256: str,
+    privacy: dict[str, str],
+) -> str:
+    """The model version's description (Markdown): what the model is, the data it came from,
+    its privacy, test metrics, and, for an ONNX variant, size and latency against fp32."""
+    chosen = evaluation["variants"][variant]
+    lines = [
+        f"**Variant:** `{variant}`",
+        f"**Data:** sha256 `{data_sha256}`",
+        f"**Privacy:** unit {privacy['unit']}, ε {privacy['epsilon']}, δ {privacy['delta']}",
+        f"**Test accuracy:** {chosen['test_accuracy']:.4f} (macro-F1 {chosen['test_macro_f1']:.4f};"
+        f" val {chosen['val_accuracy']:.4f})",
+    ]
+    reference = evaluation["variants"].get("onnx_fp32")
+    if reference is not None and variant != "onnx_fp32":
+        lines.append(f"**fp32 ONNX test accuracy:** {reference['test_accuracy']:.4f}")
+    measured = compression.get("variants", {}).get(variant)
+    if measured is not None:
+        lines.append(
+            f"**Size:** {measured['bytes'] / 1024:.1f} KB, {measured['size_ratio']:.1f}x smaller"
+            f" than fp32; {int(measured['parameters'])} parameters"
+        )
+        cpu = compression.get("cpu", {})
+        threads = compression.get("latency_threads", 1)
+        for key in sorted(k for k in measured if k.startswith("latency_ms_b")):
+            batch = key.rsplit("_b", 1)[1]
+            lines.append(
+                f"**Latency, batch {batch}:** {measured[key]:.3f} ms"
+                f" ({measured[f'speedup_b{batch}']:.2f}x as fast as fp32; {threads} thread,"
+                f" {cpu.get('model', 'CPU')})"
+            )
+    lines.append(
+        "**Input:** `images` float32 (n, c, h, w) in [0, 1]. **Output:** `label`,"
+        " `probabilities`, `logits`."
+    )
+    return "\n\n".join(lines)
 
 
 def log_hybrid_model(paths: Paths, example_input: np.ndarray, model_name: str):
@@ -100,7 +145,9 @@ def log_hybrid_model(paths: Paths, example_input: np.ndarray, model_name: str):
 
     encoder = load_classifier(paths.model_dir("federate")).encoder.eval()
     head = load_head(paths.model_dir("quantum"), "hybrid")
-    example_output = pyfunc_model.hybrid_logits(encoder, head, example_input)
+    example_output = pyfunc_model.labelled_outputs(
+        pyfunc_model.hybrid_logits(encoder, head, example_input)
+    )
     package = Path(pyfunc_model.__file__).resolve().parents[1]
     return mlflow.pyfunc.log_model(
         name="model",
@@ -160,6 +207,14 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     }
     for key, value in tags.items():
         client.set_model_version_tag(p.model_name, version, key, value)
+    card = model_card(
+        variant,
+        metrics,
+        read_json(paths.report("optimize")),
+        tags["lepton.data_sha256"],
+        {"unit": dp_unit, "epsilon": tags[EPSILON_TAG], "delta": tags[DELTA_TAG]},
+    )
+    client.update_model_version(p.model_name, version, description=card)
     client.set_registered_model_alias(p.model_name, "candidate", version)
     promoted = all(gates.values())
     if promoted:

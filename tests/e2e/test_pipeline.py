@@ -43,13 +43,22 @@ def check_outputs(root: Path) -> dict:
         for metric in stage.metrics:
             assert json.loads((root / metric).read_text()), metric
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
-    for variant in ("federated", "onnx_fp32", "onnx_int8", "quantum_hybrid", "quantum_classical"):
+    compressed = ("onnx_fp32", "onnx_int8", "pruned_fp32", "pruned_int8")
+    compressed += ("distilled_fp32", "distilled_int8")
+    for variant in ("federated", *compressed, "quantum_hybrid", "quantum_classical"):
         assert variant in metrics["variants"], variant
         assert 0.0 <= metrics["variants"][variant]["test_accuracy"] <= 1.0
     # tiny budgets (2-epoch encoder, 2 rounds x 1 local epoch) still learn: at least three
     # times the 10% of chance on ten classes (0.49 with batch 16, seed 42)
     assert metrics["variants"]["federated"]["test_accuracy"] > 0.3
     assert (root / "reports" / "evaluate" / "confusion_federated.png").stat().st_size > 1000
+    assert (root / "reports" / "evaluate" / "compression.png").stat().st_size > 1000
+    optimize = json.loads((root / "reports" / "optimize.json").read_text())
+    assert set(optimize["variants"]) == set(compressed)
+    # the int8 files are smaller than their fp32 sources, the pruned and distilled models too
+    sizes = {name: v["bytes"] for name, v in optimize["variants"].items()}
+    assert sizes["onnx_int8"] < sizes["onnx_fp32"] and sizes["distilled_int8"] < sizes["onnx_int8"]
+    assert sizes["pruned_fp32"] < sizes["onnx_fp32"]
     assert (root / "data" / "partitions" / "client_labels.png").stat().st_size > 1000
     return metrics
 
@@ -75,6 +84,71 @@ def check_mlflow(root: Path, parent_tag: str | None = None) -> None:
         == json.loads((root / "data/raw/manifest.json").read_text())["content_sha256"]
     )
     assert version.tags["lepton.dvc_lock_sha256"] != "none"
+    # the description is a model card: variant, data hash, metrics
+    assert version.tags["variant"] in version.description
+    assert version.tags["lepton.data_sha256"] in version.description
+    assert "Test accuracy" in version.description
+
+
+def serve_and_ask(root: Path, images) -> dict:
+    """Serve the registered candidate with `mlflow models serve` (local env manager) and
+    POST ``images`` to it; the JSON answer."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = workspace_env(root)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # uvicorn, as in an activated venv
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    argv = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/lepton-digits@candidate"]
+    argv += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(
+        argv,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "the model server did not start in 120 s"
+                time.sleep(0.5)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def check_served(root: Path) -> None:
+    """The registered model answers HTTP with labels and class probabilities that agree
+    with the evaluate stage's scoring of the same file."""
+    import numpy as np
+
+    from pipelines.io import read_image_table
+
+    test = read_image_table(root / "data/partitions/test.parquet")
+    answer = serve_and_ask(root, test.images[:5])["predictions"]
+    labels, probabilities = np.array(answer["label"]), np.array(answer["probabilities"])
+    assert labels.shape == (5,) and probabilities.shape == (5, test.num_classes)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(labels, probabilities.argmax(1))
 
 
 def test_dvc_repro_runs_then_skips_everything_and_pushes(tiny_workspace: Path):
@@ -83,6 +157,7 @@ def test_dvc_repro_runs_then_skips_everything_and_pushes(tiny_workspace: Path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     check_outputs(root)
     check_mlflow(root)
+    check_served(root)
 
     second = run([str(BIN / "dvc"), "repro"], root)
     assert second.returncode == 0, second.stderr[-2000:]

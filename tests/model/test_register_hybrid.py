@@ -49,10 +49,17 @@ def test_hybrid_variant_is_registered_and_predicts_like_the_head(tmp_path, monke
     save_heads(paths.model_dir("quantum"), hybrid, classical)
     paths.report("evaluate").parent.mkdir(parents=True)
     write_json(paths.report("federate"), {"dp": 0, "val_accuracy": 0.5})
+    hybrid_scores = {"test_accuracy": 0.5, "test_macro_f1": 0.4, "val_accuracy": 0.5}
     write_json(
         paths.report("evaluate"),
-        {"chosen_variant": "quantum_hybrid", "test_accuracy": 0.5, "val_accuracy": 0.5},
+        {
+            "chosen_variant": "quantum_hybrid",
+            "test_accuracy": 0.5,
+            "val_accuracy": 0.5,
+            "variants": {"quantum_hybrid": hybrid_scores},
+        },
     )
+    write_json(paths.report("optimize"), {"variants": {}})
 
     params = Params(register=RegisterParams(model_name="hybrid-test", accuracy_floor=0.9))
     with stage_run("register", tmp_path, "lepton") as tracker:
@@ -68,9 +75,14 @@ def test_hybrid_variant_is_registered_and_predicts_like_the_head(tmp_path, monke
     assert version.tags["variant"] == "quantum_hybrid"
     assert version.tags["lepton.data_sha256"] == "abc123"
     loaded = mlflow.pyfunc.load_model("models:/hybrid-test@candidate")
-    logits = loaded.predict(test.images)
+    answer = loaded.predict(test.images)
     expected = hybrid_logits(model.encoder, hybrid, test.images)
-    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    np.testing.assert_allclose(answer["logits"], expected, atol=1e-5)
+    np.testing.assert_array_equal(answer["label"], expected.argmax(1))
+    np.testing.assert_allclose(answer["probabilities"].sum(1), 1.0, atol=1e-5)
+    # the description is a model card
+    described = mlflow_client.get_model_version("hybrid-test", version.version).description
+    assert "quantum_hybrid" in described and "abc123" in described and "0.5000" in described
     # nothing in the logged model is a pickle: weights are safetensors, the model is code
     local = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "dl")))
     files = [p.name for p in local.rglob("*") if p.is_file()]
