@@ -14,18 +14,14 @@ reads the chosen model's test accuracy, the federated model's and the SSL kNN pr
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
-
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from measured import run_measured  # noqa: E402 (sibling module)
+from measured import case_arguments, params_overrides, run_cases, run_measured  # noqa: E402
 from results_json import header, write_json  # noqa: E402 (sibling module)
 
 from pipelines.data.examples import write_example  # noqa: E402
@@ -42,12 +38,10 @@ CASES = {
 def run_case(name: str, scratch: Path, extra: list[str]) -> dict:
     """One case through `dvc repro` (``extra``: ``section.key=value`` params for every case):
     seconds and the accuracies it reaches."""
-    example, overrides = CASES[name]
-    overrides = {k: dict(v) for k, v in overrides.items()}
-    for item in extra:
-        key, value = item.split("=", 1)
-        section, field = key.split(".", 1)
-        overrides.setdefault(section, {})[field] = yaml.safe_load(value)
+    example, case_overrides = CASES[name]
+    overrides = {k: dict(v) for k, v in case_overrides.items()}
+    for section, values in params_overrides(extra).items():
+        overrides.setdefault(section, {}).update(values)
     if example is not None:
         overrides["ingest"] = write_example(example, scratch / f"{name}-data")
     root = make_workspace(scratch / name, overrides)
@@ -68,17 +62,8 @@ def run_case(name: str, scratch: Path, extra: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/images.json")
-    args = parser.parse_args()
-    results = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.cases.split(","):
-            print(f"{name} ...", flush=True)
-            results[name] = run_case(name, Path(scratch), args.sets)
-            print(f"{name}: {json.dumps(results[name])}", flush=True)
+    args = case_arguments(__doc__.splitlines()[0], CASES, REPO / "benchmarks/results/images.json")
+    results = run_cases(args.cases, run_case, args.sets)
     payload = {
         **header("images"),
         "params": "default params.yaml" + (f" with {args.sets}" if args.sets else ""),

@@ -40,3 +40,42 @@ def run_measured(argv: list[str], root: Path) -> dict:
         "peak_rss_mb": round(peak_kb / 1024, 1),
         "stdout": done.stdout,
     }
+
+
+def params_overrides(sets: list[str]) -> dict:
+    """``section.key=value`` strings (values parsed as YAML) as a params overrides dict."""
+    import yaml
+
+    overrides: dict = {}
+    for item in sets:
+        key, value = item.split("=", 1)
+        section, field = key.split(".", 1)
+        overrides.setdefault(section, {})[field] = yaml.safe_load(value)
+    return overrides
+
+
+def case_arguments(description: str, cases, default_out: Path):
+    """The command line every whole-pipeline benchmark takes: ``--cases`` (comma-separated
+    names of ``cases``), ``--set section.key=value`` (repeatable) and ``--out``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", default=",".join(cases), help="comma-separated case names")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
+    parser.add_argument("--out", type=Path, default=default_out)
+    return parser.parse_args()
+
+
+def run_cases(names: str, run_case, sets: list[str], summary=lambda result: result) -> dict:
+    """``run_case(name, scratch, sets)`` for every comma-separated name in one scratch
+    folder, printing each case's ``summary`` as JSON; name → result."""
+    import json
+    import tempfile
+
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in names.split(","):
+            print(f"{name} ...", flush=True)
+            results[name] = run_case(name, Path(scratch), sets)
+            print(f"{name}: {json.dumps(summary(results[name]))}", flush=True)
+    return results

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.models.encoder import Classifier, build_classifier, classifier_config
+from pipelines.models.encoder import (
+    Classifier,
+    Encoder,
+    build_classifier,
+    classifier_config,
+    encoder_config_for,
+)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -33,6 +39,12 @@ def parameter_count(model: nn.Module) -> int:
 def conv_widths(model: Classifier) -> list[int]:
     """Output channels of every conv of the classifier's encoder, in order."""
     return [m.out_channels for m in model.encoder.features if isinstance(m, nn.Conv2d)]
+
+
+def has_cnn_encoder(model: Classifier) -> bool:
+    """Whether the classifier's encoder is the learnt CNN (prunable), not a fixed
+    ScatterNet."""
+    return isinstance(model.encoder, Encoder)
 
 
 def config_of(model: Classifier) -> dict[str, Any]:
@@ -75,13 +87,24 @@ def prune_classifier(model: Classifier, ratio: float, image_shape: tuple[int, in
     return rebuilt.eval()
 
 
-def student_classifier(teacher: Classifier, width: float, seed: int) -> Classifier:
+def student_classifier(
+    teacher: Classifier, width: float, seed: int, image_shape: tuple[int, int] | None = None
+) -> Classifier:
     """A randomly initialised (``seed``) student with the teacher's layout, every conv width
     and the embedding scaled by ``width`` (at least 8 each), and BatchNorm in place of
-    GroupNorm."""
+    GroupNorm. A ScatterNet teacher has no conv layout to copy: the student then scales the
+    default CNN for ``image_shape``."""
     if not 0.0 < width <= 1.0:
         raise ValueError(f"student width must be in (0, 1], got {width}")
-    config = config_of(teacher)
+    if has_cnn_encoder(teacher):
+        config = config_of(teacher)
+    else:
+        if image_shape is None:
+            raise ValueError("a student of a ScatterNet teacher needs the image shape")
+        channels = int(teacher.encoder.config.get("in_channels", 1))
+        config = classifier_config(
+            encoder_config_for(image_shape, channels), int(teacher.num_classes)
+        )
     encoder = dict(config["encoder"])
 
     def scaled(values):

@@ -98,7 +98,12 @@ def smaller_models(
 ) -> dict:
     """name → torch classifier: the pruned and the distilled model (each only when its
     param is on), both trained on the teacher's predictions over ``train_images``."""
-    from pipelines.models.compression import distill, prune_classifier, student_classifier
+    from pipelines.models.compression import (
+        distill,
+        has_cnn_encoder,
+        prune_classifier,
+        student_classifier,
+    )
 
     settings = distill_settings(p)
 
@@ -112,12 +117,14 @@ def smaller_models(
         return report
 
     models = {}
-    if p.prune_ratio > 0:
+    if p.prune_ratio > 0 and not has_cnn_encoder(teacher):
+        log.info("no pruned variant: the ScatterNet encoder's filters are fixed, not learnt")
+    elif p.prune_ratio > 0:
         pruned = prune_classifier(teacher, p.prune_ratio, image_shape)
         distill(pruned, teacher, train_images, settings, seed, on_epoch_end=progress("pruned"))
         models["pruned"] = pruned
     if p.student_width > 0:
-        student = student_classifier(teacher, p.student_width, seed)
+        student = student_classifier(teacher, p.student_width, seed, image_shape)
         distill(student, teacher, train_images, settings, seed, on_epoch_end=progress("distilled"))
         models["distilled"] = student
     return models
@@ -268,6 +275,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
             staged.path(out),
             params.common.seed,
         )
+        report["smallest_size_ratio"] = max(m["size_ratio"] for m in report["variants"].values())
         report["distillation_rows"] = 0 if train_images is None else int(len(train_images))
         report["distillation_source"] = source if train_images is not None else None
         write_json(

@@ -325,6 +325,10 @@ def test_record_level_dp_at_epsilon_3_runs_through_and_registers(tmp_path: Path)
     assert federate["dp_unit"] == "record" and 2.9 < federate["epsilon"] <= 3.0
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert metrics["chosen_variant"] != "quantum_hybrid"
+    # the pool is client rows: no model is distilled or fine-tuned on them without noise
+    optimize = json.loads((root / "reports/optimize.json").read_text())
+    assert set(optimize["variants"]) == {"onnx_fp32", "onnx_int8"}
+    assert optimize["distillation_rows"] == 0
     register = json.loads((root / "reports/register.json").read_text())
     assert register["promoted"] == 1, register
     assert register["test_accuracy"] >= 0.9

@@ -168,3 +168,17 @@ def test_interleaved_latency_measures_every_predictor():
     # one warm-up each, then turns: a, b, a, b, ... on batches of 7 rows
     assert [name for name, _ in calls[2:]] == ["a", "b"] * 4
     assert {rows for _, rows in calls} == {7}
+
+
+def test_a_scattering_teacher_gets_a_cnn_student():
+    from pipelines.models.compression import has_cnn_encoder
+    from pipelines.models.encoder import Classifier
+    from pipelines.models.scattering import build_scattering, scattering_config
+
+    teacher = Classifier(build_scattering(scattering_config((8, 8), 1, 1, 8)), 10).eval()
+    assert not has_cnn_encoder(teacher)
+    student = student_classifier(teacher, 0.5, seed=0, image_shape=(8, 8))
+    assert student.config["encoder"]["channels"] == [16, 32, 64]
+    assert student(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="image shape"):
+        student_classifier(teacher, 0.5, seed=0)
