@@ -61,6 +61,8 @@ def _fail(message: str, code: int = 1) -> None:
 def run_stage(name: str, root: Path, overrides: list[str] | None = None) -> dict[str, float]:
     """Validate params, run stage ``name`` under its MLflow child run, return its metrics."""
     from pipelines import tracking
+    from pipelines.atomic import recover_outputs, use_journal
+    from pipelines.checkpoints import clear_checkpoints, input_key, use_input_key
     from pipelines.config import load_params
     from pipelines.io import Paths
     from pipelines.registry import get_stage
@@ -68,6 +70,10 @@ def run_stage(name: str, root: Path, overrides: list[str] | None = None) -> dict
     stage = get_stage(name)
     params = load_params(root / "params.yaml", overrides)
     module = import_module(stage.entry_point.split(":")[0])
+    journals = root / ".lepton" / "commits"
+    recover_outputs(journals, [root / out for out in (*stage.outs, *stage.metrics)])
+    use_journal(journals)
+    use_input_key(name, input_key(root, stage, params))
     with tracking.stage_run(name, root, params.common.mlflow_experiment) as tracker:
         section = getattr(params, name).model_dump(mode="json")
         shared = {s: getattr(params, s).model_dump(mode="json") for s in stage.shared_params}
@@ -76,6 +82,7 @@ def run_stage(name: str, root: Path, overrides: list[str] | None = None) -> dict
         )
         metrics = module.run(params, Paths(root), tracker)
         tracker.log_metrics(metrics)
+    clear_checkpoints(root, name)  # the outputs hold the result now
     return metrics
 
 

@@ -28,9 +28,11 @@ def stage_entry(stage: Stage) -> dict:
         "deps": list(stage.all_deps),
         "params": list(stage.params_sections),
     }
+    # persist: DVC must not delete the previous outputs before the stage runs; the stage
+    # replaces them itself, atomically, only once the new ones are whole (pipelines/atomic.py)
     if stage.outs:
-        entry["outs"] = list(stage.outs)
-    entry["metrics"] = [{path: {"cache": False}} for path in stage.metrics]
+        entry["outs"] = [{path: {"persist": True}} for path in stage.outs]
+    entry["metrics"] = [{path: {"cache": False, "persist": True}} for path in stage.metrics]
     return entry
 
 

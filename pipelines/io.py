@@ -13,16 +13,15 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipelines.atomic import Staging, atomic_outputs  # noqa: F401 (the stages' import)
 from pipelines.errors import DataError
 
 IMAGE_COLUMN = "image"
@@ -515,65 +514,6 @@ def load_weights(directory: str | Path, name: str = "model") -> tuple[dict, dict
     if not weights.is_file():
         raise DataError(str(weights), "weights file not found (has the upstream stage run?)")
     return load_file(str(weights)), read_json(directory / f"{name}.json")
-
-
-class Staging:
-    """Temporary twins of a stage's outputs; see :func:`atomic_outputs`."""
-
-    def __init__(self, dirs: list[Path], files: list[Path]):
-        token = uuid.uuid4().hex[:8]
-        self._temp: dict[Path, Path] = {}
-        for target in [*dirs, *files]:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._temp[target] = target.with_name(f".{target.name}.tmp-{token}")
-        for target in dirs:
-            self._temp[target].mkdir()
-
-    def path(self, target: str | Path) -> Path:
-        """Where to write what will become ``target``."""
-        return self._temp[Path(target)]
-
-    def commit(self) -> None:
-        """Move every staged output into place, replacing the previous ones."""
-        backups = []
-        for target, temp in self._temp.items():
-            if not temp.exists():
-                raise FileNotFoundError(f"stage did not write {target}")
-        for target, temp in self._temp.items():
-            if target.exists() or target.is_symlink():
-                backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(target, backup)
-                backups.append(backup)
-            os.replace(temp, target)
-        for backup in backups:
-            _remove(backup)
-
-    def discard(self) -> None:
-        """Delete whatever was staged."""
-        for temp in self._temp.values():
-            _remove(temp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-@contextmanager
-def atomic_outputs(dirs: list[str | Path] = (), files: list[str | Path] = ()) -> Iterator[Staging]:
-    """Stage outputs in temporary twins; move them into place only if the block succeeds.
-
-    A failure anywhere in the block leaves every previous output exactly as it was.
-    """
-    staging = Staging([Path(d) for d in dirs], [Path(f) for f in files])
-    try:
-        yield staging
-    except BaseException:
-        staging.discard()
-        raise
-    staging.commit()
 
 
 @dataclass(frozen=True)

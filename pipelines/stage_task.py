@@ -80,6 +80,43 @@ def repro_argv(stage: Stage, dvc: str) -> list[str]:
     return [dvc, "repro", "--single-item", *stage.dvc_targets]
 
 
+def release_dead_dvc_locks(root: Path) -> list[int]:
+    """Remove DVC's stage locks (``.dvc/tmp/rwlock``) held by processes that no longer run.
+
+    A killed task's ``dvc repro`` leaves its entries behind, and where nothing reaps the
+    killed process (a container without an init) its PID still looks alive, so DVC refuses
+    the retry ("... is busy, it is being blocked by ..."). A zombie holds nothing. Edits
+    go through DVC's own rwlock guard. Returns the PIDs whose locks were released."""
+    import psutil
+
+    lock_dir = root / ".dvc" / "tmp"
+    if not (lock_dir / "rwlock").is_file():
+        return []
+    from dvc.fs import LocalFileSystem
+    from dvc.rwlock import _edit_rwlock
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    released: set[int] = set()
+    with _edit_rwlock(str(lock_dir), LocalFileSystem(), False) as lock:
+        for path, info in list(lock["write"].items()):
+            if not alive(int(info["pid"])):
+                released.add(int(info["pid"]))
+                del lock["write"][path]
+        for path, infos in list(lock["read"].items()):
+            keep = [i for i in infos if alive(int(i["pid"]))]
+            released |= {int(i["pid"]) for i in infos if i not in keep}
+            if keep:
+                lock["read"][path] = keep
+            else:
+                del lock["read"][path]
+    return sorted(released)
+
+
 def run_task(name: str, root: Path, key: str, try_number: int, dvc: str) -> int:
     """Run the DAG task of stage ``name``; returns the exit code."""
     stage = get_stage(name)
@@ -92,6 +129,9 @@ def run_task(name: str, root: Path, key: str, try_number: int, dvc: str) -> int:
         return 0
     if key:
         drop_snapshot(root, key)
+    released = release_dead_dvc_locks(root)
+    if released:
+        print(f"released DVC locks of killed processes {released}", flush=True)
     code = subprocess.call(repro_argv(stage, dvc), cwd=root)
     if code == 0 and key and stage is first:
         write_snapshot(root, key, dvc)

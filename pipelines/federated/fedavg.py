@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from pipelines.federated.strategies import (
 )
 from pipelines.io import ImageTable, TableStream, batches_with_labels, table_rows
 from pipelines.models.encoder import Classifier, build_classifier, to_tensor
+
+if TYPE_CHECKING:
+    from pipelines.checkpoints import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +401,7 @@ def run_federation(
     collect: Collector | None = None,
     build: Callable[[dict[str, Any]], torch.nn.Module] = build_classifier,
     score: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Classifier, list[dict[str, float]]]:
     """Federated training for the planned rounds; returns the final model and history.
 
@@ -421,6 +425,11 @@ def run_federation(
     ``accepted``, ``rejected``, ``dropped``, ``samples`` (rows trained on, times local
     epochs), ``epsilon`` (DP only: ε after this round). ``on_round(round, row)`` is called
     after each round; rejections and drops are logged with client and reason.
+
+    With a ``checkpoint``, every round ends by saving what the next one needs (global
+    weights, server-optimizer moments, the sampling and noise generators, the history), and
+    a run that finds one resumes after its round: the result is the same, bit for bit on
+    the CPU, as a run that was never interrupted (client seeds depend only on the round).
     """
     if not clients:
         raise ValueError("federation needs at least one client")
@@ -456,7 +465,17 @@ def run_federation(
                 trainer,
             )
 
-    for round_index in range(1, rounds + 1):
+    first_round = 1
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        first_round, restored, history = resume_round(saved, server, rng, noise)
+        state = {key: restored[key] for key in state}  # updates are flat in this key order
+        model.load_state_dict(state)
+        log.info("resuming after round %d of %d (%s)", first_round - 1, rounds, checkpoint.path)
+        for row in history:
+            if on_round is not None:
+                on_round(int(row["round"]), row)
+    for round_index in range(first_round, rounds + 1):
         chosen = sample_clients(len(clients), params.client_fraction, rng)
         round_params = params.model_copy(
             update={"learning_rate": round_learning_rate(params, round_index)}
@@ -513,6 +532,44 @@ def run_federation(
                 round_index, params.dp.noise_multiplier, sample_rate, params.dp.delta
             )
         history.append(row)
+        if checkpoint is not None:
+            save_round(checkpoint, round_index, state, server, rng, noise, history)
         if on_round is not None:
             on_round(round_index, row)
     return model.eval(), history
+
+
+def save_round(
+    checkpoint: Checkpoint,
+    round_index: int,
+    state: Mapping[str, torch.Tensor],
+    server: ServerOptimizer,
+    rng: np.random.Generator,
+    noise: torch.Generator,
+    history: list[dict[str, float]],
+) -> None:
+    """Save what the round after ``round_index`` needs to resume (see
+    :func:`run_federation`)."""
+    tensors = {f"state/{k}": v for k, v in state.items()}
+    tensors.update({f"server/{k}": v for k, v in server.state_tensors().items()})
+    tensors["noise_generator"] = noise.get_state()
+    meta = {"round": round_index, "rng": rng.bit_generator.state, "history": history}
+    checkpoint.save(tensors, meta)
+
+
+def resume_round(
+    saved: tuple[dict[str, torch.Tensor], dict[str, Any]],
+    server: ServerOptimizer,
+    rng: np.random.Generator,
+    noise: torch.Generator,
+) -> tuple[int, StateDict, list[dict[str, float]]]:
+    """Restore a :func:`save_round` checkpoint into ``server``, ``rng`` and ``noise``;
+    returns ``(first round to run, global state, history so far)``."""
+    tensors, meta = saved
+    state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
+    server.load_state_tensors(
+        {k.removeprefix("server/"): v for k, v in tensors.items() if k.startswith("server/")}
+    )
+    rng.bit_generator.state = meta["rng"]
+    noise.set_state(tensors["noise_generator"])
+    return int(meta["round"]) + 1, state, list(meta["history"])

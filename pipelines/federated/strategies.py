@@ -184,6 +184,16 @@ class ServerOptimizer:
     _m: torch.Tensor | None = field(default=None, repr=False)
     _v: torch.Tensor | None = field(default=None, repr=False)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """FedAdam's moments (none for ``sgd`` or before the first step), for checkpoints."""
+        if self._m is None:
+            return {}
+        return {"m": self._m, "v": self._v}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned."""
+        self._m, self._v = tensors.get("m"), tensors.get("v")
+
     def step(self, aggregate: torch.Tensor) -> torch.Tensor:
         """The update to add to the global weights for this round's ``aggregate``."""
         if self.kind == "sgd":

@@ -106,7 +106,7 @@ def make_trainer(
     num_nodes: int = 1,
     strategy: str = "auto",
 ) -> pl.Trainer:
-    """A quiet Trainer: no progress bar, logger, checkpoints or model summary.
+    """A quiet Trainer: no progress bar, logger, Lightning checkpoints or model summary.
 
     ``device`` is ``common.device``. One device unless ``strategy="ddp"`` with ``devices``
     processes per node on ``num_nodes`` nodes (see :mod:`pipelines.models.distributed`).
@@ -123,7 +123,8 @@ def make_trainer(
         num_nodes=num_nodes,
         strategy=strategy,
         logger=False,
-        enable_checkpointing=False,
+        # off, unless a Checkpoint callback is given (pipelines.models.resume's epoch saves)
+        enable_checkpointing=any(isinstance(c, pl.callbacks.Checkpoint) for c in callbacks or []),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -147,6 +148,12 @@ def batch_loader(
     )
     sampler = BatchSampler(order, batch_size=batch_size, drop_last=False)
     return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+
+def shuffle_generator(loader: DataLoader) -> torch.Generator:
+    """The generator a :func:`batch_loader` shuffles with (its state decides the order of
+    every later epoch)."""
+    return loader.sampler.sampler.generator
 
 
 class _EpochLossSystem(pl.LightningModule):
@@ -200,8 +207,9 @@ def warmup_cosine_schedule(
 class SimCLRSystem(_EpochLossSystem):
     """SimCLR: two augmented views of each image, encoder → projection head → NT-Xent.
 
-    AdamW with a cosine learning-rate decay over the Trainer's ``max_epochs``, after a linear
-    warm-up over the first ``warmup_epochs`` (a constant rate with ``cosine_schedule=False``).
+    AdamW with a cosine learning-rate decay over ``total_epochs`` (default: the Trainer's
+    ``max_epochs``; a resumed fit runs fewer), after a linear warm-up over the first
+    ``warmup_epochs`` (a constant rate with ``cosine_schedule=False``).
     Without the warm-up, full-rate steps from a random start can collapse the embeddings
     onto a few points, where NT-Xent stays near log(2B − 1) and learns slowly if at all.
     The augmentation generator is seeded with ``seed`` on the training device at fit start.
@@ -219,6 +227,7 @@ class SimCLRSystem(_EpochLossSystem):
         on_epoch_end: EpochHook | None = None,
         cosine_schedule: bool = True,
         warmup_epochs: int = 0,
+        total_epochs: int | None = None,
     ):
         super().__init__(on_epoch_end)
         self.encoder = encoder
@@ -230,10 +239,21 @@ class SimCLRSystem(_EpochLossSystem):
         self.weight_decay = weight_decay
         self.augment_config = augment_config
         self.seed = seed
+        self.total_epochs = total_epochs
         self._generator: torch.Generator | None = None
+        self.lr_schedule: torch.optim.lr_scheduler.LRScheduler | None = None
 
     def on_fit_start(self) -> None:
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def random_generators(self) -> dict[str, torch.Generator]:
+        """The generators the views are drawn from (saved by epoch checkpoints)."""
+        return {"augment": self._generator} if self._generator is not None else {}
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0]  # labels, when the loader has them, are not used
@@ -254,12 +274,10 @@ class SimCLRSystem(_EpochLossSystem):
         )
         if not self.cosine_schedule:  # a federated client: the server sets each round's rate
             return optimizer
-        epochs = max(int(self.trainer.max_epochs or 1), 1)
-        schedule = warmup_cosine_schedule(optimizer, epochs, self.warmup_epochs)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": schedule, "interval": "epoch"},
-        }
+        epochs = max(int(self.total_epochs or self.trainer.max_epochs or 1), 1)
+        # stepped in on_train_epoch_end, where an epoch checkpoint can save it
+        self.lr_schedule = warmup_cosine_schedule(optimizer, epochs, self.warmup_epochs)
+        return optimizer
 
 
 class ClassifierSystem(_EpochLossSystem):

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines.checkpoints import stage_checkpoint, stale_checkpoints
 from pipelines.config import (
     ROWS_THAT_COST_CLIENTS_NO_PRIVACY,
     FederateParams,
@@ -59,6 +60,7 @@ from pipelines.io import (
 from pipelines.tracking import StageTracker
 
 if TYPE_CHECKING:
+    from pipelines.checkpoints import Checkpoint
     from pipelines.models.encoder import Classifier, Encoder
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,10 @@ def federate(
     seed: int,
     device: str = "auto",
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Classifier, list[dict[str, float]]]:
     """FedAvg fine-tuning of ``encoder`` + a new linear head; returns ``(model, history)``.
+    With a ``checkpoint`` each round is saved, and a saved run resumes after its last round.
 
     The head starts as a nearest-class-mean classifier built from the clients' federated
     class statistics (:func:`pipelines.federated.fedavg.init_head_from_class_means`);
@@ -88,7 +92,9 @@ def federate(
 
     model = start_classifier(encoder, val.num_classes, seed)
     state = init_head_from_class_means(model.config, model.state_dict(), clients, device)
-    return run_federation(model.config, state, clients, val, p, seed, device, on_round)
+    return run_federation(
+        model.config, state, clients, val, p, seed, device, on_round, checkpoint=checkpoint
+    )
 
 
 ROUND_COLUMNS = ("round", "val_accuracy", "train_loss", "accepted", "rejected", "dropped")
@@ -371,6 +377,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     if any(isinstance(t, TableStream) for t in clients):
         log.info("client shards over common.memory_budget_mb: read from disk in chunks")
     start = time.perf_counter()
+    checkpoint = None  # rounds are checkpointed in the in-process simulation
     if p.runtime == "flower":
         import tempfile
 
@@ -403,8 +410,18 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         )
         sites = [{**entry, "rows": None, "holdout_rows": 0} for entry in released]
     else:
+        checkpoint = stage_checkpoint(paths.root, "federate", params)
+        for stale in stale_checkpoints(paths.root, "federate", checkpoint):
+            stale.unlink(missing_ok=True)
         model, history = federate(
-            encoder, clients, val, p, params.common.seed, params.common.device, on_round
+            encoder,
+            clients,
+            val,
+            p,
+            params.common.seed,
+            params.common.device,
+            on_round,
+            checkpoint,
         )
         sites = [
             {"site": path.stem, "rows": table_rows(table), "holdout_rows": 0}

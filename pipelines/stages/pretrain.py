@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipelines.checkpoints import stage_checkpoint, stale_checkpoints
 from pipelines.config import Params, PretrainParams
 from pipelines.errors import ConfigError
 from pipelines.io import (
@@ -40,6 +41,7 @@ from pipelines.io import (
 from pipelines.tracking import StageTracker
 
 if TYPE_CHECKING:
+    from pipelines.checkpoints import Checkpoint
     from pipelines.models.augment import AugmentConfig
     from pipelines.models.encoder import Encoder
 
@@ -53,8 +55,13 @@ def pretrain(
     device: str = "auto",
     on_epoch: Callable[[int, float], None] | None = None,
     augment_config: AugmentConfig | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Encoder | None, list[float]]:
     """SimCLR-pretrain a fresh encoder on ``unlabeled.images``; returns ``(encoder, losses)``.
+
+    With a ``checkpoint`` (an in-memory pool on one device) every epoch is saved, and a
+    saved fit resumes after its last epoch with the same result, bit for bit on the CPU
+    (:mod:`pipelines.models.resume`).
 
     ``augment_config`` replaces the default views (:class:`~pipelines.models.augment.
     AugmentConfig`; benchmarks compare views with it, the stage keeps the default).
@@ -71,7 +78,13 @@ def pretrain(
         encoder_config_for,
         to_tensor,
     )
-    from pipelines.models.systems import SimCLRSystem, batch_loader, make_trainer, pl
+    from pipelines.models.systems import (
+        SimCLRSystem,
+        batch_loader,
+        make_trainer,
+        pl,
+        shuffle_generator,
+    )
 
     shape = unlabeled.layout if isinstance(unlabeled, TableStream) else unlabeled
     if len(shape.labels) == 0:
@@ -98,6 +111,7 @@ def pretrain(
         warmup_epochs=p.warmup_epochs,
         seed=seed,
         on_epoch_end=on_epoch,
+        total_epochs=p.epochs,
         **({"augment_config": augment_config} if augment_config is not None else {}),
     )
     if isinstance(unlabeled, TableStream):
@@ -106,9 +120,29 @@ def pretrain(
         from pipelines.models.streaming import StreamingImages
 
         loader = DataLoader(StreamingImages(unlabeled, p.batch_size, seed), batch_size=None)
-    else:
-        loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
-    make_trainer(p.epochs, device).fit(system, loader)
+        make_trainer(p.epochs, device).fit(system, loader)
+        return encoder.cpu().eval(), list(system.history)
+    loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
+    callbacks, done = [], 0
+    if checkpoint is not None:
+        from pipelines.models.resume import EpochCheckpoint
+
+        saved = checkpoint.load()
+        resume = EpochCheckpoint(checkpoint, {"shuffle": shuffle_generator(loader)}, saved)
+        callbacks, done = [resume], resume.done_epochs
+        if done:
+            log.info("resuming after epoch %d of %d (%s)", done, p.epochs, checkpoint.path)
+        if done >= p.epochs:  # killed after the last epoch: its weights are the result
+            tensors, meta = saved
+            system.load_state_dict(
+                {
+                    k.removeprefix("module/"): v
+                    for k, v in tensors.items()
+                    if k.startswith("module/")
+                }
+            )
+            return encoder.cpu().eval(), list(meta["history"])
+    make_trainer(p.epochs - done, device, callbacks).fit(system, loader)
     return encoder.cpu().eval(), list(system.history)
 
 
@@ -222,7 +256,19 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         " (read from disk in chunks)" if isinstance(unlabeled, TableStream) else "",
     )
     start = time.perf_counter()
-    encoder, losses = pretrain(unlabeled, p, params.common.seed, params.common.device, on_epoch)
+    checkpoint = None  # an in-memory pool on one device resumes after a kill
+    if p.strategy == "single" and not isinstance(unlabeled, TableStream):
+        checkpoint = stage_checkpoint(paths.root, "pretrain", params)
+        for stale in stale_checkpoints(paths.root, "pretrain", checkpoint):
+            stale.unlink(missing_ok=True)
+    encoder, losses = pretrain(
+        unlabeled,
+        p,
+        params.common.seed,
+        params.common.device,
+        on_epoch,
+        checkpoint=checkpoint,
+    )
     seconds = time.perf_counter() - start
     if encoder is None:  # a DDP worker node: node 0 writes the outputs
         log.info("DDP node done in %.1f s; node 0 writes models/pretrain", seconds)

@@ -1,0 +1,93 @@
+"""Kills survived: SIGKILL pretrain and federate over and over, and count what it cost.
+
+For each stage, in a fresh workspace of digits shards (tests/model/test_kill_resume.py's),
+as DVC and Airflow run it: one uninterrupted run (its time), one shorter run whose outputs
+are the *previous outputs*, then ``--kills`` attempts of the full run killed at seeded random
+moments (tests/kill_harness.py) and one that finishes. It reports:
+
+- kills survived out of kills tried: the outputs were the previous ones, or the finished
+  ones when the attempt died after its commit, never a mix or a gap;
+- bytes lost: the size of previous outputs that were missing or changed while no new
+  result had replaced them;
+- seconds of work redone per kill: the series' time, less the uninterrupted run's, over the
+  kills (start-up of every rerun included), and epochs or rounds redone per kill;
+- whether the final weights equal the uninterrupted run's, bit for bit.
+
+    .venv/bin/python benchmarks/reliability.py [--kills 10] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from results_json import header, write_json  # noqa: E402 (sibling module)
+
+from tests.kill_harness import kill_until_done, outputs_digest, timed_run  # noqa: E402
+from tests.model.test_kill_resume import run_stage, set_param, stage_workspace  # noqa: E402
+
+STAGES = {
+    "federate": ("rounds", 8, "models/federate/model.safetensors"),
+    "pretrain": ("epochs", 30, "models/pretrain/encoder.safetensors"),
+}
+
+
+def measure(stage: str, scratch: Path, kills: int, seed: int) -> dict:
+    """One stage's kill series and what it cost."""
+    unit, total, weights = STAGES[stage]
+    root = stage_workspace(scratch / stage)
+    outputs = [f"models/{stage}", f"reports/{stage}.json"]
+    began = time.monotonic()
+    timing = timed_run(root, stage)
+    uninterrupted = time.monotonic() - began
+    reference = (root / weights).read_bytes()
+    set_param(root, stage, unit, 3)
+    run_stage(root, stage)
+    previous = outputs_digest(root, outputs)
+    previous_bytes = sum((root / p).stat().st_size for p in previous)
+    set_param(root, stage, unit, total)
+    series = kill_until_done(
+        root, stage, outputs, previous, timing, (weights, reference), kills=kills, seed=seed
+    )
+    broken = [k for k in series.kills if k.outputs == "broken"]
+    redone = [max(0, k.reported - k.checkpointed) + 1 for k in series.kills]
+    return {
+        unit: total,
+        "kills_tried": len(series.kills),
+        "kills_survived": len(series.kills) - len(broken),
+        "killed_after_commit": sum(k.outputs == "new" for k in series.kills),
+        "bytes_lost": previous_bytes if broken else 0,
+        "uninterrupted_seconds": round(uninterrupted, 1),
+        "series_seconds": round(series.seconds, 1),
+        "seconds_redone_per_kill": round((series.seconds - uninterrupted) / len(series.kills), 1),
+        f"{unit}_redone_per_kill_at_most": max(redone),
+        "resumed_attempts": len(series.resumed_from),
+        "final_weights_bit_identical": (root / weights).read_bytes() == reference,
+        "kill_seconds": [round(k.seconds, 2) for k in series.kills],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=10, help="kills per stage")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/reliability.json")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for stage in STAGES:
+            print(f"{stage} ...", flush=True)
+            results[stage] = measure(stage, Path(scratch), args.kills, args.seed)
+            print(f"{stage}: {results[stage]}", flush=True)
+    write_json(args.out, {**header("reliability"), "stages": results})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

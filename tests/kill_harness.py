@@ -1,0 +1,216 @@
+"""SIGKILL a stage over and over until it finishes; what each kill cost.
+
+Used by ``tests/model/test_kill_resume.py`` and ``benchmarks/reliability.py``. The stage
+runs as DVC and Airflow run it (``lepton stage run NAME`` in a workspace). Each attempt is
+killed (the whole process group, as an OOM killer or a preempted node would) at a seeded
+random moment; the next attempt starts right after, until one finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import BIN, workspace_env
+
+PROGRESS = {
+    "federate": re.compile(r"round (\d+)/\d+ val_accuracy"),
+    "pretrain": re.compile(r"epoch (\d+)/\d+ train_loss"),
+}
+RESUMED = re.compile(r"resuming after (?:round|epoch) (\d+)")
+
+
+def outputs_digest(root: Path, outputs: list[str]) -> dict[str, str]:
+    """sha256 of every file under ``outputs`` (folders or files, relative to ``root``)."""
+    found = {}
+    for out in outputs:
+        path = root / out
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                found[str(file.relative_to(root))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return found
+
+
+def checkpoint_progress(root: Path, stage: str) -> int:
+    """The round or epoch the stage's checkpoint holds (0 without one)."""
+    from pipelines.checkpoints import CHECKPOINT_DIR, Checkpoint
+
+    found = list((root / CHECKPOINT_DIR).glob(f"{stage}-*.safetensors"))
+    if not found:
+        return 0
+    meta = Checkpoint(found[0]).load()[1]
+    return int(meta.get("round", meta.get("epoch", 0)))
+
+
+@dataclass
+class KillRecord:
+    """One killed attempt: when it died, what it had reported, what the checkpoint held,
+    and what the outputs were after it: ``previous`` (as before the series), ``new`` (the
+    finished result: the attempt died after its commit) or ``broken`` (anything else)."""
+
+    seconds: float
+    reported: int
+    checkpointed: int
+    outputs: str
+
+
+@dataclass
+class KillSeries:
+    """Every attempt of a kill series; ``finished_log`` is the last attempt's output."""
+
+    kills: list[KillRecord] = field(default_factory=list)
+    resumed_from: list[int] = field(default_factory=list)
+    finished_log: str = ""
+    seconds: float = 0.0
+
+
+STARTED = re.compile(r"stage \w+ started")
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """An uninterrupted run's pace: seconds to the start-up marker (``stage X started``),
+    from there to its first epoch or round done, and per later epoch or round."""
+
+    startup: float
+    first_unit: float
+    per_unit: float
+
+
+def timed_run(root: Path, stage: str) -> StageTiming:
+    """Run the stage once to the end and time it (see :class:`StageTiming`)."""
+    began = time.monotonic()
+    proc = subprocess.Popen(
+        [str(BIN / "lepton"), "stage", "run", stage],
+        cwd=root,
+        env=workspace_env(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    started, units = None, []
+    for line in proc.stdout:
+        now = time.monotonic() - began
+        if started is None and STARTED.search(line):
+            started = now
+        if PROGRESS[stage].search(line):
+            units.append(now)
+    if proc.wait() != 0 or started is None or len(units) < 2:
+        raise RuntimeError(f"{stage} failed or reported fewer than two epochs or rounds")
+    return StageTiming(started, units[0] - started, (units[-1] - units[0]) / (len(units) - 1))
+
+
+def new_progress(stage: str, text: str, done_before: int) -> bool:
+    """Whether an attempt reported an epoch or round beyond the checkpoint it started from."""
+    return any(int(unit) > done_before for unit in PROGRESS[stage].findall(text))
+
+
+def kill_until_done(
+    root: Path,
+    stage: str,
+    outputs: list[str],
+    previous: dict[str, str],
+    timing: StageTiming,
+    final: tuple[str, bytes],
+    kills: int = 10,
+    seed: int = 0,
+    as_airflow_task: bool = False,
+) -> KillSeries:
+    """Run ``lepton stage run <stage>`` in ``root`` and kill the first ``kills`` attempts;
+    the next one runs to its end. After each kill the outputs are compared with
+    ``previous`` (their digest before the series) and ``final`` (the path of the weights
+    file and the bytes it holds when the stage has finished).
+
+    Every fourth attempt dies during start-up, a seeded random time before an
+    uninterrupted run reported its first epoch or round (``timing``): in the imports, the
+    data loading or the first epoch or round. The others die a random time up to two
+    epochs or rounds after they report their first new one (not one replayed from the
+    checkpoint): in an epoch or round, a checkpoint write or, after the last one, the final
+    output writes. So each attempt but the start-up kills adds about one epoch or round,
+    and one may outlive its kill time and finish early.
+
+    ``as_airflow_task``: run what the DAG's task runs instead, ``python -m
+    pipelines.stage_task <stage>`` (``dvc repro --single-item``), each attempt with the next
+    try number, as Airflow's retries do."""
+    rng = np.random.default_rng(seed)
+    series = KillSeries()
+    start = time.monotonic()
+    for attempt in range(kills + 1):
+        log_path = root / ".lepton" / f"kill-{stage}-{attempt}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(BIN / "lepton"), "stage", "run", stage]
+        env = workspace_env(root)
+        if as_airflow_task:
+            argv = [str(BIN / "python"), "-m", "pipelines.stage_task", stage]
+            env.update(LEPTON_TASK_TRY=str(attempt + 1), LEPTON_DVC=str(BIN / "dvc"))
+        during_startup = attempt % 4 == 3
+        if during_startup:
+            delay = rng.uniform(0.2, timing.startup + timing.first_unit)
+        else:
+            delay = rng.uniform(0.0, 2 * timing.per_unit)
+        done_before = checkpoint_progress(root, stage)
+        with log_path.open("w") as log:
+            began = time.monotonic()
+            proc = subprocess.Popen(
+                argv,
+                cwd=root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            deadline = began + delay if during_startup else None
+            if attempt == kills:  # the last attempt runs to its end
+                proc.wait()
+            while proc.poll() is None:
+                now = time.monotonic()
+                if deadline is None and new_progress(stage, log_path.read_text(), done_before):
+                    deadline = now + delay
+                if deadline is not None and now >= deadline:
+                    break
+                time.sleep(0.01)
+            killed = proc.poll() is None
+            if killed:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            lasted = time.monotonic() - began
+        text = log_path.read_text()
+        series.resumed_from += [int(r) for r in RESUMED.findall(text)]
+        if not killed:
+            if proc.returncode != 0:
+                raise RuntimeError(f"{stage} failed:\n{text[-3000:]}")
+            series.finished_log = text
+            series.seconds = time.monotonic() - start
+            return series
+        reported = [int(r) for r in PROGRESS[stage].findall(text)]
+        series.kills.append(
+            KillRecord(
+                seconds=lasted,
+                reported=max(reported, default=0),
+                checkpointed=checkpoint_progress(root, stage),
+                outputs=outputs_state(root, outputs, previous, final),
+            )
+        )
+    raise AssertionError("unreachable: the last attempt is never killed")
+
+
+def outputs_state(
+    root: Path, outputs: list[str], previous: dict[str, str], final: tuple[str, bytes]
+) -> str:
+    """``previous``, ``new`` or ``broken``: see :class:`KillRecord`."""
+    now = outputs_digest(root, outputs)
+    if now == previous:
+        return "previous"
+    weights, content = final
+    if set(now) == set(previous) and (root / weights).read_bytes() == content:
+        return "new"
+    return "broken"

@@ -1,0 +1,123 @@
+"""SIGKILL a stage anywhere: its previous outputs stay whole, and the rerun resumes.
+
+For pretrain and federate, each in one workspace, run as DVC and Airflow run them
+(``lepton stage run``): an uninterrupted run gives the reference weights; a shorter run
+leaves *previous outputs*; then attempts of the longer config are killed at seeded random
+moments (start-up, the epochs or rounds, checkpoint writes, the final output writes), five
+times per stage, and one more attempt finishes (tests/kill_harness.py). After every kill
+the outputs are either byte for byte the previous ones or, when the attempt died after its
+commit, the finished ones; never a mix or a gap. Until the commit, the checkpoint holds
+every epoch or round the killed attempt reported but the last (pretrain logs an epoch just
+before saving it), so a rerun resumes at most one epoch or round back.
+An attempt resumed, and the final weights equal the reference's bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, make_federation_workspace, make_workspace, workspace_env
+from tests.kill_harness import checkpoint_progress, kill_until_done, outputs_digest, timed_run
+
+pytestmark = pytest.mark.slow
+
+KILLS = 5  # per stage: 10 kills over the two stages
+
+FEDERATE = {"rounds": 8, "local_epochs": 1, "augment": False, "min_local_steps": 0}
+PRETRAIN = {"epochs": 30, "batch_size": 64, "embedding_dim": 16, "warmup_epochs": 2}
+
+
+def set_param(root: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage(root: Path, stage: str) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [str(BIN / "lepton"), "stage", "run", stage],
+        cwd=root,
+        env=workspace_env(root),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def stage_workspace(tmp_path: Path) -> Path:
+    """Digits as federate reads them, plus an unlabeled pool for pretrain."""
+    from pipelines.io import Paths, concat_tables, read_image_table, write_image_table
+
+    root = make_workspace(tmp_path / "ws", {"federate": FEDERATE, "pretrain": PRETRAIN})
+    make_federation_workspace(root)
+    paths = Paths(root)
+    clients = [read_image_table(p) for p in sorted((paths.partitions / "clients").glob("*"))]
+    pool = concat_tables(clients[:2])  # 300 rows: epochs long enough to be killed in
+    write_image_table(pool, paths.partitions / "unlabeled.parquet")
+    return root
+
+
+def kill_and_check(
+    root: Path,
+    stage: str,
+    unit: str,
+    total: int,
+    weights: str,
+    seed: int,
+    as_airflow_task: bool = False,
+):
+    """The kill series of the module docstring for ``stage`` (``total`` epochs or rounds)."""
+    outputs = [f"models/{stage}", f"reports/{stage}.json"]
+    timing = timed_run(root, stage)
+    reference = (root / weights).read_bytes()
+    assert checkpoint_progress(root, stage) == 0, "the checkpoint is cleared after the commit"
+
+    set_param(root, stage, unit, 3)
+    run_stage(root, stage)
+    previous = outputs_digest(root, outputs)
+    assert (root / weights).read_bytes() != reference
+
+    set_param(root, stage, unit, total)
+    series = kill_until_done(
+        root,
+        stage,
+        outputs,
+        previous,
+        timing,
+        (weights, reference),
+        kills=KILLS,
+        seed=seed,
+        as_airflow_task=as_airflow_task,
+    )
+    assert len(series.kills) == KILLS, (timing, series.kills)
+    for number, kill in enumerate(series.kills):
+        assert kill.outputs != "broken", f"kill {number} broke the outputs: {kill}"
+        if kill.outputs == "previous":  # not committed yet: it resumes at most one back
+            assert kill.checkpointed >= kill.reported - 1, (number, kill)
+    assert series.resumed_from, "no attempt resumed from a checkpoint"
+    assert (root / weights).read_bytes() == reference
+    assert checkpoint_progress(root, stage) == 0
+    leftovers = [p.name for p in (root / "models").iterdir() if ".tmp-" in p.name]
+    assert not leftovers, leftovers
+    return series
+
+
+def test_federate_killed_again_and_again_resumes_to_the_same_weights(tmp_path):
+    root = stage_workspace(tmp_path)
+    weights = "models/federate/model.safetensors"
+    kill_and_check(root, "federate", "rounds", 8, weights, seed=7)
+    assert json.loads((root / "reports/federate.json").read_text())["rounds"] == 8
+
+
+def test_pretrain_killed_as_an_airflow_task_resumes_on_each_retry(tmp_path):
+    """The command the DAG's task runs (dvc repro of the stage), killed, retried."""
+    root = stage_workspace(tmp_path)
+    weights = "models/pretrain/encoder.safetensors"
+    series = kill_and_check(root, "pretrain", "epochs", 30, weights, seed=8, as_airflow_task=True)
+    assert "Running stage 'pretrain'" in series.finished_log
