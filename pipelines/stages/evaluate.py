@@ -113,10 +113,16 @@ def choose_deployable(
     return chosen
 
 
+def largest_batch_latency(metrics: dict) -> str | None:
+    """The ``latency_ms_b<n>`` key of the largest batch a variant was timed at (None if
+    it was not timed)."""
+    keys = [k for k in metrics if k.startswith("latency_ms_b")]
+    return max(keys, key=lambda k: int(k.rsplit("_b", 1)[1]), default=None)
+
+
 def _size_then_latency(metrics: dict) -> tuple[float, float]:
-    batches = sorted(int(k.rsplit("_b", 1)[1]) for k in metrics if k.startswith("latency_ms_b"))
-    latency = metrics[f"latency_ms_b{batches[-1]}"] if batches else 0.0
-    return metrics["bytes"], latency
+    key = largest_batch_latency(metrics)
+    return metrics["bytes"], metrics[key] if key else 0.0
 
 
 def plot_compression(
@@ -130,10 +136,7 @@ def plot_compression(
     import matplotlib.pyplot as plt
 
     names = [n for n in compression if n in variants]
-    batches = sorted(
-        int(k.rsplit("_b", 1)[1]) for k in compression[REFERENCE] if k.startswith("latency_ms_b")
-    )
-    key = f"latency_ms_b{batches[-1]}"
+    key = largest_batch_latency(compression[REFERENCE])
     sizes = [compression[n]["bytes"] / 1024 for n in names]
     latency = [compression[n][key] for n in names]
     accuracy = [variants[n]["test_accuracy"] for n in names]
@@ -146,7 +149,7 @@ def plot_compression(
     ax.set_xscale("log")
     ax.set(
         xlabel="ONNX file size (KB, log scale)",
-        ylabel=f"latency at batch {batches[-1]} (ms, 1 thread)",
+        ylabel=f"latency at batch {key.rsplit('_b', 1)[1]} (ms)",
         title="Compressed variants (ringed: champion)",
     )
     fig.colorbar(points, ax=ax, label="test accuracy")

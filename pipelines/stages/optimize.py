@@ -156,10 +156,10 @@ def measure_variants(
     val_images: np.ndarray,
     val_labels: np.ndarray,
     p: OptimizeParams,
-) -> dict[str, dict[str, float]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Size, parameters, val accuracy, agreement with ``onnx_fp32`` and interleaved latency
     of every variant, with the ratios against ``onnx_fp32`` (size: how many times smaller;
-    speed-up: how many times faster)."""
+    speed-up: how many times faster); and every variant's val logits."""
     sessions = {name: onnx_session(path, p.latency_threads) for name, path in files.items()}
     logits = {name: onnx_logits(session, val_images) for name, session in sessions.items()}
     reference = logits[REFERENCE].argmax(1)
@@ -184,7 +184,7 @@ def measure_variants(
         for batch_size in p.latency_batch_sizes:
             key = f"latency_ms_b{batch_size}"
             metrics[f"speedup_b{batch_size}"] = base[key] / metrics[key]
-    return results
+    return results, logits
 
 
 def may_distill(paths: Paths) -> tuple[bool, str]:
@@ -223,9 +223,9 @@ def optimize(
         if name != "onnx":  # the teacher's weights are federate's output already
             save_weights(model, out_dir, model.config, name)
     parameters = {name: parameter_count(model) for name, model in models.items()}
-    variants = measure_variants(files, parameters, val_images, val_labels, p)
+    variants, logits = measure_variants(files, parameters, val_images, val_labels, p)
     torch_logits = predict_logits(teacher, val_images)
-    fp32_logits = onnx_logits(onnx_session(files[REFERENCE]), val_images)
+    fp32_logits = logits[REFERENCE]
     return {
         "variants": variants,
         "onnx_max_abs_logit_diff": float(np.abs(fp32_logits - torch_logits).max()),
