@@ -8,7 +8,8 @@ Runs the federate stage's ``run`` twice on the same digits shards, start encoder
 on 127.0.0.1, started from ``.venv-flower``) and records each wall time, the per-round val
 accuracies (they should match) and the ratio. The Flower time includes starting the
 deployment (a warm worker per site), shipping the app, a ClientApp process per message and
-Flower's 3 s polls, which dominate at digits scale; ``--local-epochs`` adds training per
+the SuperNodes' fixed 3 s idle poll, which dominate at digits scale (the JSON also splits
+the time to the first round from the time per later round); ``--local-epochs`` adds training per
 round to see the ratio fall.
 """
 
@@ -36,10 +37,19 @@ class _Tracker:
 
     def __init__(self) -> None:
         self.rounds: list[float] = []
+        self.arrivals: list[float] = []  # perf_counter when each round's metrics came
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         if "round_val_accuracy" in metrics:
             self.rounds.append(round(float(metrics["round_val_accuracy"]), 4))
+            self.arrivals.append(time.perf_counter())
+
+    def seconds_per_round(self) -> float | None:
+        """Mean time between consecutive rounds' metrics: the steady round time, without
+        start-up (``None`` with fewer than two rounds)."""
+        if len(self.arrivals) < 2:
+            return None
+        return (self.arrivals[-1] - self.arrivals[0]) / (len(self.arrivals) - 1)
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
@@ -78,8 +88,11 @@ def main() -> int:
             started = time.perf_counter()
             metrics = federate.run(params, paths, tracker)
             seconds = time.perf_counter() - started
+            per_round = tracker.seconds_per_round()
             runs[runtime] = {
                 "seconds": round(seconds, 2),
+                "seconds_per_round_after_first": per_round and round(per_round, 2),
+                "seconds_to_first_round": round(tracker.arrivals[0] - started, 2),
                 "val_accuracy_per_round": tracker.rounds,
                 "val_accuracy": round(metrics["val_accuracy"], 4),
             }
@@ -91,6 +104,15 @@ def main() -> int:
         "runs": runs,
         "flower_over_simulation": round(
             runs["flower"]["seconds"] / runs["simulation"]["seconds"], 2
+        ),
+        "flower_over_simulation_per_round": (
+            round(
+                runs["flower"]["seconds_per_round_after_first"]
+                / runs["simulation"]["seconds_per_round_after_first"],
+                2,
+            )
+            if args.rounds > 1
+            else None
         ),
         "same_val_accuracy_per_round": runs["flower"]["val_accuracy_per_round"]
         == runs["simulation"]["val_accuracy_per_round"],
