@@ -30,20 +30,53 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def artifact_root(root: Path) -> str:
-    """Where new experiments keep artifacts: ``./mlartifacts`` in the workspace."""
+def artifact_root(root: Path) -> str | None:
+    """Where new experiments keep artifacts: ``./mlartifacts`` in the workspace for a local
+    store; for a tracking server (``http(s)://``), ``None``: the server's own artifact store
+    (``mlflow server --artifacts-destination``), so a worker without the workspace can log."""
+    if tracking_uri(root).startswith(("http://", "https://")):
+        return None
     return (root / "mlartifacts").resolve().as_uri()
 
 
 def client(root: Path):
-    """An MlflowClient on the workspace store (quiet about its own migrations)."""
+    """An MlflowClient on the workspace store (quiet about its own migrations).
+
+    On a SQLite store the first use creates or migrates its tables, and MLflow's migration
+    is not safe against another process doing the same (``table _alembic_tmp_runs already
+    exists``): so each process opens the store under :func:`sqlite_store_lock`. Later
+    writes are safe side by side: MLflow gives every SQLite session a 20 s busy timeout.
+    """
     import logging
 
     from mlflow import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=tracking_uri(root), registry_uri=tracking_uri(root))
+    uri = tracking_uri(root)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with sqlite_store_lock(uri):
+        mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        mlflow_client.search_experiments(max_results=1)  # creates / migrates the tables
+        mlflow_client.search_registered_models(max_results=1)
+    return mlflow_client
+
+
+@contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside the SQLite file of ``uri`` (``<file>.lock``, ``flock``:
+    the kernel drops it when its holder dies, so a killed process never blocks the next)."""
+    import fcntl
+
+    database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview; with
