@@ -33,6 +33,12 @@ federation_app = typer.Typer(
     help="Server-side federation tools: TLS certificates, SuperNode keys.", no_args_is_help=True
 )
 app.add_typer(federation_app, name="federation")
+workspace_app = typer.Typer(
+    help="Run workspaces (.lepton/workspaces/<run>): `lepton run --isolated` and "
+    "`runtime.workspace: per_run` make them.",
+    no_args_is_help=True,
+)
+app.add_typer(workspace_app, name="workspace")
 
 log = logging.getLogger("lepton")
 MARK = "[lepton]"
@@ -329,38 +335,6 @@ def params_check(
     typer.echo(json.dumps(params.model_dump(mode="json"), indent=2))
 
 
-def write_overrides(path: Path, overrides: list[str]) -> None:
-    """Write ``section.key=value`` overrides into params.yaml, keeping its comments.
-
-    The new text is built in memory and validated as a whole before anything is written;
-    then it replaces the file atomically. A refused override leaves params.yaml
-    byte-identical.
-    """
-    from io import StringIO
-
-    from ruamel.yaml import YAML
-
-    from pipelines.config import parse_override, read_params_mapping, validate_params
-    from pipelines.errors import ConfigError
-    from pipelines.io import write_text_atomic
-
-    yaml = YAML()
-    data = yaml.load(path.read_text())
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-            if not hasattr(node, "setdefault"):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
-        node[keys[-1]] = value
-    buffer = StringIO()
-    yaml.dump(data, buffer)
-    new_text = buffer.getvalue()
-    validate_params(read_params_mapping(path, new_text), source=str(path))
-    write_text_atomic(path, new_text)
-
-
 def airflow_command(args: list[str], root: Path) -> list[str]:
     """Argv for the workspace's airflow executable."""
     return [str(Path(sys.executable).parent / "airflow"), *args]
@@ -373,13 +347,15 @@ def _airflow_env(root: Path) -> dict[str, str]:
     return {**os.environ, **airflow_env(root), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
 
 
-def ensure_airflow_db(root: Path) -> None:
+def ensure_airflow_db(root: Path, seed_from: Path | None = None) -> None:
     """Create or upgrade Airflow's SQLite metadata database in ``.airflow/``.
 
     ``airflow db migrate`` costs seconds even when there is nothing to do, so a stamp next
     to the database records the Airflow version it was last migrated by; the migration runs
-    again only for a new database or another Airflow version.
+    again only for a new database or another Airflow version. A new database is copied
+    (SQLite's online backup) from workspace ``seed_from``'s when that one is up to date.
     """
+    import sqlite3
     from importlib.metadata import version
 
     env = _airflow_env(root)
@@ -388,6 +364,14 @@ def ensure_airflow_db(root: Path) -> None:
     stamp, current = home / ".migrated-by", f"apache-airflow-core {version('apache-airflow-core')}"
     if (home / "airflow.db").is_file() and stamp.is_file() and stamp.read_text() == current:
         return
+    seed = seed_from / ".airflow" if seed_from else None
+    if seed and (seed / "airflow.db").is_file() and (seed / ".migrated-by").is_file():
+        if (seed / ".migrated-by").read_text() == current:
+            with sqlite3.connect(seed / "airflow.db") as source:
+                with sqlite3.connect(home / "airflow.db") as copy:
+                    source.backup(copy)
+            stamp.write_text(current)
+            return
     done = subprocess.run(
         airflow_command(["db", "migrate"], root), env=env, capture_output=True, text=True
     )
@@ -418,19 +402,29 @@ def progress_line(line: str) -> str | None:
 
 
 def stream(argv: list[str], env: dict[str, str], cwd: Path, log_file: Path) -> int:
-    """Run ``argv``; keep its full output in ``log_file``, echo pipeline progress lines."""
+    """Run ``argv``; keep its full output in ``log_file``, echo pipeline progress lines.
+    A ``dvc`` command that fails on DVC's lock (a ``dvc`` started by hand) waits and is tried
+    again (:func:`pipelines.workspaces.run_dvc`)."""
+    from pipelines.workspaces import run_dvc
+
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("w") as sink:
+    with log_file.open("a") as sink:
+
+        def show(line: str) -> None:
+            sink.write(line + "\n")
+            sink.flush()
+            shown = progress_line(line)
+            if shown is not None:
+                typer.echo(shown)
+
+        if Path(argv[0]).name == "dvc":
+            return run_dvc(argv, cwd, env, show)
         process = subprocess.Popen(
             argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         assert process.stdout is not None
         for line in process.stdout:
-            sink.write(line)
-            sink.flush()
-            shown = progress_line(line)
-            if shown is not None:
-                typer.echo(shown)
+            show(line.rstrip("\n"))
         return process.wait()
 
 
@@ -444,9 +438,21 @@ def run_pipeline(
     via: str = typer.Option(
         "airflow", help="airflow: `airflow dags test` of the DAG; dvc: `dvc repro`."
     ),
+    isolated: bool = typer.Option(
+        False,
+        "--isolated",
+        help="Run in a workspace of its own (.lepton/workspaces/<run>), with --set written "
+        "there: this workspace and its params.yaml are not touched, so the run goes side by "
+        "side with others. The DVC cache, DVC remote and MLflow store are shared.",
+    ),
 ) -> None:
-    """Run the whole pipeline once and print a table of what each stage did."""
-    from pipelines import runlog
+    """Run the whole pipeline once and print a table of what each stage did.
+
+    In this workspace, the run holds the workspace's lock from start to end: another
+    ``lepton run`` or DAG task here waits for it (and says so) instead of failing on DVC's
+    lock. With ``--isolated`` it needs no lock.
+    """
+    from pipelines import workspaces
     from pipelines.config import load_params
 
     root = _root()
@@ -454,31 +460,55 @@ def run_pipeline(
         _fail("--via must be 'airflow' or 'dvc'", 2)
     try:
         load_params(root / "params.yaml", set_)
-        if set_:
-            write_overrides(root / "params.yaml", set_)
     except LeptonError as exc:
         _fail(str(exc))
-    if set_:
-        typer.echo(f"params.yaml updated: {', '.join(set_)}")
     key = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    env = _airflow_env(root)
-    env["LEPTON_PIPELINE_RUN"] = key
-    log_file = root / ".lepton" / "logs" / f"{key}.log"
+    if isolated:
+        typer.echo(f"Preparing the run's own workspace (pipeline run {key}) ...")
+        try:
+            work = workspaces.create_run_workspace(root, key, set_)
+        except LeptonError as exc:
+            _fail(str(exc))
+        typer.echo(f"run workspace: {work}" + (f" ({', '.join(set_)})" if set_ else ""))
+        extra = workspaces.run_environment(root)
+        _run_and_report(work, key, via, extra, seed_airflow=root)
+        return
+    with workspaces.workspace_lock(root, f"lepton run {key}", typer.echo):
+        if set_:
+            from pipelines.config import write_overrides
+
+            try:
+                write_overrides(root / "params.yaml", set_)
+            except LeptonError as exc:
+                _fail(str(exc))
+            typer.echo(f"params.yaml updated: {', '.join(set_)}")
+        _run_and_report(root, key, via, workspaces.locked_environment(root))
+
+
+def _run_and_report(
+    work: Path, key: str, via: str, extra_env: dict[str, str], seed_airflow: Path | None = None
+) -> None:
+    """Run the pipeline in workspace ``work`` as run ``key`` and print its summary table;
+    exits non-zero when a stage failed."""
+    from pipelines import runlog
+
+    env = {**_airflow_env(work), **extra_env, "LEPTON_PIPELINE_RUN": key}
+    log_file = work / ".lepton" / "logs" / f"{key}.log"
     start = time.perf_counter()
     if via == "airflow":
         typer.echo("Preparing Airflow metadata (SQLite in .airflow/) ...")
-        ensure_airflow_db(root)
+        ensure_airflow_db(work, seed_from=seed_airflow)
         typer.echo(f"Running DAG lepton_pipeline once (pipeline run {key}); full log: {log_file}")
-        conf = json.dumps({"pipeline_run": key})
-        argv = airflow_command(["dags", "test", "lepton_pipeline", "-c", conf], root)
+        conf = json.dumps({"pipeline_run": key, "workspace": "shared"})
+        argv = airflow_command(["dags", "test", "lepton_pipeline", "-c", conf], work)
     else:
         typer.echo(f"Running `dvc repro` (pipeline run {key}); full log: {log_file}")
         argv = [str(Path(sys.executable).parent / "dvc"), "repro"]
-    code = stream(argv, env, root, log_file)
-    rows = runlog.summary_rows(root, key)
+    code = stream(argv, env, work, log_file)
+    rows = runlog.summary_rows(work, key)
     typer.echo("")
     typer.echo(runlog.format_table(rows, ("stage", "status", "duration", "headline metric")))
-    typer.echo(runlog.data_line(root, key))
+    typer.echo(runlog.data_line(work, key))
     typer.echo(f"\nwall time {time.perf_counter() - start:.0f} s")
     failed = [r[0] for r in rows if r[1] == "failed"]
     if failed and code == 0:
@@ -493,6 +523,34 @@ def run_pipeline(
         "  dvc metrics show      every stage's metrics;  dvc plots show  for the plots\n"
         "  make airflow          Airflow scheduler + UI (airflow standalone) with this DAG\n"
     )
+
+
+@workspace_app.command("list")
+def workspace_list() -> None:
+    """List the run workspaces: run key, the overrides it was made with, its size."""
+    from pipelines.workspaces import list_run_workspaces
+
+    rows = list_run_workspaces(_root())
+    if not rows:
+        typer.echo("no run workspaces in .lepton/workspaces/")
+        return
+    from pipelines.runlog import format_table
+
+    typer.echo(format_table(rows, ("run", "overrides", "MB", "path")))
+
+
+@workspace_app.command("remove")
+def workspace_remove(
+    keys: list[str] = typer.Argument(..., help="Run keys (see `lepton workspace list`)."),
+) -> None:
+    """Delete run workspaces (their outputs stay in the shared DVC cache, their runs in MLflow)."""
+    from pipelines.workspaces import remove_run_workspace
+
+    for key in keys:
+        try:
+            typer.echo(f"removed {remove_run_workspace(_root(), key)}")
+        except LeptonError as exc:
+            _fail(str(exc))
 
 
 @app.command("summary")

@@ -33,6 +33,9 @@ class CommonParams(_Section):
 
 class RuntimeParams(_Section):
     executor: Literal["local", "docker"] = "local"
+    # shared: DAG runs work in this workspace, one task at a time (queued on its lock);
+    # per_run: each DAG run in its own (.lepton/workspaces/<run>; pipelines/workspaces.py)
+    workspace: Literal["shared", "per_run"] = "shared"
     schedule: str | None = "@daily"
     retries: int = Field(2, ge=0, le=10)
     retry_delay_seconds: int = Field(30, ge=0, le=3600)
@@ -451,3 +454,33 @@ def read_params_mapping(path: str | Path, text: str | None = None) -> dict[str, 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return raw
+
+
+def write_overrides(path: Path, overrides: list[str]) -> None:
+    """Write ``section.key=value`` overrides into params.yaml, keeping its comments.
+
+    The new text is built in memory and validated as a whole before anything is written;
+    then it replaces the file atomically. A refused override leaves params.yaml
+    byte-identical.
+    """
+    from io import StringIO
+
+    from ruamel.yaml import YAML
+
+    from pipelines.io import write_text_atomic
+
+    yaml = YAML()
+    data = yaml.load(path.read_text())
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not hasattr(node, "setdefault"):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[keys[-1]] = value
+    buffer = StringIO()
+    yaml.dump(data, buffer)
+    new_text = buffer.getvalue()
+    validate_params(read_params_mapping(path, new_text), source=str(path))
+    write_text_atomic(path, new_text)

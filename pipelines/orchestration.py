@@ -107,11 +107,16 @@ def stage_command(stage: Stage, python: str = "python") -> str:
     return f"{python} -m pipelines.stage_task {stage.name}"
 
 
-def task_environment(root: Path) -> dict[str, str]:
-    """Variables every stage task gets: the pipeline run key and the workspace."""
+def task_environment(root: Path, workspace_mode: str = "shared") -> dict[str, str]:
+    """Variables every stage task gets: the pipeline run key, the workspace and whether
+    the run works in it or in a workspace of its own (``runtime.workspace``)."""
     return {
         "LEPTON_PIPELINE_RUN": PIPELINE_RUN_TEMPLATE,
         "LEPTON_WORKSPACE": str(root),
+        # a run's conf may say where it works (`lepton run` passes "shared": it holds the lock)
+        "LEPTON_WORKSPACE_MODE": "{{ (dag_run.conf or {}).get('workspace') or '"
+        + workspace_mode
+        + "' }}",
         "LEPTON_TASK_TRY": "{{ ti.try_number }}",
         "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
         "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
@@ -125,7 +130,7 @@ def make_local_task(stage: Stage, settings: DagSettings):
 
     bin_dir = str(Path(sys.executable).parent)
     env = {
-        **task_environment(settings.root),
+        **task_environment(settings.root, settings.runtime.workspace),
         "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
         "LEPTON_DVC": str(Path(bin_dir) / "dvc"),
     }
@@ -158,7 +163,7 @@ def make_docker_task(stage: Stage, settings: DagSettings):
         working_dir=root,
         mounts=[Mount(source=root, target=root, type="bind")],
         device_requests=[DeviceRequest(count=runtime.docker_gpus, capabilities=[["gpu"]])],
-        environment=task_environment(settings.root),
+        environment=task_environment(settings.root, settings.runtime.workspace),
         network_mode=runtime.docker_network_mode,
         auto_remove="success",
         mount_tmp_dir=False,

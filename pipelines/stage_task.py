@@ -14,8 +14,15 @@ stage on.
 
     python -m pipelines.stage_task <stage>
 
+Where it runs (:mod:`pipelines.workspaces`): with ``runtime.workspace: shared`` in the
+workspace, holding its lock for the task, so a ``lepton run`` or another DAG run there waits
+its turn instead of failing on DVC's lock; with ``per_run``, in the DAG run's own workspace
+(``.lepton/workspaces/<run key>``, made by the first task that needs it). Either way a
+``dvc`` started by hand that holds DVC's lock makes it wait and try again.
+
 Environment: ``LEPTON_PIPELINE_RUN`` (the run key; without it there is no snapshot),
-``LEPTON_TASK_TRY`` (Airflow's try number), ``LEPTON_DVC`` (the dvc executable).
+``LEPTON_TASK_TRY`` (Airflow's try number), ``LEPTON_DVC`` (the dvc executable),
+``LEPTON_WORKSPACE_MODE`` (``shared`` or ``per_run``).
 
 Imports nothing heavy: it runs once per task.
 """
@@ -117,8 +124,29 @@ def release_dead_dvc_locks(root: Path) -> list[int]:
     return sorted(released)
 
 
-def run_task(name: str, root: Path, key: str, try_number: int, dvc: str) -> int:
-    """Run the DAG task of stage ``name``; returns the exit code."""
+def run_task(
+    name: str, root: Path, key: str, try_number: int, dvc: str, mode: str = "shared"
+) -> int:
+    """Run the DAG task of stage ``name`` in the workspace ``mode`` says; returns the exit
+    code."""
+    from pipelines import workspaces
+
+    if mode == "per_run" and key:
+        work = workspaces.create_run_workspace(root, key)
+        print(f"run workspace of {key}: {work}", flush=True)
+        env = {**os.environ, **workspaces.run_environment(root), "LEPTON_WORKSPACE": str(work)}
+        return run_stage_in(name, work, key, try_number, dvc, env)
+    with workspaces.workspace_lock(root, f"DAG task {name} of {key or 'a run'}"):
+        return run_stage_in(name, root, key, try_number, dvc, dict(os.environ))
+
+
+def run_stage_in(
+    name: str, root: Path, key: str, try_number: int, dvc: str, env: dict[str, str]
+) -> int:
+    """The task's work in workspace ``root``: skip on the fresh snapshot, else
+    ``dvc repro --single-item`` (waiting out DVC locks of hand-started ``dvc``)."""
+    from pipelines.workspaces import run_dvc
+
     stage = get_stage(name)
     first, last = STAGES[0], STAGES[-1]
     trusted = key and try_number <= 1 and stage is not first
@@ -132,7 +160,7 @@ def run_task(name: str, root: Path, key: str, try_number: int, dvc: str) -> int:
     released = release_dead_dvc_locks(root)
     if released:
         print(f"released DVC locks of killed processes {released}", flush=True)
-    code = subprocess.call(repro_argv(stage, dvc), cwd=root)
+    code = run_dvc(repro_argv(stage, dvc), root, env, lambda line: print(line, flush=True))
     if code == 0 and key and stage is first:
         write_snapshot(root, key, dvc)
     return code
@@ -160,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("LEPTON_PIPELINE_RUN", ""),
         try_number,
         os.environ.get("LEPTON_DVC") or "dvc",
+        os.environ.get("LEPTON_WORKSPACE_MODE") or "shared",
     )
 
 

@@ -31,12 +31,23 @@ def tracking_uri(root: Path) -> str:
 
 
 def artifact_root(root: Path) -> str | None:
-    """Where new experiments keep artifacts: ``./mlartifacts`` in the workspace for a local
-    store; for a tracking server (``http(s)://``), ``None``: the server's own artifact store
-    (``mlflow server --artifacts-destination``), so a worker without the workspace can log."""
-    if tracking_uri(root).startswith(("http://", "https://")):
+    """Where new experiments keep artifacts: ``mlartifacts/`` beside a SQLite store's file
+    (the workspace's own, or the main workspace's for a run workspace); for a tracking
+    server (``http(s)://``), ``None``: the server's own artifact store (``mlflow server
+    --artifacts-destination``), so a worker without the workspace can log."""
+    uri = tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
         return None
+    if database := sqlite_database(uri):
+        return (database.parent / "mlartifacts").resolve().as_uri()
     return (root / "mlartifacts").resolve().as_uri()
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` tracking URI, or ``None`` for another store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 def client(root: Path):
@@ -69,7 +80,7 @@ def sqlite_store_lock(uri: str) -> Iterator[None]:
     the kernel drops it when its holder dies, so a killed process never blocks the next)."""
     import fcntl
 
-    database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    database = sqlite_database(uri)
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

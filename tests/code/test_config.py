@@ -152,7 +152,7 @@ def test_bad_set_leaves_params_yaml_byte_identical(workspace: Path, overrides, n
 
 
 def test_good_set_keeps_comments_and_writes_what_load_params_reads(workspace: Path):
-    from pipelines.cli import write_overrides
+    from pipelines.config import write_overrides
 
     write_overrides(workspace / "params.yaml", ["federate.rounds=7", "ingest.image_shape=[8, 8]"])
     text = (workspace / "params.yaml").read_text()

@@ -104,6 +104,22 @@ def test_docker_operator_arguments_mount_workspace_and_request_gpus(airflow_home
     assert task.auto_remove == "success"
 
 
+def test_workspace_mode_comes_from_params_and_a_run_conf_can_override_it(airflow_home, tmp_path):
+    from types import SimpleNamespace
+
+    import jinja2
+
+    root = make_workspace(tmp_path / "ws", {"runtime": {"workspace": "per_run"}})
+    template = load_dag(root).get_task("federate").env["LEPTON_WORKSPACE_MODE"]
+
+    def render(conf):
+        return jinja2.Template(template).render(dag_run=SimpleNamespace(conf=conf))
+
+    assert render(None) == "per_run"
+    assert render({"pipeline_run": "x"}) == "per_run"
+    assert render({"workspace": "shared"}) == "shared"  # what `lepton run` passes
+
+
 def test_cpu_stage_stays_local_with_docker_executor(airflow_home, tmp_path):
     settings = DagSettings(root=tmp_path, runtime=RuntimeParams(executor="docker"))
     assert type(make_stage_task(get_stage("ingest"), settings)).__name__ == "BashOperator"
