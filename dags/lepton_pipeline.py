@@ -16,7 +16,11 @@ params.yaml. A bad params.yaml does not hide the DAG: it falls back to default r
 settings, says so below, and its first task fails naming the key.
 
 Tasks run one at a time (`max_active_tasks=1`): DVC holds a lock on the workspace while it
-reproduces a stage. The MLflow parent run of a DAG run is tagged with its run id.
+reproduces a stage. With `runtime.workspace: per_task` (scale-out) each task works in a clean
+checkout and exchanges data through the DVC remote, so up to `runtime.max_active_tasks` run
+at once (quantum beside optimize) and a final `dvc_lock` task writes the run's dvc.lock.
+GPU stages go to `runtime.gpu_pool` / `runtime.gpu_queue` when set.
+The MLflow parent run of a DAG run is tagged with its run id.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from datetime import datetime
 
 from airflow.sdk import DAG
 
-from pipelines.orchestration import DAG_ID, dag_settings, make_stage_task
+from pipelines.orchestration import DAG_ID, dag_settings, make_final_lock_task, make_stage_task
 from pipelines.registry import STAGES, upstream_of
 
 settings = dag_settings()
@@ -40,7 +44,7 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    max_active_tasks=1,
+    max_active_tasks=settings.max_active_tasks,
     tags=["lepton", "ml", "federated", "dvc", "mlflow"],
     doc_md=__doc__ + settings.doc_note(),
     default_args={
@@ -54,3 +58,5 @@ with DAG(
     for stage in STAGES:
         for upstream in upstream_of(stage.name):
             tasks[upstream] >> tasks[stage.name]
+    if settings.scale_out:
+        list(tasks.values()) >> make_final_lock_task(settings)

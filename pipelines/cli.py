@@ -39,6 +39,11 @@ workspace_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(workspace_app, name="workspace")
+scale_out_app = typer.Typer(
+    help="Scale-out mode (runtime.workspace: per_task): runs kept in the DVC remote.",
+    no_args_is_help=True,
+)
+app.add_typer(scale_out_app, name="scale-out")
 
 log = logging.getLogger("lepton")
 MARK = "[lepton]"
@@ -551,6 +556,22 @@ def workspace_remove(
             typer.echo(f"removed {remove_run_workspace(_root(), key)}")
         except LeptonError as exc:
             _fail(str(exc))
+
+
+@scale_out_app.command("lock")
+def scale_out_lock(
+    key: str = typer.Argument("latest", help="DAG run id; `latest`: the last finished run."),
+) -> None:
+    """Write a scale-out run's dvc.lock and metrics from the DVC remote into this workspace.
+
+    Then `dvc pull` brings the run's outputs."""
+    from pipelines.scale_out import write_run_lock
+
+    try:
+        path = write_run_lock(_root(), key)
+    except LeptonError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {path}; `dvc pull` brings the run's outputs")
 
 
 @app.command("summary")

@@ -34,8 +34,13 @@ class CommonParams(_Section):
 class RuntimeParams(_Section):
     executor: Literal["local", "docker"] = "local"
     # shared: DAG runs work in this workspace, one task at a time (queued on its lock);
-    # per_run: each DAG run in its own (.lepton/workspaces/<run>; pipelines/workspaces.py)
-    workspace: Literal["shared", "per_run"] = "shared"
+    # per_run: each DAG run in its own (.lepton/workspaces/<run>; pipelines/workspaces.py);
+    # per_task: scale-out, each task in a clean checkout, data through the DVC remote
+    # (pipelines/scale_out.py)
+    workspace: Literal["shared", "per_run", "per_task"] = "shared"
+    max_active_tasks: int = Field(4, ge=1, le=256)  # per_task only: tasks of a run at once
+    gpu_pool: str | None = None  # Airflow pool for the GPU stages (its slots = GPUs)
+    gpu_queue: str | None = None  # Celery queue of the GPU workers
     schedule: str | None = "@daily"
     retries: int = Field(2, ge=0, le=10)
     retry_delay_seconds: int = Field(30, ge=0, le=3600)

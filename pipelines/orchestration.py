@@ -58,6 +58,17 @@ class DagSettings:
     runtime_is_default: bool = False
 
     @property
+    def scale_out(self) -> bool:
+        """Each task in its own checkout (``runtime.workspace: per_task``)."""
+        return self.runtime.workspace == "per_task"
+
+    @property
+    def max_active_tasks(self) -> int:
+        """1 while the run's tasks share a workspace; ``runtime.max_active_tasks`` in the
+        scale-out mode."""
+        return self.runtime.max_active_tasks if self.scale_out else 1
+
+    @property
     def retry_delay(self) -> timedelta:
         return timedelta(seconds=self.runtime.retry_delay_seconds)
 
@@ -109,8 +120,11 @@ def stage_command(stage: Stage, python: str = "python") -> str:
 
 def task_environment(root: Path, workspace_mode: str = "shared") -> dict[str, str]:
     """Variables every stage task gets: the pipeline run key, the workspace and whether
-    the run works in it or in a workspace of its own (``runtime.workspace``)."""
+    the run works in it or in a workspace of its own (``runtime.workspace``); for the
+    scale-out mode, the run's commit and overrides from its conf."""
     return {
+        "LEPTON_COMMIT": "{{ (dag_run.conf or {}).get('commit') or '' }}",
+        "LEPTON_OVERRIDES": "{{ ((dag_run.conf or {}).get('overrides') or []) | tojson }}",
         "LEPTON_PIPELINE_RUN": PIPELINE_RUN_TEMPLATE,
         "LEPTON_WORKSPACE": str(root),
         # a run's conf may say where it works (`lepton run` passes "shared": it holds the lock)
@@ -142,6 +156,42 @@ def make_local_task(stage: Stage, settings: DagSettings):
         append_env=True,
         execution_timeout=timedelta(minutes=stage.timeout_minutes),
         doc_md=stage.description,
+        **gpu_placement(stage, settings),
+    )
+
+
+def gpu_placement(stage: Stage, settings: DagSettings) -> dict[str, str]:
+    """``pool`` and ``queue`` of a GPU stage's task (``runtime.gpu_pool`` / ``gpu_queue``):
+    the pool's slots bound how many run at once, the Celery queue sends them to the
+    workers with GPUs. Nothing for the other stages."""
+    if not stage.needs_gpu:
+        return {}
+    runtime = settings.runtime
+    placement = {"pool": runtime.gpu_pool, "queue": runtime.gpu_queue}
+    return {k: v for k, v in placement.items() if v}
+
+
+def make_final_lock_task(settings: DagSettings):
+    """The scale-out run's last task: one dvc.lock from every stage task's entry
+    (:func:`pipelines.scale_out.finalize`)."""
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    from pipelines.scale_out import FINAL_TASK
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **task_environment(settings.root, settings.runtime.workspace),
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "LEPTON_DVC": str(Path(bin_dir) / "dvc"),
+    }
+    return BashOperator(
+        task_id=FINAL_TASK,
+        bash_command=f"{sys.executable} -m pipelines.stage_task {FINAL_TASK}",
+        cwd=str(settings.root),
+        env=env,
+        append_env=True,
+        execution_timeout=timedelta(minutes=30),
+        doc_md="Writes the run's dvc.lock from every stage task's entry in the DVC remote.",
     )
 
 
@@ -165,6 +215,7 @@ def make_docker_task(stage: Stage, settings: DagSettings):
         device_requests=[DeviceRequest(count=runtime.docker_gpus, capabilities=[["gpu"]])],
         environment=task_environment(settings.root, settings.runtime.workspace),
         network_mode=runtime.docker_network_mode,
+        **gpu_placement(stage, settings),
         auto_remove="success",
         mount_tmp_dir=False,
         execution_timeout=timedelta(minutes=stage.timeout_minutes),

@@ -22,7 +22,8 @@ its turn instead of failing on DVC's lock; with ``per_run``, in the DAG run's ow
 
 Environment: ``LEPTON_PIPELINE_RUN`` (the run key; without it there is no snapshot),
 ``LEPTON_TASK_TRY`` (Airflow's try number), ``LEPTON_DVC`` (the dvc executable),
-``LEPTON_WORKSPACE_MODE`` (``shared`` or ``per_run``).
+``LEPTON_WORKSPACE_MODE`` (``shared``, ``per_run`` or ``per_task``: the scale-out mode,
+:func:`run_scale_out_task`).
 
 Imports nothing heavy: it runs once per task.
 """
@@ -131,6 +132,8 @@ def run_task(
     code."""
     from pipelines import workspaces
 
+    if mode == "per_task":
+        return run_scale_out_task(name, root, key)
     if mode == "per_run" and key:
         work = workspaces.create_run_workspace(root, key)
         print(f"run workspace of {key}: {work}", flush=True)
@@ -138,6 +141,29 @@ def run_task(
         return run_stage_in(name, work, key, try_number, dvc, env)
     with workspaces.workspace_lock(root, f"DAG task {name} of {key or 'a run'}"):
         return run_stage_in(name, root, key, try_number, dvc, dict(os.environ))
+
+
+def run_scale_out_task(name: str, root: Path, key: str) -> int:
+    """A task of the scale-out mode (:mod:`pipelines.scale_out`): its own checkout of
+    ``LEPTON_GIT_URL`` (default: the workspace) at ``LEPTON_COMMIT`` (default: the run's),
+    with ``LEPTON_OVERRIDES`` (a JSON list); ``dvc_lock`` is the run's final task."""
+    from pipelines import scale_out
+    from pipelines.tracking import tracking_uri
+
+    if not key:
+        print("error: a scale-out task needs its DAG run (LEPTON_PIPELINE_RUN)", file=sys.stderr)
+        return 2
+    # without a tracking server, the workspace's own store (one machine)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
+    source = os.environ.get("LEPTON_GIT_URL") or str(root)
+    try:
+        if name == scale_out.FINAL_TASK:
+            return scale_out.finalize(source, key)
+        overrides = json.loads(os.environ.get("LEPTON_OVERRIDES") or "[]")
+        return scale_out.run_task(name, source, key, overrides, os.environ.get("LEPTON_COMMIT", ""))
+    except scale_out.ScaleOutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_stage_in(
@@ -177,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         try_number = 1
     root = Path(os.environ.get("LEPTON_WORKSPACE") or Path.cwd()).resolve()
+    mode = os.environ.get("LEPTON_WORKSPACE_MODE") or "shared"
     try:
-        get_stage(args[0])
+        if not (mode == "per_task" and args[0] == "dvc_lock"):
+            get_stage(args[0])
     except KeyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -188,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("LEPTON_PIPELINE_RUN", ""),
         try_number,
         os.environ.get("LEPTON_DVC") or "dvc",
-        os.environ.get("LEPTON_WORKSPACE_MODE") or "shared",
+        mode,
     )
 
 

@@ -87,3 +87,45 @@ def test_airflow_admin_password_is_the_operators(tmp_path):
     for name in ("airflow-init", "airflow-api-server"):
         volumes = SERVICES[name].get("volumes", [])
         assert any(v.endswith(":" + str(Path(password_file).parent)) for v in volumes), name
+
+
+def merged_celery_stack() -> dict:
+    """docker/compose.yaml with docker/compose.celery.yaml on top, merged as compose does
+    for these keys: a service's mappings merge, its command replaces, volumes merge by
+    target."""
+    services = {name: dict(spec) for name, spec in SERVICES.items()}
+    override = yaml.safe_load((DOCKER / "compose.celery.yaml").read_text())["services"]
+    for name, spec in override.items():
+        base = services.setdefault(name, {})
+        for key, value in spec.items():
+            if key == "environment":
+                base[key] = {**base.get(key, {}), **value}
+            elif key == "volumes":
+                by_target = {v.split(":")[1]: v for v in base.get(key, [])}
+                by_target.update({v.split(":")[1]: v for v in value})
+                base[key] = list(by_target.values())
+            else:
+                base[key] = value
+    return services
+
+
+def test_celery_variant_has_cpu_and_gpu_workers_and_no_shared_writable_workspace():
+    services = merged_celery_stack()
+    assert "redis" in services
+    workers = {n: s for n, s in services.items() if "celery worker" in str(s.get("command"))}
+    queues = {n: s["command"].split("--queues ")[1].split()[0] for n, s in workers.items()}
+    assert sorted(queues.values()) == ["default", "gpu"]
+    gpu = next(s for n, s in workers.items() if queues[n] == "gpu")
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    for name in (*workers, "airflow-scheduler", "airflow-dag-processor", "airflow-api-server"):
+        env = services[name]["environment"]
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:"), name
+    for name in (*workers, "airflow-scheduler", "airflow-dag-processor"):
+        env = services[name]["environment"]
+        assert required_variable(env["LEPTON_GIT_URL"]) == "LEPTON_GIT_URL"
+        workspace = [v for v in services[name]["volumes"] if v.startswith("${LEPTON_WORKSPACE}")]
+        assert workspace and all(v.endswith(":ro") for v in workspace), (name, workspace)
+    assert "airflow pools set gpu" in services["airflow-init"]["command"]
+    assert "airflow db migrate" in services["airflow-init"]["command"]

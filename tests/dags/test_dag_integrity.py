@@ -120,6 +120,45 @@ def test_workspace_mode_comes_from_params_and_a_run_conf_can_override_it(airflow
     assert render({"workspace": "shared"}) == "shared"  # what `lepton run` passes
 
 
+def test_scale_out_dag_runs_branches_at_once_and_ends_with_the_lock_task(airflow_home, tmp_path):
+    from types import SimpleNamespace
+
+    import jinja2
+
+    runtime = {
+        "workspace": "per_task",
+        "max_active_tasks": 3,
+        "gpu_pool": "gpu",
+        "gpu_queue": "gpu",
+    }
+    dag = load_dag(make_workspace(tmp_path / "ws", {"runtime": runtime}))
+    assert dag.max_active_tasks == 3
+    assert sorted(dag.task_ids) == sorted([*STAGE_NAMES, "dvc_lock"])
+    assert dag.get_task("dvc_lock").upstream_task_ids == set(STAGE_NAMES)
+    for stage in STAGES:
+        task = dag.get_task(stage.name)
+        assert task.upstream_task_ids == set(upstream_of(stage.name)), stage.name
+        if stage.needs_gpu:
+            assert (task.pool, task.queue) == ("gpu", "gpu"), stage.name
+        else:
+            assert task.pool == "default_pool" and task.queue != "gpu", stage.name
+    # quantum and optimize both need only federate's outputs: they may run side by side
+    assert not {"quantum", "optimize"} & (
+        dag.get_task("quantum").upstream_task_ids | dag.get_task("optimize").upstream_task_ids
+    )
+    env = dag.get_task("pretrain").env
+    conf = SimpleNamespace(conf={"commit": "abc123", "overrides": ["federate.rounds=2"]})
+    keys = ("LEPTON_COMMIT", "LEPTON_OVERRIDES", "LEPTON_WORKSPACE_MODE")
+    render = {k: jinja2.Template(env[k]).render(dag_run=conf) for k in keys}
+    assert render["LEPTON_COMMIT"] == "abc123"
+    assert render["LEPTON_OVERRIDES"] == '["federate.rounds=2"]'
+    assert render["LEPTON_WORKSPACE_MODE"] == "per_task"
+
+
+def test_shared_workspace_dag_runs_one_task_at_a_time(airflow_home):
+    assert load_dag(REPO).max_active_tasks == 1
+
+
 def test_cpu_stage_stays_local_with_docker_executor(airflow_home, tmp_path):
     settings = DagSettings(root=tmp_path, runtime=RuntimeParams(executor="docker"))
     assert type(make_stage_task(get_stage("ingest"), settings)).__name__ == "BashOperator"
