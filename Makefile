@@ -8,6 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 MLFLOW_PORT ?= 5000
+# pytest-xdist workers for `make test`: two overlap one test's waits (Flower's polls, DVC and
+# process start-ups) with another's work on a 2-core runner
+TEST_WORKERS ?= 2
 # Flower (federate.runtime: flower) pins protobuf, typer and rich below the main environment's,
 # so its SuperLink, SuperNodes and apps get their own venv.
 FLOWER_VENV := .venv-flower
@@ -42,7 +45,7 @@ run: setup  ## run the pipeline once through Airflow (`airflow dags test`) and p
 test: setup flower-setup  ## lint, registry/dvc.yaml sync, then every test (unit, data, model, DAG, end-to-end, Flower loopback)
 	$(BIN)/ruff check .
 	$(BIN)/lepton dvc render --check
-	$(BIN)/python -m pytest -q; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
 
 test-fast: setup  ## unit tests only (no whole-pipeline runs)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -238,7 +238,36 @@ def main_workspace_of(root: Path) -> Path:
 
 
 DVC_LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")
+# the lines of DVC's lock errors, kept from the user (a plain message says what happens)
+DVC_LOCK_LINES = (
+    *DVC_LOCK_ERRORS,
+    "Most likely another DVC process",
+    "(PID ",
+    "If there are no processes with such PIDs",
+    "Having any troubles?",
+)
 DVC_LOCK_RETRY_SECONDS = 5.0
+
+
+def dvc_lock_holders(root: Path) -> list[int]:
+    """PIDs of live processes that hold DVC stage locks (``.dvc/tmp/rwlock``) in ``root``:
+    a ``dvc repro`` that is running a stage there."""
+    import psutil
+
+    try:
+        lock = json.loads((Path(root) / ".dvc" / "tmp" / "rwlock").read_text())
+    except (OSError, ValueError):
+        return []
+    infos = list(lock.get("write", {}).values())
+    infos += [i for entries in lock.get("read", {}).values() for i in entries]
+    pids = set()
+    for info in infos:
+        try:
+            if psutil.Process(int(info["pid"])).status() != psutil.STATUS_ZOMBIE:
+                pids.add(int(info["pid"]))
+        except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
+            continue
+    return sorted(pids - {os.getpid()})
 
 
 def run_dvc(
@@ -248,22 +277,34 @@ def run_dvc(
     echo=print,
     patience_seconds: float = 3600.0,
 ) -> int:
-    """Run a DVC command, its output passed through; while it fails on DVC's own lock (a
-    ``dvc`` started by hand, which :func:`workspace_lock` does not see), say so and try again
-    every few seconds for up to ``patience_seconds``. Returns the exit code."""
+    """Run a DVC command, its output passed through, around a ``dvc`` started by hand that
+    :func:`workspace_lock` does not see: first wait while one is running a stage in ``cwd``;
+    then, while the command fails on DVC's own lock (that process between two stages), say
+    so and try again every few seconds, for up to ``patience_seconds`` in all. DVC's lock
+    error lines and the lines a retry repeats are not passed on. Returns the exit code."""
     started = time.monotonic()
+    shown: set[str] = set()  # lines earlier attempts passed on
     while True:
+        if holders := dvc_lock_holders(cwd):
+            echo(f"waiting: DVC (pid {', '.join(map(str, holders))}) is running a stage in {cwd}")
+            while dvc_lock_holders(cwd) and time.monotonic() - started < patience_seconds:
+                time.sleep(1.0)
         process = subprocess.Popen(
             argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         assert process.stdout is not None
-        tail: list[str] = []
-        for line in process.stdout:
-            echo(line.rstrip("\n"))
-            tail = (tail + [line])[-40:]
+        blocked, attempt = False, set()
+        for raw in process.stdout:
+            line = raw.rstrip("\n")
+            if any(marker in line for marker in DVC_LOCK_LINES):
+                blocked = blocked or any(e in line for e in DVC_LOCK_ERRORS)
+                continue
+            if line not in shown or not line.strip():
+                echo(line)
+            attempt.add(line)
+        shown |= attempt
         code = process.wait()
-        blocked = code != 0 and any(e in "".join(tail) for e in DVC_LOCK_ERRORS)
-        if not blocked or time.monotonic() - started > patience_seconds:
+        if code == 0 or not blocked or time.monotonic() - started > patience_seconds:
             return code
         echo(
             f"another DVC process holds a lock in {cwd}; trying again in "

@@ -126,6 +126,7 @@ def test_dvc_started_by_hand_makes_the_task_wait_not_fail(workspace, monkeypatch
     assert code == 0, "\n".join(lines)
     text = "\n".join(lines)
     assert "another DVC process holds a lock" in text
+    assert not any(error in text for error in workspaces.DVC_LOCK_ERRORS)  # DVC's own words
     assert (workspace / "data" / "source.json").is_file()
 
 

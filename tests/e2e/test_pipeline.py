@@ -63,9 +63,16 @@ def check_outputs(root: Path) -> dict:
     return metrics
 
 
-def check_mlflow(root: Path, parent_tag: str | None = None) -> None:
+def check_mlflow(root: Path, parent_tag: str | None = None, key_prefix: str = "") -> None:
+    """The one pipeline parent run (of the run keys starting with ``key_prefix``) has a
+    finished child per stage, lineage tags, round metrics; the candidate has a model card."""
     client, runs = mlflow_runs(root)
-    parents = [r for r in runs if r.data.tags.get("lepton.kind") == "pipeline"]
+    parents = [
+        r
+        for r in runs
+        if r.data.tags.get("lepton.kind") == "pipeline"
+        and r.data.tags["lepton.pipeline_run"].startswith(key_prefix)
+    ]
     assert len(parents) == 1, [p.data.tags for p in parents]
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -151,12 +158,70 @@ def check_served(root: Path) -> None:
     np.testing.assert_array_equal(labels, probabilities.argmax(1))
 
 
-def test_dvc_repro_runs_then_skips_everything_and_pushes(tiny_workspace: Path):
+DVC_LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")
+
+
+def start(argv: list[str], root: Path, log: Path) -> subprocess.Popen:
+    """``argv`` in ``root`` in the background, its output into ``log``."""
+    return subprocess.Popen(
+        argv, cwd=root, env=workspace_env(root), stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+
+
+def wait_for_text(log: Path, text: str, process: subprocess.Popen, seconds: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while text not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {text!r} in {log}"
+        time.sleep(0.2)
+
+
+def test_dvc_repro_runs_then_skips_everything_and_pushes(tiny_workspace: Path, tmp_path: Path):
+    """`dvc repro` by hand, with two `lepton run` beside it: one in the same workspace
+    (it meets DVC's lock, waits, then finds every stage done) and one `--isolated` with
+    other params, started once pretrain is done (its own workspace restores ingest to
+    pretrain from the shared cache, runs the rest with 1 round, logs to the same MLflow
+    store). All finish, none shows a DVC lock error, and each keeps its own params."""
     root = tiny_workspace
-    first = run([str(BIN / "dvc"), "repro"], root)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    logs = {name: tmp_path / f"{name}.log" for name in ("repro", "here", "isolated")}
+    first = start([str(BIN / "dvc"), "repro"], root, logs["repro"])
+    wait_for_text(logs["repro"], "Running stage 'ingest'", first)
+    here = start([str(BIN / "lepton"), "run", "--via", "dvc"], root, logs["here"])
+    # DVC has stored pretrain's outputs and lock entry once it starts the next stage
+    wait_for_text(logs["repro"], "Running stage 'federate'", first)
+    isolated_run = [str(BIN / "lepton"), "run", "--via", "dvc", "--isolated"]
+    isolated = start([*isolated_run, "--set", "federate.rounds=1"], root, logs["isolated"])
+    codes = {n: p.wait(timeout=900) for n, p in zip(logs, (first, here, isolated), strict=True)}
+    texts = {name: log.read_text() for name, log in logs.items()}
+    assert codes == dict.fromkeys(logs, 0), {k: t[-3000:] for k, t in texts.items()}
+    for name in ("here", "isolated"):
+        assert not any(error in texts[name] for error in DVC_LOCK_ERRORS), texts[name][-3000:]
+    assert set(summary_status(texts["here"]).values()) == {"cached"}, texts["here"][-3000:]
+    full_log = Path(re.search(r"full log: (\S+)", texts["here"]).group(1)).read_text()
+    # it waited for `dvc repro`: while it ran a stage, or on DVC's lock between two
+    assert "waiting: DVC (pid" in full_log or "another DVC process holds a lock" in full_log
+    isolated_status = summary_status(texts["isolated"])
+    assert {s: isolated_status[s] for s in ("ingest", "compress", "partition", "pretrain")} == (
+        dict.fromkeys(("ingest", "compress", "partition", "pretrain"), "cached")
+    ), texts["isolated"][-3000:]
+    assert isolated_status["federate"] == "ran"
+    work = next((root / ".lepton" / "workspaces").iterdir())
+    assert yaml.safe_load((root / "params.yaml").read_text())["federate"]["rounds"] == 2
+    assert json.loads((root / "reports/federate.json").read_text())["rounds"] == 2
+    assert json.loads((work / "reports/federate.json").read_text())["rounds"] == 1
+    assert not (work / "mlflow.db").exists() and not (work / "mlartifacts").exists()
+    client, runs = mlflow_runs(root)  # both runs' federate stages in the one store
+    federate_rounds = sorted(
+        r.data.params["federate.rounds"]
+        for r in runs
+        if r.data.tags.get("lepton.stage") == "federate"
+    )
+    assert federate_rounds == ["1", "2"]
+
     check_outputs(root)
-    check_mlflow(root)
+    check_mlflow(root, key_prefix="dvc-")
     check_served(root)
 
     second = run([str(BIN / "dvc"), "repro"], root)
