@@ -66,6 +66,23 @@ def workspace_env(root: Path) -> dict[str, str]:
     return env
 
 
+def wait_for_http(url: str, server: subprocess.Popen, output, seconds: float = 120) -> None:
+    """Wait until ``url`` answers; fail with ``output()`` (the server's last words) when
+    ``server`` exits first or ``seconds`` pass."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:  # refused, or an HTTP error before the app is up
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{url} did not answer within {seconds:g} s:\n{output()[-3000:]}")
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     """A fresh workspace with the default params."""

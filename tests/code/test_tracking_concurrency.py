@@ -15,12 +15,13 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -110,18 +111,7 @@ def auth_server(tmp_path):
     server = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except (urllib.error.URLError, OSError):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        "mlflow server did not start:\n"
-                        + (tmp_path / "server.log").read_text()[-3000:]
-                    )
-                time.sleep(0.5)
+        wait_for_http(f"{url}/health", server, (tmp_path / "server.log").read_text)
         yield url
     finally:
         server.terminate()

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipelines.registry import SOURCE_PROBE, STAGES
-from tests.conftest import BIN, TINY_OVERRIDES, make_workspace, workspace_env
+from tests.conftest import BIN, TINY_OVERRIDES, make_workspace, wait_for_http, workspace_env
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,6 @@ def serve_and_ask(root: Path, images) -> dict:
     POST ``images`` to it; the JSON answer."""
     import os
     import socket
-    import time
     import urllib.request
 
     with socket.socket() as probe:
@@ -122,15 +121,9 @@ def serve_and_ask(root: Path, images) -> dict:
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "the model server did not start in 120 s"
-                time.sleep(0.5)
+        wait_for_http(
+            f"http://127.0.0.1:{port}/ping", server, lambda: server.stdout.read().decode()
+        )
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps({"inputs": images.tolist()}).encode(),
