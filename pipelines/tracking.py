@@ -247,6 +247,21 @@ class StageTracker:
             self.client.set_tag(target, key, str(value))
 
 
+def end_killed_attempts(mlflow_client, exp_id: str, key: str, stage: str) -> None:
+    """Mark KILLED the runs of ``stage`` in pipeline run ``key`` still RUNNING: an attempt
+    that was killed (an Airflow retry follows it) could not end its own run."""
+    stale = mlflow_client.search_runs(
+        [exp_id],
+        filter_string=(
+            f"tags.`{PIPELINE_TAG}` = '{key}' and tags.`lepton.stage` = '{stage}'"
+            " and attributes.status = 'RUNNING'"
+        ),
+    )
+    for run in stale:
+        mlflow_client.set_tag(run.info.run_id, "lepton.ended", "killed; a later attempt took over")
+        mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+
+
 @contextmanager
 def stage_run(stage: str, root: Path, experiment: str) -> Iterator[StageTracker]:
     """Open the child run of ``stage`` under the pipeline's parent run.
@@ -262,6 +277,7 @@ def stage_run(stage: str, root: Path, experiment: str) -> Iterator[StageTracker]
     key = pipeline_run_key()
     parent_id = find_or_create_parent(mlflow_client, exp_id, key, root)
     mlflow_client.update_run(parent_id, status="RUNNING")
+    end_killed_attempts(mlflow_client, exp_id, key, stage)
     child = mlflow_client.create_run(
         exp_id,
         run_name=stage,

@@ -7,6 +7,7 @@ has everything a run needs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -75,7 +76,12 @@ def check_mlflow(root: Path, parent_tag: str | None = None, key_prefix: str = ""
     ]
     assert len(parents) == 1, [p.data.tags for p in parents]
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        and r.info.status != "KILLED"  # an attempt killed mid-way, retried by Airflow
+    ]
     assert sorted(c.data.tags["lepton.stage"] for c in children) == sorted(s.name for s in STAGES)
     assert all(c.info.status == "FINISHED" for c in children)
     assert parent.data.tags["lepton.dvc_lock_sha256"] != "none"
@@ -100,7 +106,6 @@ def check_mlflow(root: Path, parent_tag: str | None = None, key_prefix: str = ""
 def serve_and_ask(root: Path, images) -> dict:
     """Serve the registered candidate with `mlflow models serve` (local env manager) and
     POST ``images`` to it; the JSON answer."""
-    import os
     import socket
     import urllib.request
 
@@ -271,17 +276,66 @@ def summary_status(stdout: str) -> dict[str, str]:
     return found
 
 
+def kill_pretrain_once_it_has_a_checkpoint(root: Path, process: subprocess.Popen) -> list[int]:
+    """SIGKILL the `lepton stage run pretrain` process (as an OOM kill would) once it has
+    saved an epoch's checkpoint; returns the PIDs killed."""
+    import signal
+    import time
+
+    import psutil
+
+    while process.poll() is None:
+        if list((root / ".lepton" / "checkpoints").glob("pretrain-*.safetensors")):
+            killed = []
+            for found in psutil.process_iter(["cmdline"]):
+                command = " ".join(found.info["cmdline"] or [])
+                if "lepton stage run pretrain" in command:
+                    os.kill(found.pid, signal.SIGKILL)
+                    killed.append(found.pid)
+            if killed:
+                return killed
+        time.sleep(0.05)
+    return []
+
+
 def test_nightly_airflow_runs_see_a_changed_csv_source(tiny_workspace: Path):
     """The scheduled path (`lepton run` = `airflow dags test`): new rows in the user's CSV
-    re-run ingest and everything downstream; an untouched CSV is skipped throughout."""
+    re-run ingest and everything downstream; an untouched CSV is skipped throughout. In the
+    first run pretrain is SIGKILLed mid-way: Airflow retries the task and it resumes from
+    its last epoch."""
     root = tiny_workspace
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["ingest"].update({"source": "csv", "path": "site.csv"})
+    params["pretrain"]["epochs"] = 40  # long enough to be killed between two epochs
+    params["runtime"]["retry_delay_seconds"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_digits_csv(root / "site.csv", 1000)
 
-    first = run([str(BIN / "lepton"), "run"], root)
+    process = subprocess.Popen(
+        [str(BIN / "lepton"), "run"],
+        cwd=root,
+        env=workspace_env(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    import threading
+
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=lambda: killed.extend(kill_pretrain_once_it_has_a_checkpoint(root, process))
+    )
+    killer.start()
+    stdout, stderr = process.communicate(timeout=1200)
+    killer.join()
+    first = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert killed, "pretrain ended before it could be killed"
+    resumed = re.search(r"pretrain: resuming after epoch (\d+) of 40", first.stdout)
+    assert resumed and int(resumed.group(1)) >= 1, first.stdout[-4000:]
+    client, runs = mlflow_runs(root)
+    attempts = [r for r in runs if r.data.tags.get("lepton.stage") == "pretrain"]
+    assert sorted(r.info.status for r in attempts) == ["FINISHED", "KILLED"]
     assert set(summary_status(first.stdout).values()) == {"ran"}
     assert "make mlflow-ui" in first.stdout
     assert "ingest: first data: 1000 rows" in first.stdout
