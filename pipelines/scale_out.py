@@ -165,9 +165,8 @@ def prepare_checkout(
     commit = commit or (store.read(key, "commit") or b"").decode().strip()
     if not commit:
         commit = _run(["git", "rev-parse", "HEAD"], folder).strip()
-    _run(["git", "fetch", "--quiet", "origin", commit], folder) if not _has(
-        folder, commit
-    ) else None
+    if not _has(folder, commit):  # a commit made after the clone
+        _run(["git", "fetch", "--quiet", "origin", commit], folder)
     _run(["git", "checkout", "--quiet", "--force", "--detach", commit], folder)
     if store.read(key, "commit") is None:
         store.write(commit.encode(), key, "commit")
