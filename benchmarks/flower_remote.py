@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +26,7 @@ from results_json import header, write_json  # noqa: E402 (sibling module)
 
 
 def main() -> int:
-
-    from tests.conftest import BIN, workspace_env
+    from tests.conftest import run_stage
     from tests.e2e.test_flower_remote import (
         digits_split,
         remote_workspace,
@@ -55,18 +53,8 @@ def main() -> int:
             seconds = {}
             for stage in ("ingest", "compress", "partition", "pretrain", "federate"):
                 started = time.perf_counter()
-                done = subprocess.run(
-                    [str(BIN / "lepton"), "stage", "run", stage],
-                    cwd=root,
-                    env=workspace_env(root),
-                    capture_output=True,
-                    text=True,
-                    timeout=3600,
-                )
+                run_stage(root, stage, timeout=3600)  # fails with the stage's output
                 seconds[stage] = round(time.perf_counter() - started, 1)
-                if done.returncode != 0:
-                    print(done.stderr[-4000:], file=sys.stderr)
-                    return 1
                 print(f"{stage}: {seconds[stage]} s", flush=True)
         remote = json.loads((root / "reports/federate.json").read_text())
         reported = json.loads((root / "models/federate/sites.json").read_text())

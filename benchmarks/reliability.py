@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from results_json import header, write_json  # noqa: E402 (sibling module)
 
+from tests.conftest import run_stage  # noqa: E402
 from tests.kill_harness import kill_until_done, outputs_digest, timed_run  # noqa: E402
-from tests.model.test_kill_resume import run_stage, set_param, stage_workspace  # noqa: E402
+from tests.model.test_kill_resume import set_param, stage_workspace  # noqa: E402
 
 STAGES = {
     "federate": ("rounds", 8, "models/federate/model.safetensors"),

@@ -95,19 +95,13 @@ def release_dead_dvc_locks(root: Path) -> list[int]:
     killed process (a container without an init) its PID still looks alive, so DVC refuses
     the retry ("... is busy, it is being blocked by ..."). A zombie holds nothing. Edits
     go through DVC's own rwlock guard. Returns the PIDs whose locks were released."""
-    import psutil
+    from pipelines.workspaces import process_alive as alive
 
     lock_dir = root / ".dvc" / "tmp"
     if not (lock_dir / "rwlock").is_file():
         return []
     from dvc.fs import LocalFileSystem
     from dvc.rwlock import _edit_rwlock
-
-    def alive(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
 
     released: set[int] = set()
     with _edit_rwlock(str(lock_dir), LocalFileSystem(), False) as lock:

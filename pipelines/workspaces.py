@@ -252,22 +252,24 @@ DVC_LOCK_RETRY_SECONDS = 5.0
 def dvc_lock_holders(root: Path) -> list[int]:
     """PIDs of live processes that hold DVC stage locks (``.dvc/tmp/rwlock``) in ``root``:
     a ``dvc repro`` that is running a stage there."""
-    import psutil
-
     try:
         lock = json.loads((Path(root) / ".dvc" / "tmp" / "rwlock").read_text())
     except (OSError, ValueError):
         return []
     infos = list(lock.get("write", {}).values())
     infos += [i for entries in lock.get("read", {}).values() for i in entries]
-    pids = set()
-    for info in infos:
-        try:
-            if psutil.Process(int(info["pid"])).status() != psutil.STATUS_ZOMBIE:
-                pids.add(int(info["pid"]))
-        except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
-            continue
+    pids = {int(info["pid"]) for info in infos if process_alive(int(info["pid"]))}
     return sorted(pids - {os.getpid()})
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not reaped, holds nothing)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def run_dvc(

@@ -66,6 +66,19 @@ def workspace_env(root: Path) -> dict[str, str]:
     return env
 
 
+def run_stage(root: Path, stage: str, timeout: float | None = None) -> None:
+    """``lepton stage run <stage>`` in workspace ``root``; fails with its output."""
+    done = subprocess.run(
+        [str(BIN / "lepton"), "stage", "run", stage],
+        cwd=root,
+        env=workspace_env(root),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, (stage, done.stdout[-2000:] + done.stderr[-4000:])
+
+
 def wait_for_http(url: str, server: subprocess.Popen, output, seconds: float = 120) -> None:
     """Wait until ``url`` answers; fail with ``output()`` (the server's last words) when
     ``server`` exits first or ``seconds`` pass."""

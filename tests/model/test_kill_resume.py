@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, make_federation_workspace, make_workspace, workspace_env
+from tests.conftest import make_federation_workspace, make_workspace, run_stage
 from tests.kill_harness import checkpoint_progress, kill_until_done, outputs_digest, timed_run
 
 pytestmark = pytest.mark.slow
@@ -35,19 +35,6 @@ def set_param(root: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params[section][key] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def run_stage(root: Path, stage: str) -> None:
-    import subprocess
-
-    done = subprocess.run(
-        [str(BIN / "lepton"), "stage", "run", stage],
-        cwd=root,
-        env=workspace_env(root),
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def stage_workspace(tmp_path: Path) -> Path:
