@@ -1,6 +1,8 @@
 """Kills survived: SIGKILL pretrain and federate over and over, and count what it cost.
 
-For each stage, in a fresh workspace of digits shards (tests/model/test_kill_resume.py's),
+For each case (pretrain; federate; federate under record-level DP, whose checkpoint also
+holds every client's accountant), in a fresh workspace of digits shards
+(tests/model/test_kill_resume.py's),
 as DVC and Airflow run it: one uninterrupted run (its time), one shorter run whose outputs
 are the *previous outputs*, then ``--kills`` attempts of the full run killed at seeded random
 moments (tests/kill_harness.py) and one that finishes. It reports:
@@ -14,7 +16,7 @@ moments (tests/kill_harness.py) and one that finishes. It reports:
   a whole new run), and epochs or rounds redone by a kill before the commit;
 - whether the final weights equal the uninterrupted run's, bit for bit.
 
-    .venv/bin/python benchmarks/reliability.py [--kills 10] [--out FILE.json]
+    .venv/bin/python benchmarks/reliability.py [--kills 10] [--cases ...] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -32,18 +34,30 @@ from results_json import header, write_json  # noqa: E402 (sibling module)
 
 from tests.conftest import run_stage  # noqa: E402
 from tests.kill_harness import kill_until_done, outputs_digest, timed_run  # noqa: E402
-from tests.model.test_kill_resume import set_param, stage_workspace  # noqa: E402
+from tests.model.test_kill_resume import (  # noqa: E402
+    record_dp_workspace,
+    set_param,
+    stage_workspace,
+)
 
-STAGES = {
-    "federate": ("rounds", 8, "models/federate/model.safetensors"),
-    "pretrain": ("epochs", 30, "models/pretrain/encoder.safetensors"),
+# case: (stage, unit, total, weights, workspace builder)
+CASES = {
+    "federate": ("federate", "rounds", 8, "models/federate/model.safetensors", stage_workspace),
+    "pretrain": ("pretrain", "epochs", 30, "models/pretrain/encoder.safetensors", stage_workspace),
+    "federate_record_dp": (
+        "federate",
+        "rounds",
+        8,
+        "models/federate/model.safetensors",
+        record_dp_workspace,
+    ),
 }
 
 
-def measure(stage: str, scratch: Path, kills: int, seed: int) -> dict:
-    """One stage's kill series and what it cost."""
-    unit, total, weights = STAGES[stage]
-    root = stage_workspace(scratch / stage)
+def measure(case: str, scratch: Path, kills: int, seed: int) -> dict:
+    """One case's kill series and what it cost."""
+    stage, unit, total, weights, workspace = CASES[case]
+    root = workspace(scratch / case)
     outputs = [f"models/{stage}", f"reports/{stage}.json"]
     began = time.monotonic()
     timing = timed_run(root, stage)
@@ -64,6 +78,7 @@ def measure(stage: str, scratch: Path, kills: int, seed: int) -> dict:
         max(0, k.reported - k.checkpointed) + 1 for k in series.kills if k.outputs == "previous"
     ]
     return {
+        "stage": stage,
         unit: total,
         "kills_tried": len(series.kills),
         "kills_survived": len(series.kills) - len(broken),
@@ -81,16 +96,19 @@ def measure(stage: str, scratch: Path, kills: int, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=10, help="kills per stage")
+    parser.add_argument("--kills", type=int, default=10, help="kills per case")
+    parser.add_argument(
+        "--cases", nargs="+", choices=sorted(CASES), default=list(CASES), help="what to kill"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/reliability.json")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for stage in STAGES:
-            print(f"{stage} ...", flush=True)
-            results[stage] = measure(stage, Path(scratch), args.kills, args.seed)
-            print(f"{stage}: {results[stage]}", flush=True)
+        for case in args.cases:
+            print(f"{case} ...", flush=True)
+            results[case] = measure(case, Path(scratch), args.kills, args.seed)
+            print(f"{case}: {results[case]}", flush=True)
     write_json(args.out, {**header("reliability"), "stages": results})
     print(f"wrote {args.out}")
 

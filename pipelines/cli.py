@@ -73,7 +73,12 @@ def run_stage(name: str, root: Path, overrides: list[str] | None = None) -> dict
     """Validate params, run stage ``name`` under its MLflow child run, return its metrics."""
     from pipelines import tracking
     from pipelines.atomic import recover_outputs, use_journal
-    from pipelines.checkpoints import clear_checkpoints, input_key, use_input_key
+    from pipelines.checkpoints import (
+        CHECKPOINT_STORE_ENV,
+        clear_checkpoints,
+        input_key,
+        use_input_key,
+    )
     from pipelines.config import load_params
     from pipelines.io import Paths
     from pipelines.registry import get_stage
@@ -84,7 +89,12 @@ def run_stage(name: str, root: Path, overrides: list[str] | None = None) -> dict
     journals = root / ".lepton" / "commits"
     recover_outputs(journals, [root / out for out in (*stage.outs, *stage.metrics)])
     use_journal(journals)
-    use_input_key(name, input_key(root, stage, params))
+    mirror = None
+    if run_key := os.environ.get(CHECKPOINT_STORE_ENV):  # scale-out: retries on any worker
+        from pipelines.scale_out import remote_checkpoints
+
+        mirror = remote_checkpoints(root, run_key)
+    use_input_key(name, input_key(root, stage, params, data_content=mirror is not None), mirror)
     with tracking.stage_run(name, root, params.common.mlflow_experiment) as tracker:
         section = getattr(params, name).model_dump(mode="json")
         shared = {s: getattr(params, s).model_dump(mode="json") for s in stage.shared_params}

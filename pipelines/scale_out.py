@@ -6,7 +6,7 @@ task of stage S in DAG run K:
 
 1. **checkout**: ``git clone`` of the project (``LEPTON_GIT_URL``; by default the workspace
    the DAG was parsed from) into its task folder (``$LEPTON_TASK_DIR/<K>/<S>``, kept for a
-   retry on the same worker, which then resumes from its checkpoint), at the run's commit:
+   retry on the same worker), at the run's commit:
    the DAG run's ``commit`` conf, else the one the run's first task recorded, else HEAD.
    The run's ``overrides`` conf goes into its params.yaml; ``LEPTON_DVC_REMOTE_URL``, when
    set, replaces the default remote's URL (``.dvc/config.local``).
@@ -17,7 +17,9 @@ task of stage S in DAG run K:
    and the stage itself as it was last made.
 3. **pull**: ``dvc pull`` of the upstream stages' outputs (timed).
 4. **repro**: ``dvc repro --single-item <S> --pull``: an unchanged stage has its outputs
-   pulled, not recomputed; a changed one runs.
+   pulled, not recomputed; a changed one runs. Its checkpoints are also saved in the remote
+   (``lepton-runs/<K>/checkpoints/``, :class:`RemoteCheckpoints`), so a retry of a killed
+   task resumes from its last epoch or round on any worker.
 5. **push**: ``dvc push`` of the stage's outputs and ``dvc push --run-cache`` (timed; DVC's
    run-cache skips the persisted stages of this project, so it mostly holds nothing).
 6. **publish**: ``lepton-runs/<K>/stages/<S>.json``: the stage's lock entries, its
@@ -43,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.checkpoints import CHECKPOINT_STORE_ENV
 from pipelines.errors import LeptonError
 from pipelines.registry import STAGES, get_stage, upstream_of
 
@@ -108,6 +111,34 @@ class RunStore:
             if name.endswith(".json"):
                 entries[name.removesuffix(".json")] = json.loads(self.fs.cat_file(path))
         return entries
+
+
+class RemoteCheckpoints:
+    """The checkpoints of one DAG run in the DVC remote (``lepton-runs/<run>/checkpoints/``):
+    a :class:`~pipelines.checkpoints.CheckpointMirror`, so that a task retried on another
+    worker resumes where the killed attempt saved."""
+
+    def __init__(self, store: RunStore, key: str) -> None:
+        self.store, self.key = store, key
+
+    def read(self, name: str) -> bytes | None:
+        """The checkpoint file ``name``, or None."""
+        return self.store.read(self.key, "checkpoints", name)
+
+    def write(self, data: bytes, name: str) -> None:
+        """Replace the checkpoint file ``name``, whole."""
+        self.store.write(data, self.key, "checkpoints", name)
+
+    def delete(self, name: str) -> None:
+        """Delete the checkpoint file ``name``, if there is one."""
+        path = self.store.path(self.key, "checkpoints", name)
+        if self.store.fs.exists(path):
+            self.store.fs.rm(path)
+
+
+def remote_checkpoints(checkout: Path, key: str) -> RemoteCheckpoints:
+    """The checkpoints of DAG run ``key`` in the default DVC remote of ``checkout``."""
+    return RemoteCheckpoints(RunStore(checkout), key)
 
 
 def uncached_outputs(checkout: Path, dvc_stage: str) -> list[str]:
@@ -207,7 +238,12 @@ def run_task(name: str, source: str, key: str, overrides: list[str], commit: str
     times["checkout_seconds"] = time.perf_counter() - started
     print(f"scale-out task {name} of {key}: checkout of {commit[:12]} in {checkout}", flush=True)
 
-    env = {**os.environ, "LEPTON_WORKSPACE": str(checkout), "LEPTON_PIPELINE_RUN": key}
+    env = {
+        **os.environ,
+        "LEPTON_WORKSPACE": str(checkout),
+        "LEPTON_PIPELINE_RUN": key,
+        CHECKPOINT_STORE_ENV: key,  # a retry on another worker resumes from the remote
+    }
     lines: list[str] = []
 
     def echo(line: str) -> None:

@@ -66,8 +66,9 @@ def workspace_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run_stage(root: Path, stage: str, timeout: float | None = None) -> None:
-    """``lepton stage run <stage>`` in workspace ``root``; fails with its output."""
+def run_stage(root: Path, stage: str, timeout: float | None = None) -> str:
+    """``lepton stage run <stage>`` in workspace ``root``; returns its output (stdout, then
+    stderr), fails with it."""
     done = subprocess.run(
         [str(BIN / "lepton"), "stage", "run", stage],
         cwd=root,
@@ -77,6 +78,7 @@ def run_stage(root: Path, stage: str, timeout: float | None = None) -> None:
         timeout=timeout,
     )
     assert done.returncode == 0, (stage, done.stdout[-2000:] + done.stderr[-4000:])
+    return done.stdout + done.stderr
 
 
 def wait_for_http(url: str, server: subprocess.Popen, output, seconds: float = 120) -> None:

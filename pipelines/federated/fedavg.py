@@ -442,8 +442,11 @@ def run_federation(
         params.min_clients,
         min_updates_for(params.aggregator, params.trim_fraction, params.byzantine_clients),
     )
-    state = cpu_copy(initial_state)
     model = build(model_config)
+    # the model's own key order: updates and the server optimizer's moments are flat vectors
+    # in this order, which must not depend on how the start state was loaded (a checkpoint
+    # resumed in another process, a state read back from safetensors)
+    state = cpu_copy({key: initial_state[key] for key in model.state_dict()})
     if score is None:
 
         def score(model):

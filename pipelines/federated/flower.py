@@ -197,6 +197,7 @@ def make_server_app(package_dir: Path):
             with_class_mean_head,
         )
         from pipelines.federated.flower_deploy import (
+            RelayedCheckpoint,
             encode_blob,
             read_run_spec,
             report_progress,
@@ -377,6 +378,7 @@ def make_server_app(package_dir: Path):
             device,
             lambda _round, row: report_progress({**row, "site_losses": dict(site_losses)}),
             collect=collect,
+            checkpoint=RelayedCheckpoint(blobs.get("resume")) if spec.get("checkpoint") else None,
             **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),
         )
         final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -24,20 +24,25 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import LeptonError
+
+if TYPE_CHECKING:
+    from pipelines.checkpoints import Checkpoint
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
 RUN_SPEC_FILE = "run_spec.json"  # inside the app's package: the spec and its blobs (base64)
 PROGRESS_MARK = "LEPTON-PROGRESS "  # + one JSON history row, printed by the ServerApp a round
 RESULT_MARK = "LEPTON-RESULT "  # + the run's result (JSON), printed once at the end
+CHECKPOINT_MARK = "LEPTON-CHECKPOINT "  # + {"round", "data"}: a round's checkpoint (base64)
 FAB_MAX_BYTES = 10 * 1024 * 1024  # flwr refuses a bigger app bundle
 CONNECTION = "lepton"
 
@@ -60,6 +65,26 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """The ``preexec_fn`` of the processes a run starts (SuperLink, SuperNodes, site
+    workers): the kernel SIGKILLs the child when the process that started it dies, so a
+    stage killed by SIGKILL (an OOM kill, a preempted node) leaves no Flower process behind.
+    None where there is no ``prctl`` (not Linux). The C function is looked up here, in the
+    parent: the child only calls it (no import or lock between fork and exec)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    death_signal = int(signal.SIGKILL)
+
+    def set_death_signal() -> None:
+        prctl(1, death_signal)  # PR_SET_PDEATHSIG
+
+    return set_death_signal
 
 
 def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
@@ -147,6 +172,7 @@ def start_superlink(
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
     wait_for_port(port, process, "flower-superlink")
     return process
@@ -176,6 +202,7 @@ def start_site_worker(
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **threads},
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
     started = time.monotonic()
     while not Path(socket_path).exists():
@@ -200,8 +227,6 @@ def node_config_text(config: dict[str, Any]) -> str:
 
 def stop_processes(processes: list[subprocess.Popen]) -> None:
     """SIGTERM each process group (newest first), then SIGKILL what is still up after 20 s."""
-    import signal
-
     for process in reversed(processes):
         if process.poll() is None:
             try:
@@ -351,7 +376,12 @@ class LoopbackDeployment(FlowerDeployment):
     def _start(self, argv: list[str], name: str) -> subprocess.Popen:
         log = (self.home / "logs" / f"{name}.log").open("a")
         process = subprocess.Popen(
-            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         self.processes.append(process)
         return process
@@ -412,8 +442,6 @@ class LoopbackDeployment(FlowerDeployment):
     def kill_node(self, index: int) -> None:
         """SIGKILL the SuperNode of shard ``index``, its ClientApps and its worker, as a
         crash of the site would."""
-        import signal
-
         node = self.nodes.pop(index)
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()
@@ -486,13 +514,45 @@ def report_result(result: dict[str, Any]) -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
+class RelayedCheckpoint:
+    """The ServerApp's side of the stage's round checkpoints: it loads what the workspace
+    sent in the run spec (``resume``: the bytes of its checkpoint file, or None) and saves
+    each round by printing it (``flwr log`` carries it to the workspace, which writes it
+    into its own checkpoint file: :class:`RunLog`). Quacks like
+    :class:`~pipelines.checkpoints.Checkpoint` for the round loop."""
+
+    path = "the workspace's checkpoint, sent in the run spec"
+
+    def __init__(self, resume: bytes | None):
+        self.resume = resume
+
+    def load(self):
+        """``(tensors, meta)`` of the workspace's checkpoint, or None."""
+        from pipelines.checkpoints import checkpoint_from_bytes
+
+        return None if self.resume is None else checkpoint_from_bytes(self.resume)
+
+    def save(self, tensors, meta: dict[str, Any]) -> None:
+        """Send the round's checkpoint to the workspace (one marked line)."""
+        from pipelines.checkpoints import checkpoint_bytes
+
+        data = encode_blob(checkpoint_bytes(tensors, meta))
+        print(CHECKPOINT_MARK + json.dumps({"round": meta["round"], "data": data}), flush=True)
+
+
 class RunLog:
     """Reads the ServerApp's marked lines out of ``flwr log`` output: each progress row
-    once (``on_row``), and the result when it is there. Feed it line by line as a stream
-    arrives (:meth:`feed_line`), or the whole log so far again and again (:meth:`feed`)."""
+    once (``on_row``), each round's checkpoint once (``on_checkpoint(bytes)``, in round
+    order) and the result when it is there. Feed it line by line as a stream arrives
+    (:meth:`feed_line`), or the whole log so far again and again (:meth:`feed`)."""
 
-    def __init__(self, on_row: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        on_row: Callable[[dict], None] | None = None,
+        on_checkpoint: Callable[[bytes], None] | None = None,
+    ):
         self.on_row, self.seen, self.result = on_row, 0, None
+        self.on_checkpoint, self.checkpoint_round = on_checkpoint, 0
         self._count = 0
 
     def feed_line(self, line: str) -> bool:
@@ -512,6 +572,15 @@ class RunLog:
                 self.result = json.loads(line[at + len(RESULT_MARK) :])
             except json.JSONDecodeError:
                 return False
+        elif (at := line.find(CHECKPOINT_MARK)) >= 0:
+            try:
+                saved = json.loads(line[at + len(CHECKPOINT_MARK) :])
+            except json.JSONDecodeError:
+                return False
+            if int(saved["round"]) > self.checkpoint_round:
+                self.checkpoint_round = int(saved["round"])
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(decode_blob(saved["data"]))
         return True
 
     def feed(self, text: str) -> None:
@@ -552,17 +621,19 @@ def run_flower_job(
     app_dir: Path,
     on_row: Callable[[dict], None] | None = None,
     timeout: float = 3600.0,
+    on_checkpoint: Callable[[bytes], None] | None = None,
 ) -> dict[str, Any]:
     """Submit the packaged Flower app ``app_dir`` (:func:`package_app`), follow its log as
-    it streams (each progress row to ``on_row`` as it arrives) and return the result the
-    ServerApp reported. A failed run raises with the end of its log."""
+    it streams (each progress row to ``on_row``, each round's checkpoint to
+    ``on_checkpoint``, as they arrive) and return the result the ServerApp reported. A
+    failed run raises with the end of its log."""
     submitted = deployment.flwr(["run", str(app_dir), CONNECTION, "--format", "json"])
     try:
         run_id = str(json.loads(submitted)["run-id"])
     except (json.JSONDecodeError, KeyError):
         raise FlowerRuntimeError(f"flwr run did not start a run: {submitted[-2000:]}") from None
     started = time.monotonic()
-    follow = RunLog(on_row)
+    follow = RunLog(on_row, on_checkpoint)
     _follow_stream(deployment, run_id, follow, timeout)
     status = ""
     while time.monotonic() - started < timeout:  # the stream ends with the run, or breaks
@@ -608,15 +679,30 @@ def run_federated_job(
     work_dir: Path,
     on_row: Callable[[dict], None] | None = None,
     deployment: FlowerDeployment | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Package ``app_dir`` with ``spec`` and ``blobs``, run it on the federation's
     deployment (:func:`open_deployment`, or ``deployment`` when given, already started) and
     write the final weights the ServerApp sent to ``work_dir/out/model.{safetensors,json}``;
-    return its result (``history``, ``sites``)."""
+    return its result (``history``, ``sites``).
+
+    With a ``checkpoint`` the ServerApp resumes from it when it holds a round (its bytes
+    travel in the bundle as the ``resume`` blob) and sends back every round's checkpoint,
+    which is written into it (:class:`RelayedCheckpoint`): a rerun after a kill resumes."""
     import contextlib
 
     sites = federation.sites if federation.remote else len(shards)
     spec = {**spec, "num_clients": sites, "site_wait_seconds": federation.site_wait_seconds}
+    on_checkpoint = None
+    if checkpoint is not None:
+        spec["checkpoint"] = True
+        on_checkpoint = checkpoint.save_bytes
+        if (saved := checkpoint.read_bytes()) is not None:
+            from pipelines.checkpoints import checkpoint_from_bytes
+
+            blobs = {**blobs, "resume": saved}
+            done = checkpoint_from_bytes(saved)[1]["round"]
+            log.info("resuming after round %d (%s)", done, checkpoint.path)
     app = package_app(app_dir, work_dir, spec, blobs)
     started = (
         contextlib.nullcontext(deployment)
@@ -630,7 +716,7 @@ def run_federated_job(
             else f"a loopback SuperLink + {sites} SuperNodes on 127.0.0.1"
         )
         log.info("Flower run on %s", where)
-        result = run_flower_job(deployment, app, on_row)
+        result = run_flower_job(deployment, app, on_row, on_checkpoint=on_checkpoint)
     out = work_dir / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.safetensors").write_bytes(decode_blob(result.pop("weights")))

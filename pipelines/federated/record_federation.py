@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from pipelines.federated.record_dp import (
     release_noisy_count,
 )
 from pipelines.io import ImageTable, TableStream, batches_with_labels
+
+if TYPE_CHECKING:
+    from pipelines.checkpoints import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +190,17 @@ class LocalRecordSites:
         """Each client's ``ε`` so far."""
         return [self.epsilon_of(c.accountant) for c in self.private]
 
+    def accountant_states(self) -> list[dict[str, Any]]:
+        """Each client's accountant, JSON-able (what a checkpoint keeps)."""
+        return [c.accountant.to_state() for c in self.private]
+
+    def restore_accountants(self, states: list[dict[str, Any]]) -> None:
+        """Put back the accountants :meth:`accountant_states` gave (a resumed run)."""
+        if len(states) != len(self.private):
+            raise ValueError(f"{len(states)} saved accountants for {len(self.private)} clients")
+        for client, state in zip(self.private, states, strict=True):
+            client.accountant = ClientAccountant.from_state(state)
+
 
 @dataclass
 class RecordRun:
@@ -230,6 +245,7 @@ def run_record_rounds(
     p: FederateParams,
     seed: int,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> RecordRun:
     """The server's side of a record-level run, whatever holds the clients.
 
@@ -240,6 +256,13 @@ def run_record_rounds(
     Each round: sample clients, average their heads (weights: the noisy counts), apply with
     ``server_learning_rate``, update the moving average and score it on val. The returned
     head is folded back onto the encoder's features.
+
+    With a ``checkpoint`` (in process: ``sites`` must also have ``accountant_states()`` and
+    ``restore_accountants(states)``), every round ends by saving the heads, the sampling
+    generator, the history, the noisy row counts and every client's accountant; a run that
+    finds one resumes after its round without releasing anything twice: the row counts are
+    not drawn again and each accountant goes on from what it had spent. The result and the
+    ``ε`` are the same, bit for bit, as a run that was never interrupted.
     """
     from pipelines.federated.fedavg import sample_clients
 
@@ -257,14 +280,28 @@ def run_record_rounds(
     )
     sites.use_projection(projection)
     val_features = projection.apply(val_features)
-    released_rows = sites.release_row_counts()
     dim = projection.dim
     weight = torch.zeros(num_classes, dim, dtype=torch.float64)
     bias = torch.zeros(num_classes, dtype=torch.float64)
     average_w, average_b = weight.clone(), bias.clone()
     rng = np.random.default_rng(seed)
     history: list[dict[str, float]] = []
-    for round_index in range(1, p.rounds + 1):
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is None:
+        released_rows = sites.release_row_counts()
+    else:
+        tensors, meta = saved
+        weight, bias = tensors["weight"], tensors["bias"]
+        average_w, average_b = tensors["average_weight"], tensors["average_bias"]
+        rng.bit_generator.state = meta["rng"]
+        history = list(meta["history"])
+        released_rows = [float(rows) for rows in meta["released_rows"]]
+        sites.restore_accountants(meta["accountants"])
+        log.info("resuming after round %d of %d (%s)", len(history), p.rounds, checkpoint.path)
+        for row in history:
+            if on_round is not None:
+                on_round(int(row["round"]), row)
+    for round_index in range(len(history) + 1, p.rounds + 1):
         chosen = sample_clients(len(released_rows), p.client_fraction, rng)
         heads = sites.train(chosen, weight, bias, settings, round_index)
         shares = torch.tensor([released_rows[i] for i in chosen], dtype=torch.float64)
@@ -292,6 +329,22 @@ def run_record_rounds(
             "epsilon": max(sites.epsilons()),
         }
         history.append(row)
+        if checkpoint is not None:
+            checkpoint.save(
+                {
+                    "weight": weight,
+                    "bias": bias,
+                    "average_weight": average_w,
+                    "average_bias": average_b,
+                },
+                {
+                    "round": round_index,
+                    "rng": rng.bit_generator.state,
+                    "history": history,
+                    "released_rows": released_rows,
+                    "accountants": sites.accountant_states(),
+                },
+            )
         if on_round is not None:
             on_round(round_index, row)
     released = [
@@ -326,8 +379,10 @@ def run_record_federation(
     seed: int,
     device: str = "cpu",
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ):
-    """FedAvg of DP-SGD linear heads on ``encoder``'s fixed features, in process.
+    """FedAvg of DP-SGD linear heads on ``encoder``'s fixed features, in process; with a
+    ``checkpoint`` each round is saved and a saved run resumes (:func:`run_record_rounds`).
 
     Returns ``(model, history, released)``: the classifier (``encoder`` + the averaged head,
     CPU, eval mode), one row per round (``round``, ``val_accuracy``, ``train_loss`` = NaN
@@ -355,5 +410,6 @@ def run_record_federation(
         p,
         seed,
         on_round,
+        checkpoint,
     )
     return classifier_with_head(encoder, run, seed), run.history, run.released

@@ -179,7 +179,12 @@ def run_site(
     import signal
     import subprocess
 
-    from pipelines.federated.flower_deploy import flower_env, start_site_worker, stop_processes
+    from pipelines.federated.flower_deploy import (
+        die_with_parent,
+        flower_env,
+        start_site_worker,
+        stop_processes,
+    )
 
     processes: list[subprocess.Popen] = []
 
@@ -196,7 +201,9 @@ def run_site(
                 start_site_worker(python, socket_path, node_config, log_dir / "worker.log")
             )
         env = flower_env(log_dir / "flower-home", Path(supernode[0]).parent)
-        node = subprocess.Popen(supernode, env=env, start_new_session=True)
+        node = subprocess.Popen(
+            supernode, env=env, start_new_session=True, preexec_fn=die_with_parent()
+        )
         processes.append(node)
         return node.wait()
     finally:

@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from pipelines.models.encoder import (
     build_encoder,
     encoder_config_for,
 )
+
+if TYPE_CHECKING:
+    from pipelines.checkpoints import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +114,12 @@ def pretrain_federated(
     seed: int,
     device: str = "auto",
     on_round: Callable[[int, float], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Encoder, list[float]]:
     """Federated SimCLR over ``clients``; returns ``(encoder on CPU in eval mode, mean client
-    NT-Xent per round)``. ``on_round(round, loss)`` is called after each round."""
+    NT-Xent per round)``. ``on_round(round, loss)`` is called after each round. With a
+    ``checkpoint`` each round is saved and a saved run resumes after its last round, to the
+    same weights (:func:`~pipelines.federated.fedavg.run_federation`)."""
     from pipelines.federated.fedavg import run_federation
 
     if not clients:
@@ -140,6 +146,7 @@ def pretrain_federated(
         trainer=trainer,
         build=build_contrastive,
         score=lambda _model: {},
+        checkpoint=checkpoint,
     )
     return trained.encoder.cpu().eval(), [row["train_loss"] for row in history]
 
@@ -154,13 +161,16 @@ def pretrain_federated_on_flower(
     device: str,
     work_dir: Path,
     on_round: Callable[[int, float], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Encoder, list[float]]:
     """:func:`pretrain_federated` on Flower's deployment engine: a loopback deployment over
     ``shards`` (one SuperNode per shard, each reading only its own), or the remote sites of
     ``federation`` (their own files, scaled by ``normalization``); returns ``(encoder, mean
     client NT-Xent per round)`` as the ServerApp reported them. Each SuperNode refuses data
     unlike ``expected`` (:mod:`pipelines.federated.sites`). ``on_round(round, loss)`` is
-    called as each round ends on the server (read from ``flwr log`` while the run goes)."""
+    called as each round ends on the server (read from ``flwr log`` while the run goes).
+    With a ``checkpoint`` the rounds are saved into it and a saved run resumes after its
+    last round (:func:`~pipelines.federated.flower_deploy.run_federated_job`)."""
     from pipelines.federated.flower_deploy import APP_DIR, run_federated_job, weights_blob
     from pipelines.io import load_weights
 
@@ -183,6 +193,7 @@ def pretrain_federated_on_flower(
         blobs,
         work_dir,
         lambda row: on_round(int(row["round"]), row["train_loss"]) if on_round else None,
+        checkpoint=checkpoint,
     )
     state, config = load_weights(work_dir / "out", "model")
     trained = build_contrastive(config)

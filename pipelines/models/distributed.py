@@ -64,17 +64,23 @@ def fit_distributed(
     seed: int,
     accelerator: str,
     workdir: Path,
+    checkpoint: Path | None = None,
 ) -> tuple[Any, list[float], dict[str, Any]]:
     """Run the DDP SimCLR fit described by ``params`` (the pretrain section) on the unlabeled
     table ``table_path``; return ``(encoder on CPU in eval mode, losses per epoch, result)``.
     On a node other than node 0 the encoder is None: node 0 holds the result.
 
-    ``result`` holds ``world_size`` and the rows each rank trained on. A failed process is
-    a RuntimeError with the tail of the launcher's output.
+    With a ``checkpoint`` file (one node) every epoch is saved into it and a saved fit
+    resumes after its last epoch, to the same weights on the CPU
+    (:class:`~pipelines.models.resume.EpochCheckpoint`). ``result`` holds ``world_size``
+    and the rows each rank trained on. A failed process is a RuntimeError with the tail of
+    the launcher's output.
     """
     from pipelines.models.encoder import build_encoder
 
     spec = {"kind": "simclr", "model_config": encoder_config}
+    if checkpoint is not None:
+        spec["checkpoint"] = str(checkpoint)
     return _launch(spec, table_path, params, seed, accelerator, workdir, build_encoder)
 
 
@@ -167,6 +173,7 @@ def _simclr_fit(spec: dict[str, Any], rank: int, on_epoch):
         warmup_epochs=p["warmup_epochs"],
         seed=spec["seed"] + rank,
         on_epoch_end=on_epoch,
+        total_epochs=p["epochs"],
     )
     return system, encoder, (to_tensor(read_image_table(spec["table"]).images),)
 
@@ -199,7 +206,6 @@ def _worker(spec_path: Path) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipelines.io import save_weights
     from pipelines.models.systems import make_trainer, pl
 
     spec = json.loads(spec_path.read_text())
@@ -213,31 +219,71 @@ def _worker(spec_path: Path) -> None:
             print(f"epoch {epoch} train_loss={loss:.4f}", flush=True)
 
     system, trained, tensors = FITS[spec.get("kind", "simclr")](spec, rank, on_epoch)
+    callbacks, done = [], 0
+    if spec.get("checkpoint"):
+        from pipelines.checkpoints import Checkpoint
+        from pipelines.models.resume import EpochCheckpoint, saved_module_state
+
+        checkpoint = Checkpoint(Path(spec["checkpoint"]))
+        saved = checkpoint.load()
+        callbacks = [EpochCheckpoint(checkpoint, {}, saved)]
+        done = callbacks[0].done_epochs
+        if done and rank == 0:
+            print(f"resuming after epoch {done} of {p['epochs']} ({checkpoint.path})", flush=True)
+    dataset = TensorDataset(*tensors)
     loader = DataLoader(
-        TensorDataset(*tensors),
+        dataset,
         batch_size=max(1, p["batch_size"] // world),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(spec["seed"]),
+        sampler=epoch_sampler(dataset, world, rank, spec["seed"], first_epoch=done),
     )
+    if done >= p["epochs"]:  # killed after the last epoch's save: its weights are the result
+        if rank == 0:
+            system.load_state_dict(saved_module_state(saved))
+            rows = [len(loader.sampler)] * world
+            write_result(spec, trained, list(saved[1]["history"]), world, rows)
+        return
     trainer = make_trainer(
-        p["epochs"],
+        p["epochs"] - done,
         spec["accelerator"],
+        callbacks,
         devices=p["devices"],
         num_nodes=p["num_nodes"],
         strategy="ddp",
     )
     trainer.fit(system, loader)
-    rows = torch.tensor([system.rows_seen / max(p["epochs"], 1)], dtype=torch.float64)
+    rows = torch.tensor([system.rows_seen / max(p["epochs"] - done, 1)], dtype=torch.float64)
     gathered = trainer.strategy.all_gather(rows).reshape(-1).tolist()
     if trainer.global_rank == 0:
-        out = Path(spec["out"])
-        save_weights(trained.cpu(), out, trained.config, name=WEIGHTS_FILE)
-        result = {
-            "losses": list(system.history),
-            "world_size": trainer.world_size,
-            "rows_per_rank": [int(r) for r in gathered],
-        }
-        (out / RESULT_FILE).write_text(json.dumps(result))
+        write_result(spec, trained, system.history, trainer.world_size, gathered)
+
+
+def write_result(spec, trained, history: list[float], world_size: int, rows_per_rank) -> None:
+    """Rank 0: the trained weights and ``result.json`` into the spec's folder."""
+    from pipelines.io import save_weights
+
+    out = Path(spec["out"])
+    save_weights(trained.cpu(), out, trained.config, name=WEIGHTS_FILE)
+    result = {
+        "losses": list(history),
+        "world_size": world_size,
+        "rows_per_rank": [int(r) for r in rows_per_rank],
+    }
+    (out / RESULT_FILE).write_text(json.dumps(result))
+
+
+def epoch_sampler(dataset, world: int, rank: int, seed: int, first_epoch: int = 0):
+    """This rank's share of ``dataset``, reshuffled each epoch (a ``DistributedSampler``
+    seeded with ``seed``) and numbering its epochs from ``first_epoch``: a fit resumed
+    after epoch k draws epoch k+1's order, as an uninterrupted one would."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    class EpochSampler(DistributedSampler):
+        def set_epoch(self, epoch: int) -> None:  # Lightning passes the fit's own count
+            super().set_epoch(first_epoch + epoch)
+
+    sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(0)
+    return sampler
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ class EpochCheckpoint(pl.callbacks.Checkpoint):
     ``on_train_start``, before the first batch is drawn. As a Lightning ``Checkpoint``
     callback it runs after the module's own end-of-epoch hook, so it saves the state the
     next epoch starts from.
+
+    Under DDP the weights and optimizer state are the same on every rank, but each rank
+    draws its own views: the generators of every rank are gathered (one row per rank) and
+    rank 0 writes the file; on resume each rank takes its own row.
     """
 
     def __init__(
@@ -96,9 +100,19 @@ class EpochCheckpoint(pl.callbacks.Checkpoint):
         if schedule is not None:
             schedule.load_state_dict(join_tensors(meta["scheduler"], tensors))
         pl_module.history[:] = meta["history"]
+        if int(meta.get("world_size", 1)) != trainer.world_size:
+            raise ValueError(
+                f"{self.checkpoint.path}: saved by {meta.get('world_size', 1)} processes, "
+                f"resumed by {trainer.world_size}"
+            )
+
+        def own(name: str) -> torch.Tensor:
+            state = tensors[f"generator/{name}"]
+            return state[trainer.global_rank].clone() if trainer.world_size > 1 else state
+
         for name, generator in self._generators(pl_module).items():
-            generator.set_state(tensors[f"generator/{name}"])
-        torch.set_rng_state(tensors["generator/__global__"])
+            generator.set_state(own(name))
+        torch.set_rng_state(own("__global__"))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         tensors: dict[str, torch.Tensor] = {
@@ -112,7 +126,19 @@ class EpochCheckpoint(pl.callbacks.Checkpoint):
         schedule = getattr(pl_module, "lr_schedule", None)
         if schedule is not None:
             meta["scheduler"] = split_tensors(schedule.state_dict(), "scheduler", tensors)
-        for name, generator in self._generators(pl_module).items():
-            tensors[f"generator/{name}"] = generator.get_state()
-        tensors["generator/__global__"] = torch.get_rng_state()
-        self.checkpoint.save(tensors, meta)
+        generators = {
+            name: generator.get_state() for name, generator in self._generators(pl_module).items()
+        }
+        generators["__global__"] = torch.get_rng_state()
+        if trainer.world_size > 1:  # a collective: every rank takes part, rank 0 writes
+            meta["world_size"] = trainer.world_size
+            generators = {name: gather_rows(trainer, state) for name, state in generators.items()}
+        tensors.update({f"generator/{name}": state for name, state in generators.items()})
+        if trainer.global_rank == 0:
+            self.checkpoint.save(tensors, meta)
+
+
+def gather_rows(trainer, state: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``state`` (a generator's bytes), one row per rank, on the CPU."""
+    gathered = trainer.strategy.all_gather(state.to(trainer.strategy.root_device, torch.int32))
+    return gathered.reshape(trainer.world_size, -1).to("cpu", torch.uint8)

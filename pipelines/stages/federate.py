@@ -146,6 +146,7 @@ def federate_on_flower(
     work_dir: Path,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
     deployment=None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Classifier, list[dict[str, float]], list[dict]]:
     """The same federation on Flower's deployment engine: a loopback deployment over
     ``shards``, or the remote sites of ``federation`` (each reads its own files, scaled
@@ -155,8 +156,10 @@ def federate_on_flower(
     bundle with the val table; the class-mean head is set on the server from the sites'
     statistics. ``on_round(round, row)`` is called for each round as the ServerApp
     finishes it (read from ``flwr log`` while the run goes). ``deployment``: an already
-    started one to run on instead (tests). Returns ``(model, history, sites)``; ``sites``
-    has each site's name, rows, held-out rows and held-out accuracy.
+    started one to run on instead (tests). With a ``checkpoint`` the ServerApp's rounds are
+    saved into it and a saved run resumes after its last round (not under record-level DP:
+    each site's accountant lives at the site). Returns ``(model, history, sites)``;
+    ``sites`` has each site's name, rows, held-out rows and held-out accuracy.
     """
     from pipelines.federated.fedavg import start_classifier
     from pipelines.federated.flower_deploy import APP_DIR, run_federated_job, weights_blob
@@ -186,6 +189,7 @@ def federate_on_flower(
         work_dir,
         lambda row: on_round(int(row["round"]), row) if on_round else None,
         deployment,
+        None if record_level(p) else checkpoint,
     )
     return load_classifier(work_dir / "out"), result["history"], result["sites"]
 
@@ -377,7 +381,9 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     if any(isinstance(t, TableStream) for t in clients):
         log.info("client shards over common.memory_budget_mb: read from disk in chunks")
     start = time.perf_counter()
-    checkpoint = None  # rounds are checkpointed in the in-process simulation
+    checkpoint = stage_checkpoint(paths.root, "federate", params)  # each round, to resume
+    for stale in stale_checkpoints(paths.root, "federate", checkpoint):
+        stale.unlink(missing_ok=True)
     if p.runtime == "flower":
         import tempfile
 
@@ -394,6 +400,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
                 params.common.device,
                 Path(tmp),
                 on_round,
+                checkpoint=checkpoint,
             )
     elif record:
         from pipelines.federated.record_federation import run_record_federation
@@ -407,12 +414,10 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
             params.common.seed,
             params.common.device,
             on_round,
+            checkpoint,
         )
         sites = [{**entry, "rows": None, "holdout_rows": 0} for entry in released]
     else:
-        checkpoint = stage_checkpoint(paths.root, "federate", params)
-        for stale in stale_checkpoints(paths.root, "federate", checkpoint):
-            stale.unlink(missing_ok=True)
         model, history = federate(
             encoder,
             clients,

@@ -59,9 +59,9 @@ def pretrain(
 ) -> tuple[Encoder | None, list[float]]:
     """SimCLR-pretrain a fresh encoder on ``unlabeled.images``; returns ``(encoder, losses)``.
 
-    With a ``checkpoint`` (an in-memory pool on one device) every epoch is saved, and a
-    saved fit resumes after its last epoch with the same result, bit for bit on the CPU
-    (:mod:`pipelines.models.resume`).
+    With a ``checkpoint`` (one device, an in-memory or a streamed pool, or DDP on one node)
+    every epoch is saved, and a saved fit resumes after its last epoch with the same result,
+    bit for bit on the CPU (:mod:`pipelines.models.resume`).
 
     ``augment_config`` replaces the default views (:class:`~pipelines.models.augment.
     AugmentConfig`; benchmarks compare views with it, the stage keeps the default).
@@ -98,7 +98,7 @@ def pretrain(
                 "pretrain.strategy 'ddp' reads the unlabeled pool into each process's memory; "
                 "raise common.memory_budget_mb above its size or use strategy 'single'"
             )
-        return _pretrain_ddp(unlabeled, config, p, seed, device, on_epoch)
+        return _pretrain_ddp(unlabeled, config, p, seed, device, on_epoch, checkpoint)
     pl.seed_everything(seed, verbose=False)
     encoder = build_encoder(config)
     head = ProjectionHead(p.embedding_dim, p.projection_dim)
@@ -114,34 +114,32 @@ def pretrain(
         total_epochs=p.epochs,
         **({"augment_config": augment_config} if augment_config is not None else {}),
     )
+    streamed = None
     if isinstance(unlabeled, TableStream):
         from torch.utils.data import DataLoader
 
         from pipelines.models.streaming import StreamingImages
 
-        loader = DataLoader(StreamingImages(unlabeled, p.batch_size, seed), batch_size=None)
-        make_trainer(p.epochs, device).fit(system, loader)
-        return encoder.cpu().eval(), list(system.history)
-    loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
+        streamed = StreamingImages(unlabeled, p.batch_size, seed)
+        loader = DataLoader(streamed, batch_size=None)
+        loader_generators = {}  # a streamed epoch's order depends on its number alone
+    else:
+        loader = batch_loader(to_tensor(unlabeled.images), batch_size=p.batch_size, seed=seed)
+        loader_generators = {"shuffle": shuffle_generator(loader)}
     callbacks, done = [], 0
     if checkpoint is not None:
-        from pipelines.models.resume import EpochCheckpoint
+        from pipelines.models.resume import EpochCheckpoint, saved_module_state
 
         saved = checkpoint.load()
-        resume = EpochCheckpoint(checkpoint, {"shuffle": shuffle_generator(loader)}, saved)
+        resume = EpochCheckpoint(checkpoint, loader_generators, saved)
         callbacks, done = [resume], resume.done_epochs
+        if streamed is not None:
+            streamed.epoch = done
         if done:
             log.info("resuming after epoch %d of %d (%s)", done, p.epochs, checkpoint.path)
         if done >= p.epochs:  # killed after the last epoch: its weights are the result
-            tensors, meta = saved
-            system.load_state_dict(
-                {
-                    k.removeprefix("module/"): v
-                    for k, v in tensors.items()
-                    if k.startswith("module/")
-                }
-            )
-            return encoder.cpu().eval(), list(meta["history"])
+            system.load_state_dict(saved_module_state(saved))
+            return encoder.cpu().eval(), list(saved[1]["history"])
     make_trainer(p.epochs - done, device, callbacks).fit(system, loader)
     return encoder.cpu().eval(), list(system.history)
 
@@ -153,8 +151,10 @@ def _pretrain_ddp(
     seed: int,
     device: str,
     on_epoch: Callable[[int, float], None] | None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Encoder | None, list[float]]:
-    """:func:`pretrain` in DDP processes (:mod:`pipelines.models.distributed`)."""
+    """:func:`pretrain` in DDP processes (:mod:`pipelines.models.distributed`); with a
+    ``checkpoint`` on one node the fit saves every epoch and resumes from a saved one."""
     import tempfile
 
     from pipelines.models.devices import resolve_accelerator
@@ -170,6 +170,7 @@ def _pretrain_ddp(
             seed,
             resolve_accelerator(device),
             Path(scratch) / "out",
+            checkpoint.path if checkpoint is not None and p.num_nodes == 1 else None,
         )
     if encoder is None:
         return None, losses
@@ -256,8 +257,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         " (read from disk in chunks)" if isinstance(unlabeled, TableStream) else "",
     )
     start = time.perf_counter()
-    checkpoint = None  # an in-memory pool on one device resumes after a kill
-    if p.strategy == "single" and not isinstance(unlabeled, TableStream):
+    checkpoint = None  # resumes after a kill (DDP over several nodes starts afresh)
+    if p.strategy == "single" or p.num_nodes == 1:
         checkpoint = stage_checkpoint(paths.root, "pretrain", params)
         for stale in stale_checkpoints(paths.root, "pretrain", checkpoint):
             stale.unlink(missing_ok=True)
@@ -336,6 +337,9 @@ def _run_federated(
         p.local_epochs,
     )
     start = time.perf_counter()
+    checkpoint = stage_checkpoint(paths.root, "pretrain", params)  # each round, to resume
+    for stale in stale_checkpoints(paths.root, "pretrain", checkpoint):
+        stale.unlink(missing_ok=True)
     if p.runtime == "flower":
         import tempfile
 
@@ -351,10 +355,11 @@ def _run_federated(
                 params.common.device,
                 Path(tmp),
                 on_round,
+                checkpoint,
             )
     else:
         encoder, losses = pretrain_federated(
-            clients, p, params.common.seed, params.common.device, on_round
+            clients, p, params.common.seed, params.common.device, on_round, checkpoint
         )
     seconds = time.perf_counter() - start
     probes = probe_encoder(encoder, labeled, val, p.knn_k, params.common.device)

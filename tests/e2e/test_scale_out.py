@@ -10,14 +10,20 @@ DAG task command runs it). Checked:
   output byte for byte;
 - a second DAG run with nothing changed restores every stage from the remote: no stage
   runs again;
-- the tasks report the seconds they spent pulling and pushing.
+- the tasks report the seconds they spent pulling and pushing;
+- pretrain's first attempt, on worker A, is SIGKILLed once its checkpoint is in the remote;
+  the retry on worker B (another checkout) resumes from it, and its outputs still equal
+  the single workspace's, bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -30,12 +36,14 @@ pytestmark = pytest.mark.slow
 STAGES_A = ("ingest", "compress")
 STAGES_B = ("partition", "pretrain")
 DVC_STAGES = ("ingest_source", "ingest", "compress", "partition", "pretrain")
+# epochs enough to kill pretrain between its first checkpoint and its end
+OVERRIDES = {**TINY_OVERRIDES, "pretrain": {**TINY_OVERRIDES["pretrain"], "epochs": 8}}
 
 
-def run_task(stage: str, key: str, worker: Path, project: Path, remote: Path, mlflow: str):
-    """The DAG task of ``stage`` in scale-out mode on ``worker`` (its task folders)."""
+def task_env(key: str, worker: Path, project: Path, remote: Path, mlflow: str) -> dict:
+    """The environment of a scale-out DAG task on ``worker`` (its task folders)."""
     worker.mkdir(parents=True, exist_ok=True)
-    env = {
+    return {
         **workspace_env(project),
         "LEPTON_WORKSPACE_MODE": "per_task",
         "LEPTON_PIPELINE_RUN": key,
@@ -45,16 +53,45 @@ def run_task(stage: str, key: str, worker: Path, project: Path, remote: Path, ml
         "LEPTON_DVC": str(BIN / "dvc"),
         "MLFLOW_TRACKING_URI": mlflow,
     }
+
+
+def run_task(stage: str, key: str, worker: Path, project: Path, remote: Path, mlflow: str):
+    """The DAG task of ``stage`` in scale-out mode on ``worker``; returns its output."""
     done = subprocess.run(
         [str(BIN / "python"), "-m", "pipelines.stage_task", stage],
         cwd=worker,
-        env=env,
+        env=task_env(key, worker, project, remote, mlflow),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, (stage, done.stdout[-3000:], done.stderr[-3000:])
     return done.stdout
+
+
+def kill_once_checkpointed(stage: str, key: str, worker: Path, project, remote, mlflow) -> int:
+    """Start the task of ``stage`` on ``worker`` and SIGKILL it (the whole process group, as
+    a lost worker) once its checkpoint is in the remote; the epoch it holds."""
+    from pipelines.checkpoints import Checkpoint
+
+    folder = remote / "lepton-runs" / key / "checkpoints"
+    attempt = subprocess.Popen(
+        [str(BIN / "python"), "-m", "pipelines.stage_task", stage],
+        cwd=worker,
+        env=task_env(key, worker, project, remote, mlflow),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not list(folder.glob(f"{stage}-*.safetensors")):
+        assert attempt.poll() is None, "the attempt ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(attempt.pid, signal.SIGKILL)
+    attempt.wait()
+    (saved,) = folder.glob(f"{stage}-*.safetensors")
+    return int(Checkpoint(saved).load()[1]["epoch"])
 
 
 def repro_single_workspace(root: Path) -> dict[str, str]:
@@ -86,7 +123,7 @@ def out_hashes(lock: dict) -> dict[str, str]:
 
 
 def test_two_workers_share_only_the_remote_and_unchanged_stages_are_restored(tmp_path, monkeypatch):
-    project = make_workspace(tmp_path / "project", TINY_OVERRIDES)
+    project = make_workspace(tmp_path / "project", OVERRIDES)
     remote, mlflow = tmp_path / "remote", f"sqlite:///{tmp_path / 'mlflow.db'}"
     remote.mkdir()
     # the final task, run here in process as the DAG's dvc_lock task would on a worker
@@ -94,7 +131,7 @@ def test_two_workers_share_only_the_remote_and_unchanged_stages_are_restored(tmp
     monkeypatch.setenv("LEPTON_TASK_DIR", str(tmp_path / "worker-a"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow)
 
-    single = make_workspace(tmp_path / "single", TINY_OVERRIDES)
+    single = make_workspace(tmp_path / "single", OVERRIDES)
     reference = repro_single_workspace(single)
 
     from pipelines import scale_out
@@ -106,6 +143,10 @@ def test_two_workers_share_only_the_remote_and_unchanged_stages_are_restored(tmp
             (tmp_path / "worker-b", STAGES_B),
         ):
             for stage in stages:
+                if (key, stage) == ("scheduled__1", "pretrain"):  # first on the other worker
+                    killed_at = kill_once_checkpointed(
+                        stage, key, tmp_path / "worker-a", project, remote, mlflow
+                    )
                 logs[key, stage] = run_task(stage, key, worker, project, remote, mlflow)
         # the run's lock from every stage's entry (what the DAG's dvc_lock task does)
         fresh = tmp_path / f"final-{key}"
@@ -127,6 +168,10 @@ def test_two_workers_share_only_the_remote_and_unchanged_stages_are_restored(tmp
             assert_same_tree(single / path, fresh / path)
         shutil.rmtree(fresh)
 
+    # the retry on worker B resumed where worker A's attempt was killed, then cleared the copy
+    assert 1 <= killed_at < 8
+    assert f"resuming after epoch {killed_at} of 8" in logs["scheduled__1", "pretrain"]
+    assert not list((remote / "lepton-runs" / "scheduled__1" / "checkpoints").glob("*"))
     for stage in STAGES_A + STAGES_B:
         assert f"scale-out task {stage}: ran" in logs["scheduled__1", stage]
         second = logs["scheduled__2", stage]

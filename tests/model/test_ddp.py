@@ -74,3 +74,49 @@ def test_ddp_classifier_fit_starts_from_the_given_weights(digits, tmp_path):
         predicted = model(torch.from_numpy(digits.images)).argmax(1).numpy()
     assert (predicted == digits.labels).mean() > 0.3  # chance: 0.1
     assert not torch.equal(model.state_dict()["head.weight"], start["head.weight"])
+
+
+def test_ddp_pretrain_killed_mid_fit_resumes_to_the_same_encoder(digits, tmp_path):
+    """SIGKILL the DDP fit (torchrun and both ranks) once an epoch is saved; the rerun
+    resumes after it, each rank with its own generators, to the same weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from pipelines.checkpoints import Checkpoint
+    from pipelines.io import write_image_table
+    from pipelines.stages.pretrain import pretrain
+
+    p = PretrainParams(strategy="ddp", devices=2, epochs=8, batch_size=64, embedding_dim=16)
+    reference, losses = pretrain(digits, p, 42, "cpu")
+
+    write_image_table(digits, tmp_path / "pool.parquet")
+    checkpoint = Checkpoint(tmp_path / "pretrain.safetensors")
+    script = (
+        "import sys; from pipelines.checkpoints import Checkpoint;"
+        "from pipelines.config import PretrainParams;"
+        "from pipelines.io import read_image_table;"
+        "from pipelines.stages.pretrain import pretrain;"
+        f"p = PretrainParams.model_validate_json({p.model_dump_json()!r});"
+        f"pretrain(read_image_table({str(tmp_path / 'pool.parquet')!r}), p, 42, 'cpu',"
+        f" checkpoint=Checkpoint(__import__('pathlib').Path({str(checkpoint.path)!r})))"
+    )
+    attempt = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 300
+    while (saved := checkpoint.load()) is None or saved[1]["epoch"] < 2:
+        assert attempt.poll() is None, "the fit ended before it was killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(attempt.pid, signal.SIGKILL)
+    attempt.wait()
+    killed_at = checkpoint.load()[1]["epoch"]
+    assert 2 <= killed_at < 8 and checkpoint.load()[1]["world_size"] == 2
+
+    resumed, resumed_losses = pretrain(digits, p, 42, "cpu", checkpoint=checkpoint)
+    assert resumed_losses == losses
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key

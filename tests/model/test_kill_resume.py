@@ -25,10 +25,11 @@ from tests.kill_harness import checkpoint_progress, kill_until_done, outputs_dig
 
 pytestmark = pytest.mark.slow
 
-KILLS = 5  # per stage: 10 kills over the two stages
+KILLS = 5  # per test: 15 kills over the two stages
 
 FEDERATE = {"rounds": 8, "local_epochs": 1, "augment": False, "min_local_steps": 0}
 PRETRAIN = {"epochs": 30, "batch_size": 64, "embedding_dim": 16, "warmup_epochs": 2}
+RECORD_DP = {"enabled": True, "unit": "record", "noise_multiplier": 1.0, "sample_rate": 0.25}
 
 
 def set_param(root: Path, section: str, key: str, value) -> None:
@@ -58,11 +59,14 @@ def kill_and_check(
     weights: str,
     seed: int,
     as_airflow_task: bool = False,
+    same: tuple[str, ...] = (),
 ):
-    """The kill series of the module docstring for ``stage`` (``total`` epochs or rounds)."""
+    """The kill series of the module docstring for ``stage`` (``total`` epochs or rounds);
+    the files in ``same`` must also end as the uninterrupted run wrote them."""
     outputs = [f"models/{stage}", f"reports/{stage}.json"]
     timing = timed_run(root, stage)
     reference = (root / weights).read_bytes()
+    reference_files = outputs_digest(root, list(same))
     assert checkpoint_progress(root, stage) == 0, "the checkpoint is cleared after the commit"
 
     set_param(root, stage, unit, 3)
@@ -89,6 +93,7 @@ def kill_and_check(
             assert kill.checkpointed >= kill.reported - 1, (number, kill)
     assert series.resumed_from, "no attempt resumed from a checkpoint"
     assert (root / weights).read_bytes() == reference
+    assert outputs_digest(root, list(same)) == reference_files
     assert checkpoint_progress(root, stage) == 0
     leftovers = [p.name for p in (root / "models").iterdir() if ".tmp-" in p.name]
     assert not leftovers, leftovers
@@ -100,6 +105,30 @@ def test_federate_killed_again_and_again_resumes_to_the_same_weights(tmp_path):
     weights = "models/federate/model.safetensors"
     kill_and_check(root, "federate", "rounds", 8, weights, seed=7)
     assert json.loads((root / "reports/federate.json").read_text())["rounds"] == 8
+
+
+def record_dp_workspace(tmp_path: Path) -> Path:
+    """Four digits clients under record-level DP on the fixed scattering features."""
+    federate = {**FEDERATE, "learning_rate": 2.0, "dp": RECORD_DP}
+    root = make_workspace(
+        tmp_path / "ws", {"federate": federate, "pretrain": {"method": "scattering"}}
+    )
+    make_federation_workspace(
+        root, clients=4, rows_per_client=None, shuffle_seed=0, encoder_kind="scattering"
+    )
+    return root
+
+
+def test_record_level_federate_killed_resumes_its_accountants(tmp_path):
+    """Under record-level DP the checkpoint holds each client's accountant and noisy row
+    count: the resumed run ends with the same head, the same counts and the same ε."""
+    root = record_dp_workspace(tmp_path)
+    weights = "models/federate/model.safetensors"
+    kill_and_check(
+        root, "federate", "rounds", 8, weights, seed=9, same=("models/federate/sites.json",)
+    )
+    sites = json.loads((root / "models/federate/sites.json").read_text())
+    assert all(site["rows"] is None and site["epsilon"] > 0 for site in sites)
 
 
 def test_pretrain_killed_as_an_airflow_task_resumes_on_each_retry(tmp_path):

@@ -128,3 +128,98 @@ def test_federation_resumes_after_an_interrupted_round_to_the_same_model(tmp_pat
     )
     assert resumed_history == history
     assert states_equal(model.state_dict(), reference.state_dict())
+
+
+def test_record_level_federation_resumes_with_its_accountants(tmp_path):
+    """Under record-level DP the checkpoint also holds every client's accountant and noisy
+    row count: the resumed run releases nothing twice and ends at the same ε and head."""
+    from pipelines.federated.record_federation import run_record_federation
+    from pipelines.models.encoder import build_encoder, encoder_config
+
+    torch.manual_seed(0)
+    encoder = build_encoder(encoder_config(16, (8, 16), groups=4)).eval()
+    clients = [digits(80, 0), digits(80, 80), digits(80, 160)]
+    names = ["a", "b", "c"]
+    val = digits(100, 400)
+    p = FederateParams(
+        rounds=4,
+        local_epochs=1,
+        client_fraction=0.67,
+        dp={"enabled": True, "unit": "record", "noise_multiplier": 1.5, "sample_rate": 0.25},
+    )
+    reference, history, released = run_record_federation(
+        encoder, clients, names, val, p, seed=9, device="cpu"
+    )
+
+    checkpoint = Checkpoint(tmp_path / "federate.safetensors")
+
+    def stop_after_2(round_index, row):
+        if round_index == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_record_federation(
+            encoder, clients, names, val, p, 9, "cpu", stop_after_2, checkpoint=checkpoint
+        )
+    saved = checkpoint.load()[1]
+    assert saved["round"] == 2 and len(saved["accountants"]) == 3
+    seen = []
+    model, resumed_history, resumed_released = run_record_federation(
+        encoder, clients, names, val, p, 9, "cpu", lambda r, _: seen.append(r), checkpoint
+    )
+    assert seen == [1, 2, 3, 4]  # the saved rounds are reported again, then 3 and 4 run
+    assert resumed_released == released  # same noisy counts, same ε: nothing spent twice
+    assert np.array_equal(
+        np.array([row["val_accuracy"] for row in resumed_history]),
+        np.array([row["val_accuracy"] for row in history]),
+    )
+    assert [row["epsilon"] for row in resumed_history] == [row["epsilon"] for row in history]
+    assert states_equal(model.state_dict(), reference.state_dict())
+
+
+def test_federated_pretraining_resumes_after_an_interrupted_round(tmp_path):
+    from pipelines.federated.ssl import pretrain_federated
+
+    clients = [digits(64, 0), digits(64, 64)]
+    p = PretrainParams(
+        mode="federated", rounds=3, local_epochs=1, client_batch_size=32, embedding_dim=16
+    )
+    reference, losses = pretrain_federated(clients, p, seed=4, device="cpu")
+
+    checkpoint = Checkpoint(tmp_path / "pretrain.safetensors")
+
+    def stop_after_2(round_index, loss):
+        if round_index == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        pretrain_federated(clients, p, 4, "cpu", stop_after_2, checkpoint)
+    assert checkpoint.load()[1]["round"] == 2
+    resumed, resumed_losses = pretrain_federated(clients, p, 4, "cpu", checkpoint=checkpoint)
+    assert resumed_losses == losses
+    assert states_equal(resumed.state_dict(), reference.state_dict())
+
+
+def test_pretraining_on_a_streamed_pool_resumes_to_the_same_encoder(tmp_path):
+    """A pool over ``common.memory_budget_mb`` is read from disk each epoch; a resumed fit
+    streams the epochs left in the order an uninterrupted one would."""
+    from pipelines.io import TableStream, write_image_table
+    from pipelines.stages.pretrain import pretrain
+
+    write_image_table(digits(200), tmp_path / "pool.parquet")
+    stream = TableStream.from_file(tmp_path / "pool.parquet", batch_rows=48)
+    p = PretrainParams(epochs=4, batch_size=32, warmup_epochs=1, embedding_dim=16)
+    reference, losses = pretrain(stream, p, seed=6, device="cpu")
+
+    checkpoint = Checkpoint(tmp_path / "pretrain.safetensors")
+
+    def stop_at_3(epoch, loss):
+        if epoch == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        pretrain(stream, p, 6, "cpu", on_epoch=stop_at_3, checkpoint=checkpoint)
+    assert checkpoint.load()[1]["epoch"] == 2
+    resumed, resumed_losses = pretrain(stream, p, 6, "cpu", checkpoint=checkpoint)
+    assert resumed_losses == losses
+    assert states_equal(resumed.state_dict(), reference.state_dict())
