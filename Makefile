@@ -45,7 +45,7 @@ run: setup  ## run the pipeline once through Airflow (`airflow dags test`) and p
 test: setup flower-setup  ## lint, registry/dvc.yaml sync, then every test (unit, data, model, DAG, end-to-end, Flower loopback)
 	$(BIN)/ruff check .
 	$(BIN)/lepton dvc render --check
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
 
 test-fast: setup  ## unit tests only (no whole-pipeline runs)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -19,6 +19,17 @@ class Interrupted(Exception):
     epoch or round (federate) or before it (pretrain: the hook runs first)."""
 
 
+def stop_at(unit: int):
+    """A progress hook (``(epoch or round, loss or row)``) that stands in for a kill at
+    epoch or round ``unit``."""
+
+    def hook(index, _):
+        if index == unit:
+            raise Interrupted
+
+    return hook
+
+
 def digits(rows: int, start: int = 0) -> ImageTable:
     from sklearn.datasets import load_digits
 
@@ -70,12 +81,8 @@ def test_pretrain_resumes_after_an_interrupted_epoch_to_the_same_encoder(tmp_pat
 
     checkpoint = Checkpoint(tmp_path / "pretrain.safetensors")
 
-    def stop_at_4(epoch, loss):
-        if epoch == 4:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        pretrain(pool, p, seed=3, device="cpu", on_epoch=stop_at_4, checkpoint=checkpoint)
+        pretrain(pool, p, seed=3, device="cpu", on_epoch=stop_at(4), checkpoint=checkpoint)
     assert checkpoint.load()[1]["epoch"] == 3  # the hook runs before the epoch's save
     seen = []
     resumed, resumed_losses = pretrain(
@@ -106,10 +113,6 @@ def test_federation_resumes_after_an_interrupted_round_to_the_same_model(tmp_pat
 
     checkpoint = Checkpoint(tmp_path / "federate.safetensors")
 
-    def stop_after_2(round_index, row):
-        if round_index == 2:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
         run_federation(
             config,
@@ -119,7 +122,7 @@ def test_federation_resumes_after_an_interrupted_round_to_the_same_model(tmp_pat
             p,
             seed=5,
             device="cpu",
-            on_round=stop_after_2,
+            on_round=stop_at(2),
             checkpoint=checkpoint,
         )
     assert checkpoint.load()[1]["round"] == 2
@@ -153,13 +156,9 @@ def test_record_level_federation_resumes_with_its_accountants(tmp_path):
 
     checkpoint = Checkpoint(tmp_path / "federate.safetensors")
 
-    def stop_after_2(round_index, row):
-        if round_index == 2:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
         run_record_federation(
-            encoder, clients, names, val, p, 9, "cpu", stop_after_2, checkpoint=checkpoint
+            encoder, clients, names, val, p, 9, "cpu", stop_at(2), checkpoint=checkpoint
         )
     saved = checkpoint.load()[1]
     assert saved["round"] == 2 and len(saved["accountants"]) == 3
@@ -188,12 +187,8 @@ def test_federated_pretraining_resumes_after_an_interrupted_round(tmp_path):
 
     checkpoint = Checkpoint(tmp_path / "pretrain.safetensors")
 
-    def stop_after_2(round_index, loss):
-        if round_index == 2:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        pretrain_federated(clients, p, 4, "cpu", stop_after_2, checkpoint)
+        pretrain_federated(clients, p, 4, "cpu", stop_at(2), checkpoint)
     assert checkpoint.load()[1]["round"] == 2
     resumed, resumed_losses = pretrain_federated(clients, p, 4, "cpu", checkpoint=checkpoint)
     assert resumed_losses == losses
@@ -213,12 +208,8 @@ def test_pretraining_on_a_streamed_pool_resumes_to_the_same_encoder(tmp_path):
 
     checkpoint = Checkpoint(tmp_path / "pretrain.safetensors")
 
-    def stop_at_3(epoch, loss):
-        if epoch == 3:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        pretrain(stream, p, 6, "cpu", on_epoch=stop_at_3, checkpoint=checkpoint)
+        pretrain(stream, p, 6, "cpu", on_epoch=stop_at(3), checkpoint=checkpoint)
     assert checkpoint.load()[1]["epoch"] == 2
     resumed, resumed_losses = pretrain(stream, p, 6, "cpu", checkpoint=checkpoint)
     assert resumed_losses == losses
