@@ -22,6 +22,7 @@ moments (tests/kill_harness.py) and one that finishes. It reports:
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -44,12 +45,13 @@ from tests.model.test_kill_resume import (  # noqa: E402
 CASES = {
     "federate": ("federate", "rounds", 8, "models/federate/model.safetensors", stage_workspace),
     "pretrain": ("pretrain", "epochs", 30, "models/pretrain/encoder.safetensors", stage_workspace),
+    # its rounds take milliseconds: each attempt adds about one, so more rounds for 10 kills
     "federate_record_dp": (
         "federate",
         "rounds",
-        8,
+        16,
         "models/federate/model.safetensors",
-        record_dp_workspace,
+        functools.partial(record_dp_workspace, rounds=16),
     ),
 }
 

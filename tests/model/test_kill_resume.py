@@ -107,9 +107,9 @@ def test_federate_killed_again_and_again_resumes_to_the_same_weights(tmp_path):
     assert json.loads((root / "reports/federate.json").read_text())["rounds"] == 8
 
 
-def record_dp_workspace(tmp_path: Path) -> Path:
+def record_dp_workspace(tmp_path: Path, rounds: int = 8) -> Path:
     """Four digits clients under record-level DP on the fixed scattering features."""
-    federate = {**FEDERATE, "learning_rate": 2.0, "dp": RECORD_DP}
+    federate = {**FEDERATE, "rounds": rounds, "learning_rate": 2.0, "dp": RECORD_DP}
     root = make_workspace(
         tmp_path / "ws", {"federate": federate, "pretrain": {"method": "scattering"}}
     )
