@@ -64,9 +64,14 @@ def checkpoint_from_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict[st
     """``(tensors, meta)`` of the bytes :func:`checkpoint_bytes` wrote."""
     from safetensors.torch import load
 
+    return load(data), checkpoint_meta(data)
+
+
+def checkpoint_meta(data: bytes) -> dict[str, Any]:
+    """The ``meta`` of checkpoint bytes, read from the header alone (no tensor)."""
     header_size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_size])
-    return load(data), json.loads(header["__metadata__"][META_KEY])
+    return json.loads(header["__metadata__"][META_KEY])
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class Checkpoint:
 
     path: Path
     mirror: CheckpointMirror | None = None
+    owner: str | None = None  # the MLflow run saving it: written into every save's meta
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """``(tensors, meta)`` of the last save, or None when there is none."""
@@ -88,8 +94,15 @@ class Checkpoint:
             return self.path.read_bytes()
         return self.mirror.read(self.path.name) if self.mirror is not None else None
 
+    def saved_meta(self) -> dict[str, Any] | None:
+        """The ``meta`` of the last save (``owner`` included), or None."""
+        data = self.read_bytes()
+        return None if data is None else checkpoint_meta(data)
+
     def save(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Replace the checkpoint with ``tensors`` and ``meta`` (JSON-able), atomically."""
+        if self.owner is not None:
+            meta = {**meta, "owner": self.owner}
         self.save_bytes(checkpoint_bytes(tensors, meta))
 
     def save_bytes(self, data: bytes) -> None:

@@ -378,7 +378,11 @@ def make_server_app(package_dir: Path):
             device,
             lambda _round, row: report_progress({**row, "site_losses": dict(site_losses)}),
             collect=collect,
-            checkpoint=RelayedCheckpoint(blobs.get("resume")) if spec.get("checkpoint") else None,
+            checkpoint=(
+                RelayedCheckpoint(blobs.get("resume"), spec.get("checkpoint_owner"))
+                if spec.get("checkpoint")
+                else None
+            ),
             **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),
         )
         final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

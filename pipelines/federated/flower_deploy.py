@@ -523,8 +523,8 @@ class RelayedCheckpoint:
 
     path = "the workspace's checkpoint, sent in the run spec"
 
-    def __init__(self, resume: bytes | None):
-        self.resume = resume
+    def __init__(self, resume: bytes | None, owner: str | None = None):
+        self.resume, self.owner = resume, owner
 
     def load(self):
         """``(tensors, meta)`` of the workspace's checkpoint, or None."""
@@ -536,6 +536,8 @@ class RelayedCheckpoint:
         """Send the round's checkpoint to the workspace (one marked line)."""
         from pipelines.checkpoints import checkpoint_bytes
 
+        if self.owner is not None:
+            meta = {**meta, "owner": self.owner}
         data = encode_blob(checkpoint_bytes(tensors, meta))
         print(CHECKPOINT_MARK + json.dumps({"round": meta["round"], "data": data}), flush=True)
 
@@ -696,6 +698,7 @@ def run_federated_job(
     on_checkpoint = None
     if checkpoint is not None:
         spec["checkpoint"] = True
+        spec["checkpoint_owner"] = checkpoint.owner
         on_checkpoint = checkpoint.save_bytes
         if (saved := checkpoint.read_bytes()) is not None:
             from pipelines.checkpoints import checkpoint_from_bytes

@@ -9,16 +9,21 @@ which the accountant treats as Poisson sampling at rate ``q`` (the usual approxi
 federated DP; documented in docs/federated.md).
 
 The **ledger** keeps the ``ε`` spent on each data version (the content hash of the clients'
-union) across pipeline runs, in the MLflow store: every private ``federate`` run records
-``privacy.epsilon_spent`` and tags ``lepton.privacy.data_sha256``; the total is the sum over
-those runs (sequential composition, the conservative bound). ``federate`` refuses a run that
-would take the total past ``privacy.max_epsilon``; ``register`` refuses to promote a model
-whose ``ε`` is above it.
+union) across pipeline runs, in the MLflow store: every private ``federate`` run tags
+``lepton.privacy.data_sha256`` when its training starts, logs ``round_epsilon`` (its ``ε``
+so far) each round and ``privacy.epsilon_spent`` when it finishes; the total is the sum over
+those runs (sequential composition, the conservative bound). A run that did not finish (a
+kill, a failure) released its rounds all the same, so it counts with the last
+``round_epsilon`` it logged, unless a later run resumed from its checkpoint: that run's
+accountant went on from it, and it tags the one it resumed ``lepton.privacy.carried_by``
+(:func:`ledger_spend`). ``federate`` refuses a run that would take the total past
+``privacy.max_epsilon``; ``register`` refuses to promote a model whose ``ε`` is above it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 
@@ -26,6 +31,8 @@ from pipelines.errors import LeptonError
 
 DATA_TAG = "lepton.privacy.data_sha256"
 EPSILON_METRIC = "privacy.epsilon_spent"
+ROUND_EPSILON_METRIC = "round_epsilon"  # a run's ε so far, logged each round
+CARRIED_TAG = "lepton.privacy.carried_by"  # on a run a later run resumed: that run's id
 EPSILON_TAG = "lepton.privacy.epsilon"
 
 
@@ -77,14 +84,32 @@ def rounds_within(
     return low
 
 
-def spent_epsilon(mlflow_client, experiment_ids: list[str], data_sha256: str) -> float:
-    """Total ``ε`` the ledger holds for data version ``data_sha256`` (finished runs)."""
+def ledger_spend(run, final_metric: str) -> float:
+    """The ``ε`` an MLflow ``run`` adds to the ledger: ``final_metric`` when it finished;
+    nothing when a later run resumed it (``lepton.privacy.carried_by``: that run's ``ε``
+    includes its rounds); else the last ``round_epsilon`` it logged (a killed or failed run
+    released its rounds; a run still going counts what it has spent so far)."""
+    metrics = run.data.metrics
+    if run.info.status == "FINISHED":
+        return float(metrics.get(final_metric, 0.0))
+    if CARRIED_TAG in run.data.tags:
+        return 0.0
+    return float(metrics.get(ROUND_EPSILON_METRIC, 0.0))
+
+
+def spent_epsilon(
+    mlflow_client, experiment_ids: list[str], data_sha256: str, carried: Collection[str] = ()
+) -> float:
+    """Total ``ε`` the ledger holds for data version ``data_sha256`` (:func:`ledger_spend`
+    of every run tagged with it but the ``carried`` run ids: a run about to resume them)."""
     runs = mlflow_client.search_runs(
         experiment_ids,
-        filter_string=f"tags.`{DATA_TAG}` = '{data_sha256}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{DATA_TAG}` = '{data_sha256}'",
         max_results=10_000,
     )
-    return float(sum(run.data.metrics.get(EPSILON_METRIC, 0.0) for run in runs))
+    return float(
+        sum(ledger_spend(run, EPSILON_METRIC) for run in runs if run.info.run_id not in carried)
+    )
 
 
 def check_budget(spent: float, planned: float, max_epsilon: float | None, data: str) -> None:
@@ -116,18 +141,24 @@ def client_epsilon_key(data_sha256: str) -> str:
 
 
 def spent_epsilon_by_client(
-    mlflow_client, experiment_ids: list[str], client_hashes: list[str]
+    mlflow_client,
+    experiment_ids: list[str],
+    client_hashes: list[str],
+    carried: Collection[str] = (),
 ) -> dict[str, float]:
-    """Total ``ε`` the ledger holds for each client data version (finished runs)."""
+    """Total ``ε`` the ledger holds for each client data version (:func:`ledger_spend` of
+    every run with the client's metric: a record-level run logs it as 0 when its training
+    starts, and its final value when it finishes; until then ``round_epsilon``, the largest
+    ``ε`` of its clients, stands for each), but the ``carried`` run ids."""
     spent = {}
     for data_sha256 in client_hashes:
         key = client_epsilon_key(data_sha256)
         runs = mlflow_client.search_runs(
-            experiment_ids,
-            filter_string=f"metrics.`{key}` >= 0 and attributes.status = 'FINISHED'",
-            max_results=10_000,
+            experiment_ids, filter_string=f"metrics.`{key}` >= 0", max_results=10_000
         )
-        spent[data_sha256] = float(sum(run.data.metrics.get(key, 0.0) for run in runs))
+        spent[data_sha256] = float(
+            sum(ledger_spend(run, key) for run in runs if run.info.run_id not in carried)
+        )
     return spent
 
 

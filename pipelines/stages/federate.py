@@ -21,9 +21,10 @@ shard is read here, the run goes to that SuperLink, and each site's metrics are 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from pipelines.config import (
 )
 from pipelines.errors import ConfigError, GateError
 from pipelines.federated.privacy import (
+    CARRIED_TAG,
     DATA_TAG,
     DELTA_TAG,
     EPSILON_METRIC,
@@ -212,9 +214,14 @@ def write_rounds(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def check_privacy_budget(
-    params: Params, tracker: StageTracker, data_sha256: str, num_clients: int
+    params: Params,
+    tracker: StageTracker,
+    data_sha256: str,
+    num_clients: int,
+    carried: Collection[str] = (),
 ) -> tuple[float, float]:
-    """``(ε spent before, ε this run will spend)``; raises when the ledger refuses the run."""
+    """``(ε spent before, ε this run will spend)``; raises when the ledger refuses the run.
+    ``carried``: runs this one resumes (their rounds are in this run's ``ε``)."""
     from pipelines.federated.fedavg import planned_rounds
     from pipelines.federated.privacy import check_budget, spent_epsilon
 
@@ -222,9 +229,26 @@ def check_privacy_budget(
     if params.privacy.max_epsilon is None and not params.federate.dp.enabled:
         return 0.0, planned  # no budget to check, nothing to record
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
-    spent = spent_epsilon(tracker.client, [experiment], data_sha256)
+    spent = spent_epsilon(tracker.client, [experiment], data_sha256, carried)
     check_budget(spent, planned, params.privacy.max_epsilon, data_sha256)
     return spent, planned
+
+
+def resumed_private_run(checkpoint: Checkpoint, tracker: StageTracker) -> dict[str, object]:
+    """``{"owner", "round"}``: the MLflow run that saved ``checkpoint`` and the round this
+    run resumes after, when that run did not finish (killed or failed: its rounds become
+    this run's); else empty (no checkpoint, this run's own, a finished or unknown run)."""
+    from mlflow.exceptions import MlflowException
+
+    saved = checkpoint.saved_meta()
+    owner = saved.get("owner") if saved is not None else None
+    if owner is None or owner == tracker.run_id:
+        return {}
+    try:
+        status = tracker.client.get_run(owner).info.status
+    except MlflowException:  # another store's run: count it where it is
+        return {}
+    return {} if status == "FINISHED" else {"owner": owner, "round": int(saved["round"])}
 
 
 def record_level(p: FederateParams) -> bool:
@@ -249,12 +273,13 @@ def check_record_features(encoder, encoder_path: Path) -> None:
 
 
 def check_record_budgets(
-    params: Params, tracker: StageTracker, shard_tables: list
+    params: Params, tracker: StageTracker, shard_tables: list, carried: Collection[str] = ()
 ) -> tuple[dict[str, str], dict[str, float], float]:
     """``(hash → shard file, ε spent before per client hash, ε this run plans)`` for
     record-level DP; raises when a client would pass ``privacy.max_epsilon``. A remote
     federation's sites are one entry, keyed by its address (:func:`remote_data_key`): the
-    run records the largest ``ε`` any of its sites reported."""
+    run records the largest ``ε`` any of its sites reported. ``carried``: runs this one
+    resumes."""
     from pipelines.federated.privacy import check_client_budgets, spent_epsilon_by_client
     from pipelines.federated.record_federation import plan_record_run
 
@@ -268,7 +293,7 @@ def check_record_budgets(
             for path, table in shard_tables
         }
     experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
-    spent = spent_epsilon_by_client(tracker.client, [experiment], list(names))
+    spent = spent_epsilon_by_client(tracker.client, [experiment], list(names), carried)
     check_client_budgets(spent, names, planned, params.privacy.max_epsilon)
     return names, spent, planned
 
@@ -318,10 +343,17 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     num_clients = federation.sites if federation.remote else len(clients)
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
     record = record_level(p)
+    checkpoint = stage_checkpoint(paths.root, "federate", params)  # each round, to resume
+    for stale in stale_checkpoints(paths.root, "federate", checkpoint):
+        stale.unlink(missing_ok=True)
+    checkpoint = dataclasses.replace(checkpoint, owner=tracker.run_id)
+    # a run this one resumes: its rounds become this run's (the ledger counts them once)
+    resumed = resumed_private_run(checkpoint, tracker) if p.dp.enabled else {}
+    carried = {str(resumed["owner"])} if resumed else set()
     if record:
         check_record_features(encoder, paths.model_dir("pretrain") / "encoder.json")
         client_files, spent_by_client, planned_epsilon = check_record_budgets(
-            params, tracker, shard_tables
+            params, tracker, shard_tables, carried
         )
         spent_before = max(spent_by_client.values(), default=0.0)
         log.info(
@@ -332,7 +364,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         )
     else:
         spent_before, planned_epsilon = check_privacy_budget(
-            params, tracker, data_sha256, num_clients
+            params, tracker, data_sha256, num_clients, carried
         )
     if p.dp.enabled and not record:
         log.info(
@@ -357,6 +389,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         for site, loss in row.get("site_losses", {}).items():  # Flower: each site's own loss
             per_round[f"site.{site_key(site)}.round_train_loss"] = loss
         tracker.log_metrics(per_round, step=round_index)
+        if resumed and round_index == resumed["round"]:  # its rounds are logged here now
+            tracker.client.set_tag(str(resumed["owner"]), CARRIED_TAG, tracker.run_id)
         log.info(
             "round %d/%d val_accuracy=%.4f train_loss=%.4f clients %d/%d%s",
             round_index,
@@ -381,9 +415,10 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     if any(isinstance(t, TableStream) for t in clients):
         log.info("client shards over common.memory_budget_mb: read from disk in chunks")
     start = time.perf_counter()
-    checkpoint = stage_checkpoint(paths.root, "federate", params)  # each round, to resume
-    for stale in stale_checkpoints(paths.root, "federate", checkpoint):
-        stale.unlink(missing_ok=True)
+    if p.dp.enabled:  # in the ledger from its first round on, killed or not
+        tracker.set_tags({DATA_TAG: data_sha256, UNIT_TAG: p.dp.unit, DELTA_TAG: str(p.dp.delta)})
+        if record:
+            tracker.log_metrics({client_epsilon_key(sha): 0.0 for sha in client_files})
     if p.runtime == "flower":
         import tempfile
 

@@ -24,6 +24,8 @@ pytestmark = [
 
 
 class Tracker:
+    run_id = None  # no MLflow run: checkpoints have no owner
+
     def __init__(self) -> None:
         self.metrics: list[tuple[dict, int]] = []
 

@@ -75,6 +75,43 @@ def test_ledger_accumulates_and_refuses_a_run_past_the_budget(workspace: Path):
     assert second["ledger_epsilon_total"] == pytest.approx(2 * first["epsilon"])
 
 
+class Interrupted(Exception):
+    """Stands in for a kill of the stage after a round was logged."""
+
+
+def test_an_interrupted_run_counts_until_a_later_run_resumes_it(workspace: Path):
+    """A run that dies after round 2 of 3 released two rounds: the ledger counts its last
+    round_epsilon. The rerun resumes from its checkpoint, so its ε includes them: it tags
+    the dead run carried_by itself and the ledger then holds one run's ε, not two."""
+    from pipelines.federated.privacy import CARRIED_TAG, DATA_TAG, spent_epsilon
+
+    p = params(max_epsilon=None, rounds=3)
+    with pytest.raises(Interrupted):
+        with stage_run("federate", workspace, "lepton") as dead:
+            log_metrics = dead.log_metrics
+
+            def die_after_round_2(metrics, step=None):
+                log_metrics(metrics, step=step)
+                if step == 2:
+                    raise Interrupted
+
+            dead.log_metrics = die_after_round_2
+            federate.run(p, Paths(workspace), dead)
+    mlflow = client(workspace)
+    run = mlflow.get_run(dead.run_id)
+    assert run.info.status == "FAILED"
+    data = run.data.tags[DATA_TAG]
+    experiment = [run.info.experiment_id]
+    released = run.data.metrics["round_epsilon"]
+    assert 0 < released == pytest.approx(spent_epsilon(mlflow, experiment, data))
+
+    tracker, metrics = run_federate(workspace, p)
+    assert metrics["rounds"] == 3 and metrics["epsilon"] > released
+    assert mlflow.get_run(dead.run_id).data.tags[CARRIED_TAG] == tracker.run_id
+    assert spent_epsilon(mlflow, experiment, data) == pytest.approx(metrics["epsilon"])
+    assert metrics["ledger_epsilon_total"] == pytest.approx(metrics["epsilon"])
+
+
 def test_a_budget_refuses_a_run_without_dp(workspace: Path):
     no_dp = params(max_epsilon=8.0, dp=DPParams(enabled=False))
     with pytest.raises(PrivacyBudgetError, match="dp is off"):
