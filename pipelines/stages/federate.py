@@ -390,6 +390,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
             per_round[f"site.{site_key(site)}.round_train_loss"] = loss
         tracker.log_metrics(per_round, step=round_index)
         if resumed and round_index == resumed["round"]:  # its rounds are logged here now
+            if (saved := checkpoint.load()) is not None:
+                checkpoint.save(*saved)  # owned by this run now: a later resume carries it
             tracker.client.set_tag(str(resumed["owner"]), CARRIED_TAG, tracker.run_id)
         log.info(
             "round %d/%d val_accuracy=%.4f train_loss=%.4f clients %d/%d%s",

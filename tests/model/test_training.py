@@ -127,6 +127,8 @@ def test_saved_weights_reload_with_identical_logits(tmp_path: Path, digits) -> N
 class RecordingTracker:
     """Stands in for StageTracker: keeps every call."""
 
+    run_id = None  # no MLflow run: checkpoints have no owner
+
     def __init__(self) -> None:
         self.metrics: list[tuple[dict, int]] = []
         self.datasets: list[tuple[str, str, str]] = []
