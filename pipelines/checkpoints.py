@@ -22,6 +22,7 @@ copied into the DVC remote, ``lepton-runs/<run>/checkpoints/`` (a :class:`Checkp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,11 +52,16 @@ class CheckpointMirror(Protocol):
         """Delete the checkpoint file ``name`` (if there is one)."""
 
 
-def checkpoint_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+def checkpoint_bytes(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], owner: str | None = None
+) -> bytes:
     """``tensors`` and ``meta`` (JSON-able) as the bytes of a checkpoint file (a ServerApp on
-    Flower sends its rounds' checkpoints to the workspace this way)."""
+    Flower sends its rounds' checkpoints to the workspace this way); ``owner``, the MLflow
+    run saving it, goes into the meta."""
     from safetensors.torch import save
 
+    if owner is not None:
+        meta = {**meta, "owner": owner}
     state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     return save(state, metadata={META_KEY: json.dumps(meta)})
 
@@ -101,9 +107,7 @@ class Checkpoint:
 
     def save(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Replace the checkpoint with ``tensors`` and ``meta`` (JSON-able), atomically."""
-        if self.owner is not None:
-            meta = {**meta, "owner": self.owner}
-        self.save_bytes(checkpoint_bytes(tensors, meta))
+        self.save_bytes(checkpoint_bytes(tensors, meta, self.owner))
 
     def save_bytes(self, data: bytes) -> None:
         """Replace the checkpoint with ``data`` (:func:`checkpoint_bytes`), atomically."""
@@ -176,6 +180,17 @@ def stage_checkpoint(root: Path, stage_name: str, params) -> Checkpoint:
         dumped = json.dumps(params.model_dump(mode="json"), sort_keys=True)
         key = hashlib.sha256(dumped.encode()).hexdigest()[:16]
     return Checkpoint(root / CHECKPOINT_DIR / f"{stage_name}-{key}.safetensors", mirror)
+
+
+def open_stage_checkpoint(
+    root: Path, stage_name: str, params, owner: str | None = None
+) -> Checkpoint:
+    """:func:`stage_checkpoint`, saved by MLflow run ``owner``; the stage's checkpoints of
+    other inputs are deleted (they can never resume)."""
+    checkpoint = dataclasses.replace(stage_checkpoint(root, stage_name, params), owner=owner)
+    for stale in stale_checkpoints(root, stage_name, checkpoint):
+        stale.unlink(missing_ok=True)
+    return checkpoint
 
 
 def stale_checkpoints(root: Path, stage_name: str, keep: Checkpoint) -> list[Path]:

@@ -379,8 +379,8 @@ def make_server_app(package_dir: Path):
             lambda _round, row: report_progress({**row, "site_losses": dict(site_losses)}),
             collect=collect,
             checkpoint=(
-                RelayedCheckpoint(blobs.get("resume"), spec.get("checkpoint_owner"))
-                if spec.get("checkpoint")
+                RelayedCheckpoint(blobs.get("resume"), spec["checkpoint"]["owner"])
+                if "checkpoint" in spec
                 else None
             ),
             **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),

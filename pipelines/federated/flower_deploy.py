@@ -536,9 +536,7 @@ class RelayedCheckpoint:
         """Send the round's checkpoint to the workspace (one marked line)."""
         from pipelines.checkpoints import checkpoint_bytes
 
-        if self.owner is not None:
-            meta = {**meta, "owner": self.owner}
-        data = encode_blob(checkpoint_bytes(tensors, meta))
+        data = encode_blob(checkpoint_bytes(tensors, meta, self.owner))
         print(CHECKPOINT_MARK + json.dumps({"round": meta["round"], "data": data}), flush=True)
 
 
@@ -697,14 +695,13 @@ def run_federated_job(
     spec = {**spec, "num_clients": sites, "site_wait_seconds": federation.site_wait_seconds}
     on_checkpoint = None
     if checkpoint is not None:
-        spec["checkpoint"] = True
-        spec["checkpoint_owner"] = checkpoint.owner
+        spec["checkpoint"] = {"owner": checkpoint.owner}
         on_checkpoint = checkpoint.save_bytes
         if (saved := checkpoint.read_bytes()) is not None:
-            from pipelines.checkpoints import checkpoint_from_bytes
+            from pipelines.checkpoints import checkpoint_meta
 
             blobs = {**blobs, "resume": saved}
-            done = checkpoint_from_bytes(saved)[1]["round"]
+            done = checkpoint_meta(saved)["round"]
             log.info("resuming after round %d (%s)", done, checkpoint.path)
     app = package_app(app_dir, work_dir, spec, blobs)
     started = (

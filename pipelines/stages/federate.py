@@ -21,14 +21,13 @@ shard is read here, the run goes to that SuperLink, and each site's metrics are 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.checkpoints import stage_checkpoint, stale_checkpoints
+from pipelines.checkpoints import open_stage_checkpoint
 from pipelines.config import (
     ROWS_THAT_COST_CLIENTS_NO_PRIVACY,
     FederateParams,
@@ -343,10 +342,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     num_clients = federation.sites if federation.remote else len(clients)
     tracker.log_dataset("val", val_path, content_sha256(val), "validation")
     record = record_level(p)
-    checkpoint = stage_checkpoint(paths.root, "federate", params)  # each round, to resume
-    for stale in stale_checkpoints(paths.root, "federate", checkpoint):
-        stale.unlink(missing_ok=True)
-    checkpoint = dataclasses.replace(checkpoint, owner=tracker.run_id)
+    checkpoint = open_stage_checkpoint(paths.root, "federate", params, tracker.run_id)
     # a run this one resumes: its rounds become this run's (the ledger counts them once)
     resumed = resumed_private_run(checkpoint, tracker) if p.dp.enabled else {}
     carried = {str(resumed["owner"])} if resumed else set()
@@ -510,8 +506,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
             )
     if p.dp.enabled:
         # the ledger entry: this run's ε on this data version (see pipelines.federated.privacy)
-        tracker.log_metrics({EPSILON_METRIC: metrics["epsilon"]})
-        tracker.set_tags({DATA_TAG: data_sha256, UNIT_TAG: p.dp.unit, DELTA_TAG: str(p.dp.delta)})
+        tracker.log_metrics({EPSILON_METRIC: metrics["epsilon"]})  # its tags: set at start
     if record:  # and each client's own ε on its data version
         tracker.log_metrics(client_epsilons(client_files, sites, federation.remote))
     tracker.log_artifact(out, "federate")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.checkpoints import stage_checkpoint, stale_checkpoints
+from pipelines.checkpoints import open_stage_checkpoint
 from pipelines.config import Params, PretrainParams
 from pipelines.errors import ConfigError
 from pipelines.io import (
@@ -154,7 +154,8 @@ def _pretrain_ddp(
     checkpoint: Checkpoint | None = None,
 ) -> tuple[Encoder | None, list[float]]:
     """:func:`pretrain` in DDP processes (:mod:`pipelines.models.distributed`); with a
-    ``checkpoint`` on one node the fit saves every epoch and resumes from a saved one."""
+    ``checkpoint`` (one node: the stage passes none for several) the fit saves every epoch
+    and resumes from a saved one."""
     import tempfile
 
     from pipelines.models.devices import resolve_accelerator
@@ -170,7 +171,7 @@ def _pretrain_ddp(
             seed,
             resolve_accelerator(device),
             Path(scratch) / "out",
-            checkpoint.path if checkpoint is not None and p.num_nodes == 1 else None,
+            checkpoint.path if checkpoint is not None else None,
         )
     if encoder is None:
         return None, losses
@@ -259,9 +260,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
     start = time.perf_counter()
     checkpoint = None  # resumes after a kill (DDP over several nodes starts afresh)
     if p.strategy == "single" or p.num_nodes == 1:
-        checkpoint = stage_checkpoint(paths.root, "pretrain", params)
-        for stale in stale_checkpoints(paths.root, "pretrain", checkpoint):
-            stale.unlink(missing_ok=True)
+        checkpoint = open_stage_checkpoint(paths.root, "pretrain", params)
     encoder, losses = pretrain(
         unlabeled,
         p,
@@ -337,9 +336,7 @@ def _run_federated(
         p.local_epochs,
     )
     start = time.perf_counter()
-    checkpoint = stage_checkpoint(paths.root, "pretrain", params)  # each round, to resume
-    for stale in stale_checkpoints(paths.root, "pretrain", checkpoint):
-        stale.unlink(missing_ok=True)
+    checkpoint = open_stage_checkpoint(paths.root, "pretrain", params)  # each round
     if p.runtime == "flower":
         import tempfile
 
