@@ -85,6 +85,7 @@ def measure(case: str, scratch: Path, kills: int, seed: int) -> dict:
         "kills_tried": len(series.kills),
         "kills_survived": len(series.kills) - len(broken),
         "killed_after_commit": sum(k.outputs == "new" for k in series.kills),
+        "finished_before_their_kill": series.finished_early,
         "bytes_lost": previous_bytes if broken else 0,
         "uninterrupted_seconds": round(uninterrupted, 1),
         "series_seconds": round(series.seconds, 1),

@@ -65,10 +65,12 @@ class KillRecord:
 
 @dataclass
 class KillSeries:
-    """Every attempt of a kill series; ``finished_log`` is the last attempt's output."""
+    """Every attempt of a kill series; ``finished_log`` is the last attempt's output;
+    ``finished_early`` counts attempts that finished before their kill came."""
 
     kills: list[KillRecord] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
+    finished_early: int = 0
     finished_log: str = ""
     seconds: float = 0.0
 
@@ -109,9 +111,9 @@ def timed_run(root: Path, stage: str) -> StageTiming:
     return StageTiming(started, units[0] - started, (units[-1] - units[0]) / (len(units) - 1))
 
 
-def new_progress(stage: str, text: str, done_before: int) -> bool:
-    """Whether an attempt reported an epoch or round beyond the checkpoint it started from."""
-    return any(int(unit) > done_before for unit in PROGRESS[stage].findall(text))
+def latest_progress(stage: str, text: str) -> int:
+    """The highest epoch or round an attempt's log reports (0 before the first)."""
+    return max((int(unit) for unit in PROGRESS[stage].findall(text)), default=0)
 
 
 def kill_until_done(
@@ -125,18 +127,24 @@ def kill_until_done(
     seed: int = 0,
     as_airflow_task: bool = False,
 ) -> KillSeries:
-    """Run ``lepton stage run <stage>`` in ``root`` and kill the first ``kills`` attempts;
-    the next one runs to its end. After each kill the outputs are compared with
+    """Run ``lepton stage run <stage>`` in ``root`` until ``kills`` attempts have been
+    killed; the next one runs to its end. After each kill the outputs are compared with
     ``previous`` (their digest before the series) and ``final`` (the path of the weights
     file and the bytes it holds when the stage has finished).
 
     Every fourth attempt dies during start-up, a seeded random time before an
     uninterrupted run reported its first epoch or round (``timing``): in the imports, the
-    data loading or the first epoch or round. The others die a random time up to two
-    epochs or rounds after they report their first new one (not one replayed from the
-    checkpoint): in an epoch or round, a checkpoint write or, after the last one, the final
-    output writes. So each attempt but the start-up kills adds about one epoch or round,
-    and one may outlive its kill time and finish early.
+    data loading or the first epoch or round (never later than its first new report). The
+    others die a random time up to two epochs or rounds after they report their first new
+    one (not one replayed from the checkpoint): in an epoch or round, a checkpoint write
+    or, after the last one, the final output writes. The time is drawn from the
+    uninterrupted run's pace, and the kill comes at the latest when the attempt reports
+    the second epoch or round after its first new one, so a machine that got faster or
+    slower since ``timing`` moves the kill within those two, never past them.
+
+    An attempt can still finish before its kill (it resumed near the end): it is counted
+    in ``finished_early`` and the series goes on, as a new run of the stage over the
+    finished outputs, until ``kills`` attempts were killed.
 
     ``as_airflow_task``: run what the DAG's task runs instead, ``python -m
     pipelines.stage_task <stage>`` (``dvc repro --single-item``), each attempt with the next
@@ -144,7 +152,8 @@ def kill_until_done(
     rng = np.random.default_rng(seed)
     series = KillSeries()
     start = time.monotonic()
-    for attempt in range(kills + 1):
+    attempt = 0
+    while True:
         log_path = root / ".lepton" / f"kill-{stage}-{attempt}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = [str(BIN / "lepton"), "stage", "run", stage]
@@ -152,7 +161,8 @@ def kill_until_done(
         if as_airflow_task:
             argv = [str(BIN / "python"), "-m", "pipelines.stage_task", stage]
             env.update(LEPTON_TASK_TRY=str(attempt + 1), LEPTON_DVC=str(BIN / "dvc"))
-        during_startup = attempt % 4 == 3
+        last = len(series.kills) == kills  # the last attempt runs to its end
+        during_startup = len(series.kills) % 4 == 3
         if during_startup:
             delay = rng.uniform(0.2, timing.startup + timing.first_unit)
         else:
@@ -168,13 +178,20 @@ def kill_until_done(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            deadline = began + delay if during_startup else None
-            if attempt == kills:  # the last attempt runs to its end
+            if last:
                 proc.wait()
+            deadline = began + delay if during_startup else None
+            first_new = None
             while proc.poll() is None:
                 now = time.monotonic()
-                if deadline is None and new_progress(stage, log_path.read_text(), done_before):
-                    deadline = now + delay
+                newest = latest_progress(stage, log_path.read_text())
+                if newest > done_before:
+                    if during_startup:
+                        break  # past start-up: die now, never later
+                    if first_new is None:
+                        first_new, deadline = newest, now + delay
+                    if newest >= first_new + 2:
+                        break  # the pace quickened since the timed run: the latest kill
                 if deadline is not None and now >= deadline:
                     break
                 time.sleep(0.01)
@@ -183,14 +200,18 @@ def kill_until_done(
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             lasted = time.monotonic() - began
+        attempt += 1
         text = log_path.read_text()
         series.resumed_from += [int(r) for r in RESUMED.findall(text)]
         if not killed:
             if proc.returncode != 0:
                 raise RuntimeError(f"{stage} failed:\n{text[-3000:]}")
-            series.finished_log = text
-            series.seconds = time.monotonic() - start
-            return series
+            if last:
+                series.finished_log = text
+                series.seconds = time.monotonic() - start
+                return series
+            series.finished_early += 1
+            continue
         reported = [int(r) for r in PROGRESS[stage].findall(text)]
         series.kills.append(
             KillRecord(
@@ -200,7 +221,6 @@ def kill_until_done(
                 outputs=outputs_state(root, outputs, previous, final),
             )
         )
-    raise AssertionError("unreachable: the last attempt is never killed")
 
 
 def outputs_state(
