@@ -8,12 +8,19 @@ defaults), and a randomly initialised one. For each: the kNN and linear probes o
 fine-tuning with its defaults.
 
     .venv/bin/python benchmarks/federated_ssl.py [--case digits8|digits28]
-        [--client-temperature T] [--out FILE.json]
+        [--client-temperature T] [--federated KEY=VALUE ...] [--probe-every N]
+        [--out FILE.json]
+
+``--federated`` overrides a pretrain setting of the federated run (``local_epochs=5``,
+``rounds=60``, ``client_batch_size=128``); ``--probe-every N`` also records the federated
+encoder's kNN probe every N rounds (``federated_knn_by_round``; its pretrain seconds then
+include the probes).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -53,6 +60,14 @@ def main() -> int:
         default=PretrainParams().client_temperature,
         help="pretrain.client_temperature of the federated run",
     )
+    parser.add_argument(
+        "--federated",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pretrain settings of the federated run (e.g. local_epochs=5 rounds=60)",
+    )
+    parser.add_argument("--probe-every", type=int, default=0, help="kNN probe every N rounds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or REPO / "benchmarks" / "results" / f"federated_ssl_{args.case}.json"
@@ -69,7 +84,19 @@ def main() -> int:
     clients, val, test = parts["clients"], parts["val"], parts["test"]
     labeled = concat_tables(clients, 10)
     central = PretrainParams()
-    federated = PretrainParams(mode="federated", client_temperature=args.client_temperature)
+    overrides = dict(item.split("=", 1) for item in args.federated)
+    federated = PretrainParams(
+        mode="federated", client_temperature=args.client_temperature, **overrides
+    )
+    knn_by_round: dict[int, float] = {}
+    rounds_done = itertools.count(1)
+
+    def probe_rounds(model) -> None:
+        done = next(rounds_done)
+        if args.probe_every and done % args.probe_every == 0:
+            probes = probe_encoder(model.encoder.eval(), labeled, val, central.knn_k, "cpu")
+            knn_by_round[done] = round(probes["val_knn_accuracy"], 4)
+            print(f"round {done}: val kNN {knn_by_round[done]}", file=sys.stderr, flush=True)
 
     def random_encoder(_clients, p, seed):
         pl.seed_everything(seed, verbose=False)
@@ -79,7 +106,7 @@ def main() -> int:
     encoders = {
         "central SimCLR (unlabeled pool)": lambda: pretrain(parts["unlabeled"], central, 42, "cpu"),
         "federated SimCLR (clients' own shards)": lambda: pretrain_federated(
-            clients, federated, 42, "cpu"
+            clients, federated, 42, "cpu", watch=probe_rounds
         ),
         "random encoder": lambda: random_encoder(clients, central, 42),
     }
@@ -114,6 +141,8 @@ def main() -> int:
             **({"last_loss": round(losses[-1], 4)} if losses else {}),
         }
         print(payload["encoders"][name], file=sys.stderr, flush=True)
+    if knn_by_round:
+        payload["federated_knn_by_round"] = knn_by_round
     write_json(out, payload)
     print(f"wrote {out}")
     return 0

@@ -115,9 +115,11 @@ def pretrain_federated(
     device: str = "auto",
     on_round: Callable[[int, float], None] | None = None,
     checkpoint: Checkpoint | None = None,
+    watch: Callable[[ContrastiveModel], None] | None = None,
 ) -> tuple[Encoder, list[float]]:
     """Federated SimCLR over ``clients``; returns ``(encoder on CPU in eval mode, mean client
-    NT-Xent per round)``. ``on_round(round, loss)`` is called after each round. With a
+    NT-Xent per round)``. ``on_round(round, loss)`` is called after each round, and
+    ``watch(model)`` with the averaged model (benchmarks probe it as the rounds go). With a
     ``checkpoint`` each round is saved and a saved run resumes after its last round, to the
     same weights (:func:`~pipelines.federated.fedavg.run_federation`)."""
     from pipelines.federated.fedavg import run_federation
@@ -134,6 +136,11 @@ def pretrain_federated(
         if on_round is not None:
             on_round(round_index, row["train_loss"])
 
+    def watched(model: ContrastiveModel) -> dict[str, float]:
+        if watch is not None:
+            watch(model)
+        return {}
+
     trained, history = run_federation(
         model.config,
         model.state_dict(),
@@ -145,7 +152,7 @@ def pretrain_federated(
         report,
         trainer=trainer,
         build=build_contrastive,
-        score=lambda _model: {},
+        score=watched,
         checkpoint=checkpoint,
     )
     return trained.encoder.cpu().eval(), [row["train_loss"] for row in history]
