@@ -10,16 +10,20 @@ from pipelines.errors import ConfigError
 from pipelines.io import ImageTable, concat_tables
 
 
-@pytest.fixture(scope="module")
-def split():
+def digits_table() -> ImageTable:
+    """The bundled 8x8 digits, pixels in [0, 1]."""
     from sklearn.datasets import load_digits
 
+    data = load_digits()
+    return ImageTable((data.images / 16).astype(np.float32), data.target, 10)
+
+
+@pytest.fixture(scope="module")
+def split():
     from pipelines.config import PartitionParams
     from pipelines.stages.partition import partition
 
-    data = load_digits()
-    table = ImageTable((data.images / 16).astype(np.float32), data.target, 10)
-    return partition(table, PartitionParams(num_clients=3), 0)
+    return partition(digits_table(), PartitionParams(num_clients=3), 0)
 
 
 def test_federated_simclr_learns_from_the_clients_rows(split):
@@ -44,15 +48,12 @@ def test_federated_simclr_with_its_defaults_beats_its_random_start_on_the_knn_pr
     """The partition defaults (5 clients, Dirichlet 0.5, seed 42) and the federated
     pretraining defaults: the kNN probe of the averaged encoder beats the randomly
     initialised encoder it started from (0.93 on val already; benchmarks/federated_ssl.py)."""
-    from sklearn.datasets import load_digits
-
     from pipelines.config import PartitionParams
     from pipelines.federated.ssl import pretrain_federated, start_model
     from pipelines.stages.partition import partition
     from pipelines.stages.pretrain import probe_encoder
 
-    data = load_digits()
-    table = ImageTable((data.images / 16).astype(np.float32), data.target, 10)
+    table = digits_table()
     parts = partition(table, PartitionParams(), 42)
     labeled = concat_tables(parts["clients"], 10)
     p = PretrainParams(mode="federated")
