@@ -35,6 +35,8 @@ from tests.conftest import make_federation_workspace  # noqa: E402
 class _Tracker:
     """Keeps the per-round metrics the stage logs; ignores the rest."""
 
+    run_id = None  # no MLflow run: checkpoints carry no owner
+
     def __init__(self) -> None:
         self.rounds: list[float] = []
         self.arrivals: list[float] = []  # perf_counter when each round's metrics came

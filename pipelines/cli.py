@@ -251,6 +251,14 @@ def site_join(
     warm: bool = typer.Option(
         True, help="Keep torch and the rows loaded in a worker between Flower messages."
     ),
+    poll_seconds: float = typer.Option(
+        0.5, help="Longest wait of the SuperNode between looks for a message (Flower's: 3)."
+    ),
+    stock_supernode: bool = typer.Option(
+        False,
+        help="Run Flower's own flower-supernode (3 s polls, a new ClientApp process "
+        "per message) instead of Lepton's runtime of it.",
+    ),
 ) -> None:
     """Validate this site's data, prepare it and start a Flower SuperNode on it.
 
@@ -291,6 +299,7 @@ def site_join(
             insecure,
             auth_key,
             port,
+            None if stock_supernode else poll_seconds,
         )
         manifest = prepare_site(ingest, name, files.folder, holdout_fraction, seed)
     except LeptonError as exc:
@@ -305,7 +314,7 @@ def site_join(
     if check:
         return
     if not Path(argv[0]).exists():
-        _fail(f"flower-supernode not found at {argv[0]} (make flower-setup, or $LEPTON_FLOWER_BIN)")
+        _fail(f"{argv[0]} not found (make flower-setup, or $LEPTON_FLOWER_BIN)")
     typer.echo(f"starting the SuperNode: connecting to {superlink}", err=True)
     raise typer.Exit(run_site(argv, node_config, socket_path, files.folder))
 

@@ -50,19 +50,40 @@ ROUND_TIMEOUT_SECONDS = 3600.0
 ACCOUNTANT_STATE = "lepton-accountant"  # the ClientApp's context.state record
 
 
-def _state_record(state):
-    from flwr.app import ArrayRecord
+PACKED_ARRAYS = "safetensors"  # the one array of a packed ArrayRecord
 
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+def _state_record(state):
+    """A torch state dict as a packed ``ArrayRecord`` (see :func:`_numpy_record`)."""
+    return _numpy_record({k: v.detach().cpu().contiguous().numpy() for k, v in state.items()})
 
 
 def _numpy_record(arrays):
+    """NumPy arrays by name as an ``ArrayRecord`` of one array: their safetensors bytes.
+    Flower sends every array of a record as its own object, one request each way; one
+    array per message keeps a round to a few requests whatever the model's layer count."""
+    import numpy as np
     from flwr.app import Array, ArrayRecord
+    from safetensors.numpy import save
 
-    record = ArrayRecord()
-    for key, value in arrays.items():
-        record[key] = Array.from_numpy_ndarray(value)
-    return record
+    packed = np.frombuffer(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}), np.uint8)
+    return ArrayRecord({PACKED_ARRAYS: Array.from_numpy_ndarray(packed)})
+
+
+def unpack_record(record) -> dict:
+    """The NumPy arrays by name of an ``ArrayRecord`` that :func:`_numpy_record` packed."""
+    from safetensors.numpy import load
+
+    if PACKED_ARRAYS not in record:  # an empty record
+        return {}
+    return load(record[PACKED_ARRAYS].numpy().tobytes())
+
+
+def unpack_state(record) -> dict:
+    """The torch state dict of an ``ArrayRecord`` that :func:`_state_record` packed."""
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in unpack_record(record).items()}
 
 
 def make_client_app():
@@ -97,9 +118,7 @@ def make_client_app():
             if ACCOUNTANT_STATE in context.state.config_records:
                 config[ACCOUNTANT] = context.state[ACCOUNTANT_STATE][ACCOUNTANT]
         arrays = (
-            {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            if "arrays" in msg.content.array_records
-            else {}
+            unpack_record(msg.content["arrays"]) if "arrays" in msg.content.array_records else {}
         )
         node = dict(context.node_config)
         if "worker" in node:
@@ -136,6 +155,38 @@ def make_client_app():
         return answer("evaluate", msg, context)
 
     return app
+
+
+REPLY_POLL_SECONDS = 0.05
+
+
+class PollingGrid:
+    """Flower's ``Grid`` whose ``send_and_receive`` asks the SuperLink for replies every
+    ``poll_seconds`` (Flower's waits 3 s between asks, a floor under every round); everything
+    else is the wrapped grid's. Built on the grid's own ``push_messages`` and
+    ``pull_messages``."""
+
+    def __init__(self, grid, poll_seconds: float = REPLY_POLL_SECONDS):
+        self._grid = grid
+        self.poll_seconds = poll_seconds
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
+        """Push ``messages`` and pull their replies until all came or ``timeout`` s passed
+        (``None``: wait for all), as ``Grid.send_and_receive`` does."""
+        waiting = set(self._grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list = []
+        while timeout is None or time.time() < end:
+            got = list(self._grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not waiting:
+                break
+            time.sleep(self.poll_seconds)
+        return replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 def wait_for_nodes(grid, count: int, wait_seconds: float) -> list[int]:
@@ -204,10 +255,13 @@ def make_server_app(package_dir: Path):
             report_result,
         )
         from pipelines.federated.flower_secagg import make_secagg_collect
+        from pipelines.federated.flower_site_runtime import shorten_flower_waits
         from pipelines.federated.ssl import ssl_round_params
         from pipelines.federated.strategies import Rejection, flatten_update
         from pipelines.models.encoder import build_contrastive
 
+        shorten_flower_waits(REPLY_POLL_SECONDS)  # its object pulls
+        grid = PollingGrid(grid)
         spec, blobs = read_run_spec(package_dir)
         simclr = spec.get("task", "classifier") == "simclr"
         if simclr:
@@ -279,7 +333,7 @@ def make_server_app(package_dir: Path):
         ]
         secure = not simclr and params.secure_aggregation
         if not simclr and not secure:  # (SecAgg+ hides per-site statistics: random head)
-            stats = [by_site[name].content["arrays"].to_torch_state_dict() for name in names]
+            stats = [unpack_state(by_site[name].content["arrays"]) for name in names]
             state = with_class_mean_head(state, stats)
 
         def round_config(index: int, round_params, round_index: int) -> dict[str, Any]:
@@ -345,7 +399,7 @@ def make_server_app(package_dir: Path):
                     size = int(reply.content["metrics"]["num-examples"])
                     if size == 0:
                         continue
-                    new_state = reply.content["arrays"].to_torch_state_dict()
+                    new_state = unpack_state(reply.content["arrays"])
                     result.clients.append(index)
                     result.updates.append(flatten_update(new_state, global_state))
                     result.sizes.append(size)

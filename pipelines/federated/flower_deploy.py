@@ -184,10 +184,12 @@ def start_site_worker(
     node_config: dict[str, Any],
     log_path: Path,
     threads_per_worker: int | None = None,
+    wait: bool = True,
 ) -> subprocess.Popen:
     """Start a site's warm worker (:mod:`pipelines.federated.site_worker`) with ``python``
-    (the Flower environment's) on ``socket_path``; returns once it listens.
-    ``threads_per_worker`` caps its torch threads (several workers on one machine)."""
+    (the Flower environment's) on ``socket_path``; returns once it listens (``wait``, else
+    at once: then call :func:`wait_for_worker`). ``threads_per_worker`` caps its torch
+    threads (several workers on one machine)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     threads = {"OMP_NUM_THREADS": str(threads_per_worker)} if threads_per_worker else {}
     process = subprocess.Popen(
@@ -204,6 +206,14 @@ def start_site_worker(
         start_new_session=True,
         preexec_fn=die_with_parent(),
     )
+    if wait:
+        wait_for_worker(process, socket_path, log_path)
+    return process
+
+
+def wait_for_worker(process: subprocess.Popen, socket_path: Path, log_path: Path) -> None:
+    """Return once the warm worker ``process`` listens on ``socket_path``; raises (quoting
+    its log) if it exits first or takes over 120 s."""
     started = time.monotonic()
     while not Path(socket_path).exists():
         if process.poll() is not None:
@@ -213,8 +223,23 @@ def start_site_worker(
             raise FlowerRuntimeError(
                 f"the site worker did not listen on {socket_path} within 120 s"
             )
-        time.sleep(0.2)
-    return process
+        time.sleep(0.1)
+
+
+def site_runtime_argv(bin_dir: Path, poll_seconds: float | None = None) -> list[str]:
+    """The start of a SuperNode's command line, before its ``flower-supernode`` flags: Flower's
+    SuperNode with short waits and forked ClientApps
+    (:mod:`pipelines.federated.flower_site_runtime`), from the Flower environment in
+    ``bin_dir``."""
+    polls = [] if poll_seconds is None else ["--poll-seconds", f"{poll_seconds:g}"]
+    return [
+        str(Path(bin_dir) / "python"),
+        "-m",
+        "pipelines.federated.flower_site_runtime",
+        "supernode",
+        *polls,
+        "--",
+    ]
 
 
 def node_config_text(config: dict[str, Any]) -> str:
@@ -282,6 +307,10 @@ class FlowerDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "{self.address}"\n{trust}'
         )
+
+    def ready(self) -> None:
+        """Return once the deployment can run a round (a remote federation: at once; the
+        ServerApp waits for its sites)."""
 
     def check_installed(self, executable: str = "flwr") -> None:
         """Raise when the Flower executables are not where this deployment looks."""
@@ -370,6 +399,7 @@ class LoopbackDeployment(FlowerDeployment):
         self.nodes: dict[int, subprocess.Popen] = {}
         self.workers: dict[int, subprocess.Popen] = {}
         self.warm = warm
+        self._site_waits: list[Callable[[], None]] = []
         # Unix socket paths must stay short: a private folder under the system's temp dir
         self.sockets = Path(tempfile.mkdtemp(prefix="lepton-sites-")) if warm else None
 
@@ -394,16 +424,30 @@ class LoopbackDeployment(FlowerDeployment):
             self.processes.append(
                 start_superlink(self.bin, self.port, self.home / "logs" / "superlink.log", self.env)
             )
-            for index in range(len(self.shards)):
-                self.start_node(index)
+            # every site's processes start now; ready() waits for them (each imports torch
+            # or flwr, which overlaps with submitting the run)
+            self._site_waits = [
+                self.start_node(index, wait=False) for index in range(len(self.shards))
+            ]
         except BaseException:
             self.stop()
             raise
         return self
 
-    def start_node(self, index: int) -> None:
+    def ready(self) -> None:
+        """Return once every SuperNode and warm worker listens; raises (naming the process
+        and quoting its log) if one exited or did not start in time."""
+        try:
+            while self._site_waits:
+                self._site_waits.pop(0)()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_node(self, index: int, wait: bool = True) -> Callable[[], None]:
         """Start the SuperNode of shard ``index`` and its warm worker (again, after
-        :meth:`kill_node`)."""
+        :meth:`kill_node`); returns once both listen (``wait``), else at once with the
+        function that waits for them."""
         config: dict[str, Any] = {
             "site": f"client_{index:03d}",
             "client-index": index,
@@ -418,6 +462,7 @@ class LoopbackDeployment(FlowerDeployment):
                 config,
                 self.home / "logs" / f"worker_{index}.log",
                 threads_per_worker=max(1, (os.cpu_count() or 1) // len(self.shards)),
+                wait=False,
             )
             self.processes.append(worker)
             self.workers[index] = worker
@@ -425,7 +470,7 @@ class LoopbackDeployment(FlowerDeployment):
         node_port = free_port()
         node = self._start(
             [
-                str(self.bin / "flower-supernode"),
+                *site_runtime_argv(self.bin),
                 "--insecure",
                 "--superlink",
                 self.address,
@@ -437,7 +482,15 @@ class LoopbackDeployment(FlowerDeployment):
             f"supernode_{index}",
         )
         self.nodes[index] = node
-        wait_for_port(node_port, node, f"flower-supernode {index}")
+
+        def wait_for_site() -> None:
+            if self.warm:
+                wait_for_worker(worker, socket_path, self.home / "logs" / f"worker_{index}.log")
+            wait_for_port(node_port, node, f"flower-supernode {index}")
+
+        if wait:
+            wait_for_site()
+        return wait_for_site
 
     def kill_node(self, index: int) -> None:
         """SIGKILL the SuperNode of shard ``index``, its ClientApps and its worker, as a
@@ -632,9 +685,12 @@ def run_flower_job(
         run_id = str(json.loads(submitted)["run-id"])
     except (json.JSONDecodeError, KeyError):
         raise FlowerRuntimeError(f"flwr run did not start a run: {submitted[-2000:]}") from None
+    deployment.ready()
     started = time.monotonic()
     follow = RunLog(on_row, on_checkpoint)
     _follow_stream(deployment, run_id, follow, timeout)
+    if follow.result is not None:  # the ServerApp's last act: the run completed
+        return follow.result
     status = ""
     while time.monotonic() - started < timeout:  # the stream ends with the run, or breaks
         listed = json.loads(

@@ -135,6 +135,8 @@ class GridRecordSites:
         round_index: int,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The heads of the ``chosen`` sites after this round's DP-SGD steps at each."""
+        from pipelines.federated.flower import unpack_record
+
         dp = self.params.dp
         arrays = {
             **self.start,
@@ -168,11 +170,10 @@ class GridRecordSites:
         for i, node in zip(chosen, nodes, strict=True):
             reply = by_node[node]
             self._epsilon[i] = float(reply.content["metrics"]["epsilon"])
-            out = reply.content["arrays"]
+            out = unpack_record(reply.content["arrays"])
             heads.append(
                 tuple(
-                    torch.from_numpy(np.array(out[key].numpy(), dtype=np.float64))
-                    for key in PRIVATE_HEAD
+                    torch.from_numpy(np.array(out[key], dtype=np.float64)) for key in PRIVATE_HEAD
                 )
             )
         return heads

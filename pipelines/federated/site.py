@@ -133,6 +133,9 @@ def worker_socket(files: SiteFiles) -> Path:
     return Path(tempfile.mkdtemp(prefix="lepton-site-")) / "worker.sock"
 
 
+SITE_POLL_SECONDS = 0.5  # a remote site's longest wait between looks for a message
+
+
 def supernode_argv(
     bin_dir: Path,
     superlink: str,
@@ -141,11 +144,15 @@ def supernode_argv(
     insecure: bool = False,
     auth_private_key: Path | None = None,
     port: int | None = None,
+    poll_seconds: float | None = SITE_POLL_SECONDS,
 ) -> list[str]:
-    """The ``flower-supernode`` command line of a site: TLS with ``root_certificates`` (or
+    """The SuperNode command line of a site: TLS with ``root_certificates`` (or
     ``insecure``), SuperNode authentication with ``auth_private_key`` (an OpenSSH EC key
-    whose public half the SuperLink's operator registered), and ``node_config``."""
-    from pipelines.federated.flower_deploy import node_config_text
+    whose public half the SuperLink's operator registered), and ``node_config``. It runs
+    Flower's SuperNode with its waits capped at ``poll_seconds`` and forked ClientApps
+    (:mod:`pipelines.federated.flower_site_runtime`), or, with ``poll_seconds=None``, stock
+    ``flower-supernode``."""
+    from pipelines.federated.flower_deploy import node_config_text, site_runtime_argv
 
     if (root_certificates is None) == (not insecure):
         raise ConfigError("give --root-certificates (TLS) or --insecure, not both or neither")
@@ -157,7 +164,12 @@ def supernode_argv(
     ):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{what}: no such file: {path}")
-    argv = [str(Path(bin_dir) / "flower-supernode"), "--superlink", superlink]
+    start = (
+        [str(Path(bin_dir) / "flower-supernode")]
+        if poll_seconds is None
+        else site_runtime_argv(bin_dir, poll_seconds)
+    )
+    argv = [*start, "--superlink", superlink]
     argv += (
         ["--insecure"]
         if insecure

@@ -91,6 +91,7 @@ def serve(socket_path: str | Path, node_config: dict[str, Any]) -> None:
         server.listen(4)
         import pipelines.federated.fedavg  # noqa: F401 - torch and Lightning, before the first
         import pipelines.federated.ssl  # noqa: F401 - message (which waits in the backlog)
+        import pipelines.models.systems  # noqa: F401 - (the client step imports it lazily)
 
         print(f"site worker for {node_config.get('site')} on {path}", flush=True)
         while True:

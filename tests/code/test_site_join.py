@@ -62,7 +62,11 @@ def test_supernode_command_names_the_sites_files_and_its_trust(tmp_path: Path):
     node = {**site_node_config("a", files), "worker": str(worker_socket(files))}
     (tmp_path / "ca.crt").write_text("pem")
     argv = supernode_argv(Path("/bin"), "link:8000", node, tmp_path / "ca.crt", port=9101)
-    assert argv[:3] == ["/bin/flower-supernode", "--superlink", "link:8000"]
+    runtime = ["/bin/python", "-m", "pipelines.federated.flower_site_runtime", "supernode"]
+    assert argv[:4] == runtime and argv[4:7] == ["--poll-seconds", "0.5", "--"]
+    assert argv[7:9] == ["--superlink", "link:8000"]
+    stock = supernode_argv(Path("/bin"), "link:8000", node, tmp_path / "ca.crt", poll_seconds=None)
+    assert stock[:3] == ["/bin/flower-supernode", "--superlink", "link:8000"]
     assert argv[argv.index("--root-certificates") + 1] == str((tmp_path / "ca.crt").resolve())
     config = argv[argv.index("--node-config") + 1]
     assert 'site="a"' in config and 'scale="raw"' in config and str(files.train) in config

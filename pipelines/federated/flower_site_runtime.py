@@ -1,0 +1,236 @@
+"""A site's Flower runtime without Flower's fixed waits (runs in ``.venv-flower``).
+
+Stock ``flower-supernode`` (flwr 1.41) waits 3 s whenever a pull from the SuperLink finds
+no message (so every round's message waits up to 3 s after the SuperNode answered the
+last one), polls for the ClientApp's reply every 0.5 s, and starts a new ``flwr-clientapp``
+process, which imports Flower again, for every message. None of it is configurable. This
+module runs the same SuperNode and the same ClientApp runtime with two changes:
+
+- **supernode**: Flower's SuperNode (``flower-supernode``'s own entry point and flags) whose
+  waits in its message loop last at most ``--poll-seconds`` (default 0.05 s). It runs in
+  process isolation and starts its SuperExec itself, as the stock one does.
+- **superexec**: Flower's SuperExec, whose ClientApp processes are forked from a warm
+  process that has already imported Flower and the Lepton app, instead of started from
+  scratch; each still runs Flower's ``run_clientapp`` for exactly one message and exits.
+
+    python -m pipelines.federated.flower_site_runtime supernode [--poll-seconds S] \\
+        -- <flower-supernode flags>
+
+Everything else (TLS, SuperNode authentication, node config, the Fleet API and every
+message) is Flower's own; a site may run stock ``flower-supernode`` instead (``lepton site
+join --stock-supernode``) and get the same results more slowly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+DEFAULT_POLL_SECONDS = 0.05
+
+
+class _CappedSleeps:
+    """``time`` as a module sees it, except that ``sleep`` lasts at most ``ceiling`` s."""
+
+    def __init__(self, ceiling: float):
+        self.ceiling = ceiling
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, capped at the ceiling."""
+        time.sleep(min(seconds, self.ceiling))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def shorten_flower_waits(seconds: float = DEFAULT_POLL_SECONDS) -> None:
+    """Cap Flower's fixed waits in this process at ``seconds``: the SuperNode's message
+    loop (3 s when a pull finds nothing, 0.5 s between looks for the ClientApp's reply) and
+    the first retry of an object pull that came too early (1 s, doubling up to 10 s: now
+    ``seconds``, doubling up to 1 s). A pull that finds nothing is retried as before."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal
+
+    start_client_internal.time = _CappedSleeps(seconds)
+    defaults = inflatable_utils.pull_objects.__kwdefaults__
+    defaults["initial_backoff"] = seconds
+    defaults["backoff_cap"] = max(seconds, 1.0)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
+    """Run Flower's SuperNode with ``supernode_argv`` (``flower-supernode``'s flags; any
+    ``--isolation`` is replaced by ``process``), its message-loop waits capped at
+    ``poll_seconds``, next to this module's SuperExec (a child that exits with it)."""
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    argv = list(supernode_argv)
+    isolation = [i for i, a in enumerate(argv) if a.startswith("--isolation")]
+    for i in reversed(isolation):
+        del argv[i : i + (1 if "=" in argv[i] else 2)]
+    argv += ["--isolation", "process"]
+    port = _flag_value(argv, "--port") or "9094"
+    host = _flag_value(argv, "--host") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (a bind address)
+    superexec = [
+        sys.executable,
+        "-m",
+        "pipelines.federated.flower_site_runtime",
+        "superexec",
+        "--runtime-api-address",
+        f"{host}:{port}",
+        "--parent-pid",
+        str(os.getpid()),
+        "--poll-seconds",
+        f"{poll_seconds:g}",
+    ]
+    subprocess.Popen(superexec)  # noqa: S603 (this interpreter, fixed arguments)
+    shorten_flower_waits(poll_seconds)
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+def _zygote(read_fd: int, poll_seconds: float) -> None:
+    """Fork one ClientApp process for each launch request (a JSON line on ``read_fd``);
+    never returns. Single-threaded, so that forking is safe."""
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    shorten_flower_waits(poll_seconds)
+
+    import pipelines.federated.flower  # noqa: F401 (the app's code, imported once here)
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    with os.fdopen(read_fd, "r") as requests:
+        for line in requests:
+            spec = json.loads(line)
+            if os.fork() != 0:
+                continue
+            code = 0
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                run_clientapp(
+                    runtime_api_address=spec["runtime_api_address"],
+                    token=spec["token"],
+                    insecure=True,
+                    parent_pid=spec["parent_pid"],
+                    runtime_dependency_install=False,
+                )
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else 1
+            except BaseException:  # noqa: BLE001 (the child must not return into the loop)
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+    os._exit(0)
+
+
+class _ForkExecutor:
+    """SuperExec executor that hands each ClientApp launch to the zygote."""
+
+    def __init__(self, write_fd: int):
+        self.requests = os.fdopen(write_fd, "w", buffering=1)
+
+    def get_eligible_capacity(self, supported_task_types, **_kwargs):
+        """Every supported task type can launch now."""
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, *_args, **_kwargs) -> None:
+        """No capacity gate."""
+
+    def launch(self, spec):
+        """Ask the zygote to fork the ClientApp of ``spec``."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(f"this SuperExec runs ClientApps, not {spec.task_type}")
+        self.requests.write(
+            json.dumps(
+                {
+                    "runtime_api_address": spec.runtime_api_address,
+                    "token": spec.token,
+                    "parent_pid": spec.parent_pid,
+                }
+            )
+            + "\n"
+        )
+        return LaunchResult.accepted()
+
+    def close(self) -> None:
+        """Stop the zygote (it exits when its pipe closes)."""
+        self.requests.close()
+
+    def reconcile(self) -> None:
+        """Nothing to maintain."""
+
+
+def run_superexec(
+    runtime_api_address: str, parent_pid: int | None, poll_seconds: float = DEFAULT_POLL_SECONDS
+) -> None:
+    """Run Flower's SuperExec loop for ClientApps on ``runtime_api_address`` (insecure, as
+    the stock SuperNode's own SuperExec on the same machine), launching each through a
+    forked warm process."""
+    read_fd, write_fd = os.pipe()
+    if os.fork() == 0:  # before any thread exists
+        os.close(write_fd)
+        _zygote(read_fd, poll_seconds)
+    os.close(read_fd)
+    from flwr.supercore.superexec import run_superexec as flower_superexec
+
+    executor = _ForkExecutor(write_fd)
+    flower_superexec.get_executor = lambda *_args, **_kwargs: executor
+    flower_superexec.run_superexec(
+        runtime_api_address=runtime_api_address,
+        insecure=True,
+        parent_pid=parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``supernode`` or ``superexec`` (see the module's docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.federated.flower_site_runtime",
+        description="Flower's SuperNode and SuperExec without their fixed waits.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    node = commands.add_parser("supernode", help="run a SuperNode (flags after --)")
+    node.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=DEFAULT_POLL_SECONDS,
+        help=f"longest wait of the message loop (default {DEFAULT_POLL_SECONDS}; stock 3)",
+    )
+    node.add_argument("supernode_args", nargs=argparse.REMAINDER)
+    exec_ = commands.add_parser("superexec", help="run the SuperExec (started by supernode)")
+    exec_.add_argument("--runtime-api-address", required=True)
+    exec_.add_argument("--parent-pid", type=int)
+    exec_.add_argument("--poll-seconds", type=float, default=DEFAULT_POLL_SECONDS)
+    args = parser.parse_args(argv)
+    if args.command == "supernode":
+        rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+        run_supernode(rest, args.poll_seconds)
+    else:
+        run_superexec(args.runtime_api_address, args.parent_pid, args.poll_seconds)
+
+
+if __name__ == "__main__":
+    main()

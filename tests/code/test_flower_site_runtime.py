@@ -1,0 +1,128 @@
+"""Lepton's runtime of Flower's SuperNode and ServerApp without Flower's fixed waits
+(pipelines/federated/flower_site_runtime.py, PollingGrid and the packed array records in
+pipelines/federated/flower.py). The loopback runs in tests/e2e/test_flower*.py go through
+all of it; these check each piece on its own."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines.federated.flower import PollingGrid
+from pipelines.federated.flower_deploy import flower_bin
+
+REPO = Path(__file__).resolve().parents[2]
+needs_flower = pytest.mark.skipif(
+    not (flower_bin() / "python").exists(),
+    reason="the Flower environment is missing: run `make flower-setup`",
+)
+
+
+@dataclass
+class _Metadata:
+    reply_to_message_id: str
+
+
+@dataclass
+class _Reply:
+    metadata: _Metadata
+
+
+class _SlowGrid:
+    """A grid whose replies come ``delay`` s after the push; counts the pulls."""
+
+    def __init__(self, delay: float, answered: set[str]):
+        self.delay, self.answered, self.pulls = delay, answered, 0
+        self.nodes = [1, 2]
+
+    def push_messages(self, messages):
+        self.pushed_at = time.monotonic()
+        return list(messages)
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        if time.monotonic() - self.pushed_at < self.delay:
+            return []
+        ready = [i for i in ids if i in self.answered]
+        self.answered -= set(ready)
+        return [_Reply(_Metadata(i)) for i in ready]
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def test_polling_grid_returns_as_soon_as_every_reply_came():
+    grid = _SlowGrid(delay=0.2, answered={"a", "b"})
+    started = time.monotonic()
+    replies = PollingGrid(grid, poll_seconds=0.02).send_and_receive(["a", "b"], timeout=10)
+    took = time.monotonic() - started
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert 0.2 <= took < 1.0  # Flower's own loop would wait 3 s before its second look
+    assert grid.pulls >= 3
+    assert PollingGrid(grid).get_node_ids() == [1, 2]  # the rest is the wrapped grid's
+
+
+def test_polling_grid_gives_up_at_its_timeout_with_what_came():
+    grid = _SlowGrid(delay=0.0, answered={"a"})
+    started = time.monotonic()
+    replies = PollingGrid(grid, poll_seconds=0.02).send_and_receive(["a", "b"], timeout=0.3)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert 0.3 <= time.monotonic() - started < 1.5
+
+
+_CHECK_IN_FLOWER = """
+import time
+import numpy as np
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supernode import start_client_internal
+from pipelines.federated.flower import _numpy_record, unpack_record
+from pipelines.federated.flower_site_runtime import shorten_flower_waits
+
+assert start_client_internal.time is time  # what the shortening replaces
+assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 1
+shorten_flower_waits(0.05)
+started = time.monotonic()
+start_client_internal.time.sleep(3)  # the SuperNode's idle wait
+assert time.monotonic() - started < 0.5
+assert start_client_internal.time.monotonic() > 0  # the rest of `time` is untouched
+assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.05
+assert inflatable_utils.pull_objects.__kwdefaults__["backoff_cap"] == 1.0
+
+arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(7, dtype=np.int64)}
+record = _numpy_record(arrays)
+assert list(record.keys()) == ["safetensors"]  # one array, one object to send
+back = unpack_record(record)
+assert back.keys() == arrays.keys()
+assert all(back[k].dtype == arrays[k].dtype and (back[k] == arrays[k]).all() for k in arrays)
+print("ok")
+"""
+
+
+@needs_flower
+def test_shortened_waits_and_packed_records_in_the_flower_environment():
+    done = subprocess.run(
+        [str(flower_bin() / "python"), "-c", _CHECK_IN_FLOWER],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+@needs_flower
+def test_the_site_runtime_explains_itself():
+    done = subprocess.run(
+        [str(flower_bin() / "python"), "-m", "pipelines.federated.flower_site_runtime", "-h"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "supernode" in done.stdout and "superexec" in done.stdout
