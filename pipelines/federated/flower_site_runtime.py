@@ -63,6 +63,18 @@ def shorten_flower_waits(seconds: float = DEFAULT_POLL_SECONDS) -> None:
     defaults["backoff_cap"] = max(seconds, 1.0)
 
 
+def _death_signal_setter():
+    """A function that makes the kernel SIGKILL the calling process when its parent dies
+    (Linux ``prctl``), or None elsewhere; looked up here, called after a fork."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 def _flag_value(argv: list[str], flag: str) -> str | None:
     """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None."""
     for i, arg in enumerate(argv):
@@ -99,13 +111,14 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
         "--poll-seconds",
         f"{poll_seconds:g}",
     ]
-    subprocess.Popen(superexec)  # noqa: S603 (this interpreter, fixed arguments)
+    # a SuperNode killed by SIGKILL takes its SuperExec, zygote and ClientApps along
+    subprocess.Popen(superexec, preexec_fn=_death_signal_setter())  # noqa: S603
     shorten_flower_waits(poll_seconds)
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
 
-def _zygote(read_fd: int, poll_seconds: float) -> None:
+def _zygote(read_fd: int, poll_seconds: float, die_with_parent=None) -> None:
     """Fork one ClientApp process for each launch request (a JSON line on ``read_fd``);
     never returns. Single-threaded, so that forking is safe."""
     from flwr.supernode.runtime.run_clientapp import run_clientapp
@@ -123,6 +136,8 @@ def _zygote(read_fd: int, poll_seconds: float) -> None:
                 continue
             code = 0
             try:
+                if die_with_parent is not None:
+                    die_with_parent()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 run_clientapp(
                     runtime_api_address=spec["runtime_api_address"],
@@ -189,9 +204,12 @@ def run_superexec(
     the stock SuperNode's own SuperExec on the same machine), launching each through a
     forked warm process."""
     read_fd, write_fd = os.pipe()
+    die_with_parent = _death_signal_setter()
     if os.fork() == 0:  # before any thread exists
+        if die_with_parent is not None:
+            die_with_parent()
         os.close(write_fd)
-        _zygote(read_fd, poll_seconds)
+        _zygote(read_fd, poll_seconds, die_with_parent)
     os.close(read_fd)
     from flwr.supercore.superexec import run_superexec as flower_superexec
 
