@@ -6,12 +6,14 @@ last one), polls for the ClientApp's reply every 0.5 s, and starts a new ``flwr-
 process, which imports Flower again, for every message. None of it is configurable. This
 module runs the same SuperNode and the same ClientApp runtime with two changes:
 
-- **supernode**: Flower's SuperNode (``flower-supernode``'s own entry point and flags) whose
-  waits in its message loop last at most ``--poll-seconds`` (default 0.05 s). It runs in
-  process isolation and starts its SuperExec itself, as the stock one does.
-- **superexec**: Flower's SuperExec, whose ClientApp processes are forked from a warm
-  process that has already imported Flower and the Lepton app, instead of started from
-  scratch; each still runs Flower's ``run_clientapp`` for exactly one message and exits.
+- Flower's SuperNode (``flower-supernode``'s own entry point and flags) runs with its waits
+  capped at ``--poll-seconds`` (default 0.05 s; :func:`shorten_flower_waits`), in process
+  isolation next to a SuperExec that it forks itself, as the stock one starts its own.
+- That SuperExec (Flower's loop) launches each ClientApp by forking a warm zygote that has
+  already imported Flower and the Lepton app, instead of starting a process from scratch;
+  each ClientApp still runs Flower's ``run_clientapp`` for exactly one message and exits.
+  The SuperNode, SuperExec, zygote and ClientApps are forks of one process that imported
+  all of it once, and each dies with its parent.
 
     python -m pipelines.federated.flower_site_runtime supernode [--poll-seconds S] \\
         -- <flower-supernode flags>
@@ -27,7 +29,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Any
@@ -85,10 +86,23 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def _import_runtime(poll_seconds: float) -> None:
+    """Import what the SuperNode, its SuperExec and every ClientApp run, once, before any
+    fork (so that each forked process starts with it), and shorten Flower's waits."""
+    import flwr.supercore.superexec.run_superexec  # noqa: F401
+    import flwr.supernode.cli.flower_supernode  # noqa: F401
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+
+    import pipelines.federated.flower  # noqa: F401 (the app's code)
+
+    shorten_flower_waits(poll_seconds)
+
+
 def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     """Run Flower's SuperNode with ``supernode_argv`` (``flower-supernode``'s flags; any
-    ``--isolation`` is replaced by ``process``), its message-loop waits capped at
-    ``poll_seconds``, next to this module's SuperExec (a child that exits with it)."""
+    ``--isolation`` is replaced by ``process``), its waits capped at ``poll_seconds``, with
+    a forked SuperExec (:func:`run_superexec`) that dies with it."""
+    _import_runtime(poll_seconds)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     argv = list(supernode_argv)
@@ -99,33 +113,23 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     port = _flag_value(argv, "--port") or "9094"
     host = _flag_value(argv, "--host") or "127.0.0.1"
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (a bind address)
-    superexec = [
-        sys.executable,
-        "-m",
-        "pipelines.federated.flower_site_runtime",
-        "superexec",
-        "--runtime-api-address",
-        f"{host}:{port}",
-        "--parent-pid",
-        str(os.getpid()),
-        "--poll-seconds",
-        f"{poll_seconds:g}",
-    ]
-    # a SuperNode killed by SIGKILL takes its SuperExec, zygote and ClientApps along
-    subprocess.Popen(superexec, preexec_fn=_death_signal_setter())  # noqa: S603
-    shorten_flower_waits(poll_seconds)
+    supernode = os.getpid()
+    die_with_parent = _death_signal_setter()
+    if os.fork() == 0:  # before the SuperNode starts any thread
+        try:
+            if die_with_parent is not None:  # a SuperNode killed by SIGKILL takes it along
+                die_with_parent()
+            run_superexec(f"{host}:{port}", supernode, die_with_parent)
+        finally:
+            os._exit(0)
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
 
-def _zygote(read_fd: int, poll_seconds: float, die_with_parent=None) -> None:
+def _zygote(read_fd: int, die_with_parent=None) -> None:
     """Fork one ClientApp process for each launch request (a JSON line on ``read_fd``);
     never returns. Single-threaded, so that forking is safe."""
     from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-    shorten_flower_waits(poll_seconds)
-
-    import pipelines.federated.flower  # noqa: F401 (the app's code, imported once here)
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -197,22 +201,19 @@ class _ForkExecutor:
         """Nothing to maintain."""
 
 
-def run_superexec(
-    runtime_api_address: str, parent_pid: int | None, poll_seconds: float = DEFAULT_POLL_SECONDS
-) -> None:
+def run_superexec(runtime_api_address: str, parent_pid: int, die_with_parent=None) -> None:
     """Run Flower's SuperExec loop for ClientApps on ``runtime_api_address`` (insecure, as
     the stock SuperNode's own SuperExec on the same machine), launching each through a
-    forked warm process."""
+    forked zygote; exits when process ``parent_pid`` (the SuperNode) does."""
+    from flwr.supercore.superexec import run_superexec as flower_superexec
+
     read_fd, write_fd = os.pipe()
-    die_with_parent = _death_signal_setter()
     if os.fork() == 0:  # before any thread exists
         if die_with_parent is not None:
             die_with_parent()
         os.close(write_fd)
-        _zygote(read_fd, poll_seconds, die_with_parent)
+        _zygote(read_fd, die_with_parent)
     os.close(read_fd)
-    from flwr.supercore.superexec import run_superexec as flower_superexec
-
     executor = _ForkExecutor(write_fd)
     flower_superexec.get_executor = lambda *_args, **_kwargs: executor
     flower_superexec.run_superexec(
@@ -224,13 +225,16 @@ def run_superexec(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``supernode`` or ``superexec`` (see the module's docstring)."""
+    """``supernode`` (see the module's docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.federated.flower_site_runtime",
-        description="Flower's SuperNode and SuperExec without their fixed waits.",
+        description="Flower's SuperNode without its fixed waits, its ClientApps forked "
+        "from a warm process.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    node = commands.add_parser("supernode", help="run a SuperNode (flags after --)")
+    node = commands.add_parser(
+        "supernode", help="run a SuperNode (flower-supernode's flags after --)"
+    )
     node.add_argument(
         "--poll-seconds",
         type=float,
@@ -238,16 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"longest wait of the message loop (default {DEFAULT_POLL_SECONDS}; stock 3)",
     )
     node.add_argument("supernode_args", nargs=argparse.REMAINDER)
-    exec_ = commands.add_parser("superexec", help="run the SuperExec (started by supernode)")
-    exec_.add_argument("--runtime-api-address", required=True)
-    exec_.add_argument("--parent-pid", type=int)
-    exec_.add_argument("--poll-seconds", type=float, default=DEFAULT_POLL_SECONDS)
     args = parser.parse_args(argv)
-    if args.command == "supernode":
-        rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
-        run_supernode(rest, args.poll_seconds)
-    else:
-        run_superexec(args.runtime_api_address, args.parent_pid, args.poll_seconds)
+    rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+    run_supernode(rest, args.poll_seconds)
 
 
 if __name__ == "__main__":

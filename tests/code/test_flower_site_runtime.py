@@ -125,4 +125,4 @@ def test_the_site_runtime_explains_itself():
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "supernode" in done.stdout and "superexec" in done.stdout
+    assert "supernode" in done.stdout and "flower-supernode" in done.stdout

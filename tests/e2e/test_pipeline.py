@@ -347,6 +347,8 @@ def test_nightly_airflow_runs_see_a_changed_csv_source(tiny_workspace: Path):
     assert manifest["rows"] == 1000
 
     write_digits_csv(root / "site.csv", 1500)  # the next day's export
+    params["pretrain"]["epochs"] = 2  # no kill this time: the tiny default again
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = run([str(BIN / "lepton"), "run"], root)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert set(summary_status(second.stdout).values()) == {"ran"}, second.stdout[-3000:]
