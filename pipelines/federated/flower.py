@@ -199,7 +199,7 @@ def wait_for_nodes(grid, count: int, wait_seconds: float) -> list[int]:
                 f"{len(nodes)} SuperNodes connected after {wait_seconds:g} s, {count} needed "
                 "(federation.sites, federation.site_wait_seconds)"
             )
-        time.sleep(1.0)
+        time.sleep(0.2)
     return nodes
 
 

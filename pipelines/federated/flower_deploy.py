@@ -97,7 +97,7 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: floa
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise FlowerRuntimeError(f"{what} did not listen on port {port} within {timeout:g} s")
 
 
