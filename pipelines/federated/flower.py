@@ -100,7 +100,13 @@ def make_client_app():
         secure_train,
         secure_when_asked,
     )
-    from pipelines.federated.site_steps import ACCOUNTANT, RECORD_STEP
+    from pipelines.federated.site_steps import (
+        ACCOUNTANT,
+        ACCOUNTANT_KEY,
+        RECORD_STEP,
+        accountant_file,
+        save_accountant,
+    )
 
     app = ClientApp()
 
@@ -113,10 +119,15 @@ def make_client_app():
     def answer(kind: str, msg: Message, context: Context) -> Message:
         config = dict(msg.content["config"])
         record_step = str(config.pop(RECORD_STEP, ""))
-        if record_step:  # record-level DP: the site's own accountant, kept in context.state
+        # record-level DP: the site's own accountant, kept in context.state and, where the
+        # node config names a state folder, on the site's disk (a resumed run goes on from it)
+        saved = accountant_file(dict(context.node_config), str(config.pop(ACCOUNTANT_KEY, "")))
+        if record_step:
             kind = record_step
             if ACCOUNTANT_STATE in context.state.config_records:
                 config[ACCOUNTANT] = context.state[ACCOUNTANT_STATE][ACCOUNTANT]
+            elif saved is not None and saved.exists():
+                config[ACCOUNTANT] = saved.read_text()
         arrays = (
             unpack_record(msg.content["arrays"]) if "arrays" in msg.content.array_records else {}
         )
@@ -130,7 +141,10 @@ def make_client_app():
 
             info, metrics, out = run_step(kind, site(context, config), config, arrays)
         if ACCOUNTANT in info:  # stays at the site, for its next message
-            context.state[ACCOUNTANT_STATE] = ConfigRecord({ACCOUNTANT: info.pop(ACCOUNTANT)})
+            spent = str(info.pop(ACCOUNTANT))
+            context.state[ACCOUNTANT_STATE] = ConfigRecord({ACCOUNTANT: spent})
+            if saved is not None:
+                save_accountant(saved, spent)
         content = RecordDict({"info": ConfigRecord(info)})
         if metrics:
             content["metrics"] = MetricRecord(metrics)
@@ -281,12 +295,19 @@ def make_server_app(package_dir: Path):
         with tempfile.TemporaryDirectory() as tmp:
             state, val = load_run_blobs(blobs, Path(tmp))
         nodes = wait_for_nodes(grid, int(spec["num_clients"]), float(spec["site_wait_seconds"]))
+
+        def relayed_checkpoint() -> RelayedCheckpoint | None:
+            """The stage's checkpoint as the run spec relays it (None: no checkpoint)."""
+            if "checkpoint" not in spec:
+                return None
+            return RelayedCheckpoint(blobs.get("resume"), spec["checkpoint"]["owner"])
+
         if not simclr and params.dp.enabled and params.dp.unit == "record":
             from pipelines.federated.flower_record import run_record_on_grid
 
             timeout = params.client_timeout_seconds or ROUND_TIMEOUT_SECONDS
             model, history, sites = run_record_on_grid(
-                grid, spec, params, state, val, nodes, timeout
+                grid, spec, params, state, val, nodes, timeout, relayed_checkpoint()
             )
             final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             report_result(
@@ -432,11 +453,7 @@ def make_server_app(package_dir: Path):
             device,
             lambda _round, row: report_progress({**row, "site_losses": dict(site_losses)}),
             collect=collect,
-            checkpoint=(
-                RelayedCheckpoint(blobs.get("resume"), spec["checkpoint"]["owner"])
-                if "checkpoint" in spec
-                else None
-            ),
+            checkpoint=relayed_checkpoint(),
             **({"build": build_contrastive, "score": lambda _model: {}} if simclr else {}),
         )
         final = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -384,11 +384,18 @@ class LoopbackDeployment(FlowerDeployment):
     Use as a context manager; the processes stop on exit. SuperNode ``i`` gets the node
     config ``site="client_00i" client-index=i shard="<its shard>"`` and, with ``warm``
     (default), a warm worker that holds its shard and torch (``worker="<socket>"``,
-    :mod:`pipelines.federated.site_worker`).
+    :mod:`pipelines.federated.site_worker`); with ``site_state``, the folder where the site
+    keeps what outlives a run (``state="<site_state>/client_00i"``: its record-level DP
+    accountants). The sites start on entry; :meth:`ready` waits for them.
     """
 
     def __init__(
-        self, shards: list[Path], home: Path, bin_dir: Path | None = None, warm: bool = True
+        self,
+        shards: list[Path],
+        home: Path,
+        bin_dir: Path | None = None,
+        warm: bool = True,
+        site_state: Path | None = None,
     ):
         import tempfile
 
@@ -399,6 +406,7 @@ class LoopbackDeployment(FlowerDeployment):
         self.nodes: dict[int, subprocess.Popen] = {}
         self.workers: dict[int, subprocess.Popen] = {}
         self.warm = warm
+        self.site_state = Path(site_state).resolve() if site_state is not None else None
         self._site_waits: list[Callable[[], None]] = []
         # Unix socket paths must stay short: a private folder under the system's temp dir
         self.sockets = Path(tempfile.mkdtemp(prefix="lepton-sites-")) if warm else None
@@ -453,6 +461,8 @@ class LoopbackDeployment(FlowerDeployment):
             "client-index": index,
             "shard": str(self.shards[index]),
         }
+        if self.site_state is not None:  # what the site keeps across runs (its accountants)
+            config["state"] = str(self.site_state / config["site"])
         if self.warm:
             socket_path = self.sockets / f"{index}.sock"
             socket_path.unlink(missing_ok=True)
@@ -718,12 +728,15 @@ def run_flower_job(
     return follow.result
 
 
-def open_deployment(federation, shards: list[Path], home: Path) -> FlowerDeployment:
+def open_deployment(
+    federation, shards: list[Path], home: Path, site_state: Path | None = None
+) -> FlowerDeployment:
     """The deployment a run goes to: the remote federation when ``federation.superlink`` is
-    set, else a loopback deployment with one SuperNode per shard."""
+    set, else a loopback deployment with one SuperNode per shard (each keeping its state
+    under ``site_state``)."""
     if federation.remote:
         return RemoteFederation(federation, home)
-    return LoopbackDeployment(shards, home)
+    return LoopbackDeployment(shards, home, site_state=site_state)
 
 
 def run_federated_job(
@@ -736,6 +749,7 @@ def run_federated_job(
     on_row: Callable[[dict], None] | None = None,
     deployment: FlowerDeployment | None = None,
     checkpoint: Checkpoint | None = None,
+    site_state: Path | None = None,
 ) -> dict[str, Any]:
     """Package ``app_dir`` with ``spec`` and ``blobs``, run it on the federation's
     deployment (:func:`open_deployment`, or ``deployment`` when given, already started) and
@@ -763,7 +777,7 @@ def run_federated_job(
     started = (
         contextlib.nullcontext(deployment)
         if deployment is not None
-        else open_deployment(federation, shards, work_dir / "home")
+        else open_deployment(federation, shards, work_dir / "home", site_state)
     )
     with started as deployment:
         where = (

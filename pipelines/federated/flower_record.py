@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch
 from pipelines.config import FederateParams
 from pipelines.federated.feature_projection import FeatureProjection
 from pipelines.federated.record_dp import RecordDPSettings
-from pipelines.federated.site_steps import NAME_ONLY, PRIVATE_HEAD, RECORD_STEP
+from pipelines.federated.site_steps import ACCOUNTANT_KEY, NAME_ONLY, PRIVATE_HEAD, RECORD_STEP
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,20 @@ class GridRecordSites:
         self.order = [by_site[name].metadata.src_node_id for name in self.names]
         self._epsilon = [0.0] * len(self.names)
         self.projection: dict[str, np.ndarray] = {}
+        # names this run's accountants at the sites that keep them on disk (a resumed run
+        # sends the same key: each site goes on from what it has spent, never less)
+        self.key = secrets.token_hex(16)
+
+    def accountant_states(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the sites' accountants: the run's accountant key and
+        each site's ``ε`` so far (the accountants themselves stay at the sites)."""
+        return {"key": self.key, "epsilon": list(self._epsilon)}
+
+    def restore_accountants(self, states: dict[str, Any]) -> None:
+        """Resume with the key and ``ε`` of :meth:`accountant_states`: each site reloads
+        its accountant from its own disk (it refuses the round if it has none)."""
+        self.key = str(states["key"])
+        self._epsilon = [float(e) for e in states["epsilon"]]
 
     def _send(self, nodes, configs, arrays, kind: str, what: str, group: str = "") -> list:
         """One message per node (``configs[i]`` to ``nodes[i]``); the replies, or raises
@@ -112,6 +127,7 @@ class GridRecordSites:
         configs = [
             {
                 RECORD_STEP: "record-count",
+                ACCOUNTANT_KEY: self.key,
                 "count-noise": dp.count_noise_multiplier,
                 "delta": dp.delta,
                 "accountant-kind": dp.accountant,
@@ -148,6 +164,7 @@ class GridRecordSites:
         configs = [
             {
                 RECORD_STEP: "record-train",
+                ACCOUNTANT_KEY: self.key,
                 "settings": json.dumps(dataclasses.asdict(settings)),
                 "model-config": self.model_config,
                 "delta": dp.delta,
@@ -183,10 +200,14 @@ class GridRecordSites:
         return list(self._epsilon)
 
 
-def run_record_on_grid(grid, spec, params: FederateParams, state, val, nodes, timeout):
+def run_record_on_grid(
+    grid, spec, params: FederateParams, state, val, nodes, timeout, checkpoint=None
+):
     """The whole record-level run from the ServerApp: ``(model, history, sites)``, with
     ``sites`` each site's name, noisy row count and ``ε`` (no true count, no site score:
-    the held-out rows are private too)."""
+    the held-out rows are private too). With a ``checkpoint`` (the stage's, relayed) every
+    round is saved and a saved run resumes after its last round; the sites reload their
+    accountants from their own disks (node config ``state``)."""
     from pipelines.federated.fedavg import client_model
     from pipelines.federated.flower_deploy import report_progress
     from pipelines.federated.record_federation import (
@@ -208,6 +229,7 @@ def run_record_on_grid(grid, spec, params: FederateParams, state, val, nodes, ti
         params,
         int(spec["seed"]),
         lambda _round, row: report_progress(row),
+        checkpoint,
     )
     model = classifier_with_head(encoder, run, int(spec["seed"]))
     sites_out = [{**entry, "rows": None, "holdout_rows": 0} for entry in run.released]

@@ -119,6 +119,7 @@ def site_node_config(name: str, files: SiteFiles) -> dict[str, Any]:
         "data": str(files.train.resolve()),
         "holdout": str(files.holdout.resolve()),
         "scale": "raw",
+        "state": str((files.folder / "state").resolve()),  # its record-level DP accountants
     }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from pipelines.federated.sites import SiteData, check_site_data
 
 Arrays = dict[str, np.ndarray]
 ACCOUNTANT = "accountant"  # config in, info out: the site's accountant state (JSON)
+ACCOUNTANT_KEY = "accountant-key"  # config: the record-level run whose accountant to keep
 RECORD_STEP = "record-step"  # config: run this record-level DP step instead of the message's
 NAME_ONLY = "name-only"  # config of a query under record-level DP: no row counts back
 PRIVATE_HEAD = ("private-head.weight", "private-head.bias")  # float64, record-level DP
@@ -92,6 +94,34 @@ def evaluate(data: SiteData, config: dict[str, Any], arrays: Arrays) -> tuple[di
         accuracy = evaluate_accuracy(model, data.holdout, "cpu")
         metrics = {"rows": len(data.holdout.labels), "accuracy": accuracy}
     return {"site": data.name}, metrics, {}
+
+
+def accountant_file(node_config: dict[str, Any], key: str) -> Path | None:
+    """Where a site keeps its accountant for the record-level run ``key`` (sent by the
+    server, the same in a resumed run): ``<node config "state">/accountant-<key>.json``;
+    None when the node config names no ``state`` folder or there is no key. A key other
+    than 16–64 hex digits is refused (it becomes a file name)."""
+    import re
+
+    if not key or "state" not in node_config:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{16,64}", key):
+        raise RuntimeError(f"record-level DP: a malformed accountant key {key[:80]!r}")
+    return Path(str(node_config["state"])) / f"accountant-{key}.json"
+
+
+def save_accountant(path: Path, state: str) -> None:
+    """Write the accountant's state to ``path`` whole or not at all (a killed site keeps its
+    last complete state)."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(state)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
 
 
 def _accountant(config: dict[str, Any], first_use: bool = False):

@@ -148,6 +148,7 @@ def federate_on_flower(
     on_round: Callable[[int, dict[str, float]], None] | None = None,
     deployment=None,
     checkpoint: Checkpoint | None = None,
+    site_state: Path | None = None,
 ) -> tuple[Classifier, list[dict[str, float]], list[dict]]:
     """The same federation on Flower's deployment engine: a loopback deployment over
     ``shards``, or the remote sites of ``federation`` (each reads its own files, scaled
@@ -158,8 +159,9 @@ def federate_on_flower(
     statistics. ``on_round(round, row)`` is called for each round as the ServerApp
     finishes it (read from ``flwr log`` while the run goes). ``deployment``: an already
     started one to run on instead (tests). With a ``checkpoint`` the ServerApp's rounds are
-    saved into it and a saved run resumes after its last round (not under record-level DP:
-    each site's accountant lives at the site). Returns ``(model, history, sites)``;
+    saved into it and a saved run resumes after its last round (under record-level DP each
+    site goes on from the accountant it keeps on its disk: on loopback under
+    ``site_state/<site>``). Returns ``(model, history, sites)``;
     ``sites`` has each site's name, rows, held-out rows and held-out accuracy.
     """
     from pipelines.federated.fedavg import start_classifier
@@ -190,7 +192,8 @@ def federate_on_flower(
         work_dir,
         lambda row: on_round(int(row["round"]), row) if on_round else None,
         deployment,
-        None if record_level(p) else checkpoint,
+        checkpoint,
+        site_state,
     )
     return load_classifier(work_dir / "out"), result["history"], result["sites"]
 
@@ -434,6 +437,7 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
                 Path(tmp),
                 on_round,
                 checkpoint=checkpoint,
+                site_state=paths.root / ".lepton" / "sites",
             )
     elif record:
         from pipelines.federated.record_federation import run_record_federation

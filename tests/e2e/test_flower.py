@@ -251,7 +251,10 @@ def test_record_level_dp_on_flower_matches_the_simulation_with_an_accountant_per
     tmp_path: Path, monkeypatch
 ):
     """Each SuperNode keeps its own accountant in its ClientApp state across messages: its
-    ε after 3 rounds equals the in-process client's, and the rounds are the same."""
+    ε after 3 rounds equals the in-process client's, and the rounds are the same. A run
+    interrupted after round 2 (its SuperNodes stop with it) resumes from the stage's
+    checkpoint, each site from the accountant it keeps on its disk: the same rounds and
+    weights, and no site's ε below the uninterrupted run's."""
     import csv
 
     from pipelines.config import DPParams, PretrainParams
@@ -292,3 +295,44 @@ def test_record_level_dp_on_flower_matches_the_simulation_with_an_accountant_per
     for a, b in zip(sim_sites, flower_sites, strict=True):  # only noisy counts and ε leave
         assert b["rows"] is None and b["rows_released"] == pytest.approx(a["rows_released"])
         assert b["epsilon"] == pytest.approx(a["epsilon"], rel=1e-9)
+
+    import torch
+    from safetensors.torch import load_file
+
+    weights = paths.model_dir("federate") / "model.safetensors"
+    uninterrupted = load_file(weights)
+    params = Params(
+        common=CommonParams(seed=0, device="cpu"),
+        pretrain=PretrainParams(method="scattering"),
+        federate=FederateParams(
+            runtime="flower", rounds=3, local_epochs=1, learning_rate=2.0, dp=dp
+        ),
+    )
+
+    class Interrupted(Exception):
+        pass
+
+    from pipelines.checkpoints import clear_checkpoints
+
+    clear_checkpoints(paths.root, "federate")  # as `lepton stage run` does after a run
+
+    with pytest.raises(Interrupted), stage_run("federate", paths.root, "lepton") as tracker:
+        log_metrics = tracker.log_metrics
+
+        def interrupt_after_round_2(metrics, step: int = 0) -> None:
+            log_metrics(metrics, step=step)
+            if "round_val_accuracy" in metrics and step == 2:
+                raise Interrupted
+
+        tracker.log_metrics = interrupt_after_round_2
+        federate.run(params, paths, tracker)
+    kept = sorted((paths.root / ".lepton" / "sites").glob("client_*/accountant-*.json"))
+    assert len(kept) == 3 * 2  # each site: this run's and the uninterrupted run's
+    with stage_run("federate", paths.root, "lepton") as tracker:
+        resumed = federate.run(params, paths, tracker)
+    with (paths.model_dir("federate") / "rounds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["val_accuracy"]) for r in rows] == pytest.approx(flower_rounds[::2], abs=1e-6)
+    again = load_file(weights)
+    assert all(torch.equal(again[k], uninterrupted[k]) for k in uninterrupted)
+    assert resumed["epsilon"] >= flower["epsilon"] * (1 - 1e-9)
