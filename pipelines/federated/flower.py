@@ -116,6 +116,18 @@ def make_client_app():
         scale = json.loads(str(config["normalization"])) if "normalization" in config else None
         return load_site(dict(context.node_config), scale)
 
+    def step(kind: str, context: Context, config: dict, arrays: dict) -> tuple:
+        """Site step ``kind`` (:mod:`pipelines.federated.site_steps`) in the site's warm
+        worker when the node config names one, else here."""
+        node = dict(context.node_config)
+        if "worker" in node:
+            from pipelines.federated.site_worker import call
+
+            return call(str(node["worker"]), kind, config, arrays)
+        from pipelines.federated.site_steps import run_step
+
+        return run_step(kind, site(context, config), config, arrays)
+
     def answer(kind: str, msg: Message, context: Context) -> Message:
         config = dict(msg.content["config"])
         record_step = str(config.pop(RECORD_STEP, ""))
@@ -131,15 +143,7 @@ def make_client_app():
         arrays = (
             unpack_record(msg.content["arrays"]) if "arrays" in msg.content.array_records else {}
         )
-        node = dict(context.node_config)
-        if "worker" in node:
-            from pipelines.federated.site_worker import call
-
-            info, metrics, out = call(str(node["worker"]), kind, config, arrays)
-        else:
-            from pipelines.federated.site_steps import run_step
-
-            info, metrics, out = run_step(kind, site(context, config), config, arrays)
+        info, metrics, out = step(kind, context, config, arrays)
         if ACCOUNTANT in info:  # stays at the site, for its next message
             spent = str(info.pop(ACCOUNTANT))
             context.state[ACCOUNTANT_STATE] = ConfigRecord({ACCOUNTANT: spent})
@@ -159,9 +163,13 @@ def make_client_app():
     @app.train(mods=[secure_when_asked])
     def train(msg: Message, context: Context) -> Message:
         if SECAGG_CONFIG_RECORD in msg.content.config_records:  # a SecAgg+ round
-            from pipelines.federated.fedavg import train_client
 
-            return secure_train(msg, lambda config: site(context, config), train_client)
+            def update(config: dict, parameters: list) -> tuple:
+                arrays = {f"p{i:05d}": array for i, array in enumerate(parameters)}
+                _, metrics, out = step("secure-train", context, config, arrays)
+                return out["update"], int(metrics["num-examples"]), float(metrics["loss"])
+
+            return secure_train(msg, update)
         return answer("train", msg, context)
 
     @app.evaluate()

@@ -4,7 +4,8 @@ shared round loop.
 Each round of :func:`~pipelines.federated.fedavg.run_federation` that runs with
 ``federate.secure_aggregation`` sends its sampled sites through Flower's
 ``SecAggPlusWorkflow`` (:func:`make_secagg_collect`): the sites mask their updates
-(``secaggplus_mod`` at the ClientApp, :func:`secure_train`), and the server learns only
+(``secaggplus_mod`` at the ClientApp, :func:`secure_train`; the training itself is
+the site step ``secure-train``, in the site's warm worker), and the server learns only
 their sample-weighted mean, which the loop hands to the server optimizer as it would the
 in-process mean. So FedAvg, FedProx, FedAdam, the server learning rate, ``min_clients``,
 ``client_timeout_seconds`` and the seeded client sampling all hold; what needs each update
@@ -68,25 +69,19 @@ def secure_when_asked(msg, context, call_next):
     return call_next(msg, context)
 
 
-def secure_train(msg, load_site: Callable, trainer: Callable):
-    """ClientApp, inside ``secaggplus_mod``: the shared client step on the rows of
-    ``load_site(config)``, its update as one flat vector in a legacy ``FitRes`` (the mod
-    masks it before it leaves)."""
+def secure_update(data, config, parameters: list[np.ndarray], trainer: Callable):
+    """A SecAgg+ round's local training at a site: the shared client step from the round's
+    weights ``parameters`` (the model's tensors in sorted key order) on ``data``'s rows;
+    returns ``(update, rows, loss)`` with the update as one flat float32 vector."""
     import torch
-    from flwr.app import Message
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.compat.common import recorddict_compat as compat
 
     from pipelines.config import FederateParams
     from pipelines.federated.strategies import flatten_update
     from pipelines.models.encoder import build_classifier
 
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    config = fitins.config
-    data = load_site(config)
     model_config = json.loads(str(config["model-config"]))
     template = dict(sorted(build_classifier(model_config).state_dict().items()))
-    state = _to_state(parameters_to_ndarrays(fitins.parameters), template)
+    state = _to_state(parameters, template)
     new_state, size, loss = trainer(
         state,
         data.train,
@@ -96,6 +91,19 @@ def secure_train(msg, load_site: Callable, trainer: Callable):
         model_config=model_config,
     )
     update = flatten_update(new_state, state).to(torch.float32).numpy()
+    return update, int(size), float(loss)
+
+
+def secure_train(msg, run_update: Callable):
+    """ClientApp, inside ``secaggplus_mod``: ``run_update(config, parameters)`` (the site
+    step :func:`secure_update`, in the site's warm worker or here) and its update as one
+    flat vector in a legacy ``FitRes`` (the mod masks it before it leaves)."""
+    from flwr.app import Message
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    update, size, loss = run_update(dict(fitins.config), parameters_to_ndarrays(fitins.parameters))
     fitres = FitRes(
         Status(Code.OK, ""), ndarrays_to_parameters([update]), int(size), {"loss": float(loss)}
     )

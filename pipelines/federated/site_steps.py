@@ -201,9 +201,25 @@ def record_train(
     return info, {"epsilon": accountant.epsilon()}, out
 
 
+def secure_train(
+    data: SiteData, config: dict[str, Any], arrays: Arrays
+) -> tuple[dict, dict, Arrays]:
+    """A SecAgg+ round's local training (:func:`~pipelines.federated.flower_secagg.
+    secure_update`) from the weights in ``arrays`` (``p00000``, ``p00001``…: the tensors in
+    sorted key order): the update as one flat vector (``update``), rows and mean loss. The
+    ClientApp's SecAgg+ mod masks the update before it leaves the site."""
+    from pipelines.federated.fedavg import train_client
+    from pipelines.federated.flower_secagg import secure_update
+
+    parameters = [arrays[key] for key in sorted(arrays)]
+    update, size, loss = secure_update(data, config, parameters, train_client)
+    return {}, {"num-examples": size, "loss": loss}, {"update": update}
+
+
 STEPS = {
     "query": query,
     "train": train,
+    "secure-train": secure_train,
     "evaluate": evaluate,
     "record-count": record_count,
     "record-train": record_train,
@@ -214,5 +230,6 @@ def run_step(
     kind: str, data: SiteData, config: dict[str, Any], arrays: Arrays
 ) -> tuple[dict, dict, Arrays]:
     """``(info, metrics, arrays)`` of message ``kind`` (``query``, ``train``, ``evaluate``,
-    and under record-level DP ``record-count`` and ``record-train``)."""
+    ``secure-train`` in a SecAgg+ round, and under record-level DP ``record-count`` and
+    ``record-train``)."""
     return STEPS[kind](data, config, arrays)
