@@ -97,6 +97,7 @@ def make_client_app():
 
     from pipelines.federated.flower_secagg import (
         SECAGG_CONFIG_RECORD,
+        SECURE_TASK,
         secure_train,
         secure_when_asked,
     )
@@ -166,7 +167,8 @@ def make_client_app():
 
             def update(config: dict, parameters: list) -> tuple:
                 arrays = {f"p{i:05d}": array for i, array in enumerate(parameters)}
-                _, metrics, out = step("secure-train", context, config, arrays)
+                task = config.pop(SECURE_TASK, "train")  # or "statistics", before round 1
+                _, metrics, out = step(f"secure-{task}", context, config, arrays)
                 return out["update"], int(metrics["num-examples"]), float(metrics["loss"])
 
             return secure_train(msg, update)
@@ -331,7 +333,8 @@ def make_server_app(package_dir: Path):
         # order the nodes by site name (each checks its data against the run's);
         # a classifier's head from their statistics
         query_config = {"expected": json.dumps(spec["expected"]), **site_config}
-        if not simclr:
+        secure = not simclr and params.secure_aggregation
+        if not simclr and not secure:  # (under SecAgg+ only their masked sum: see below)
             query_config["model-config"] = config_json
         query = [
             Message(
@@ -360,10 +363,22 @@ def make_server_app(package_dir: Path):
             }
             for name in names
         ]
-        secure = not simclr and params.secure_aggregation
-        if not simclr and not secure:  # (SecAgg+ hides per-site statistics: random head)
+        if not simclr and not secure:
             stats = [unpack_state(by_site[name].content["arrays"]) for name in names]
             state = with_class_mean_head(state, stats)
+        elif secure:  # the same head from the sum of the sites' statistics, masked
+            from pipelines.federated.flower_secagg import secure_class_statistics
+
+            summed = secure_class_statistics(
+                grid,
+                context,
+                order,
+                state,
+                {"model-config": config_json, **site_config},
+                max(s["rows"] for s in sites),
+                params.client_timeout_seconds,
+            )
+            state = with_class_mean_head(state, [summed])
 
         def round_config(index: int, round_params, round_index: int) -> dict[str, Any]:
             return {

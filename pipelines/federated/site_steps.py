@@ -216,10 +216,28 @@ def secure_train(
     return {}, {"num-examples": size, "loss": loss}, {"update": update}
 
 
+def secure_statistics(
+    data: SiteData, config: dict[str, Any], arrays: Arrays
+) -> tuple[dict, dict, Arrays]:
+    """SecAgg+ before round 1: the class statistics of the site's rows under the weights in
+    ``arrays`` (as :func:`secure_train` takes them) as one flat vector (``update``,
+    :func:`~pipelines.federated.flower_secagg.statistics_vector`, scaled by
+    ``statistics-scale``), weight 1; the SecAgg+ mod masks it, the server learns the sum."""
+    from pipelines.federated.fedavg import client_class_statistics
+    from pipelines.federated.flower_secagg import state_from_parameters, statistics_vector
+
+    model_config = json.loads(str(config["model-config"]))
+    state = state_from_parameters([arrays[key] for key in sorted(arrays)], model_config)
+    stats = client_class_statistics(state, data.train, "cpu", model_config=model_config)
+    vector = statistics_vector(stats, float(config["statistics-scale"]))
+    return {}, {"num-examples": 1, "loss": 0.0}, {"update": vector}
+
+
 STEPS = {
     "query": query,
     "train": train,
     "secure-train": secure_train,
+    "secure-statistics": secure_statistics,
     "evaluate": evaluate,
     "record-count": record_count,
     "record-train": record_train,
@@ -230,6 +248,7 @@ def run_step(
     kind: str, data: SiteData, config: dict[str, Any], arrays: Arrays
 ) -> tuple[dict, dict, Arrays]:
     """``(info, metrics, arrays)`` of message ``kind`` (``query``, ``train``, ``evaluate``,
-    ``secure-train`` in a SecAgg+ round, and under record-level DP ``record-count`` and
+    ``secure-train`` and ``secure-statistics`` under SecAgg+, and under record-level DP
+    ``record-count`` and
     ``record-train``)."""
     return STEPS[kind](data, config, arrays)

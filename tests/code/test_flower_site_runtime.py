@@ -98,12 +98,31 @@ assert list(record.keys()) == ["safetensors"]  # one array, one object to send
 back = unpack_record(record)
 assert back.keys() == arrays.keys()
 assert all(back[k].dtype == arrays[k].dtype and (back[k] == arrays[k]).all() for k in arrays)
+
+import torch
+from pipelines.federated.flower_secagg import statistics_from_mean, statistics_vector
+
+gen = torch.Generator().manual_seed(0)
+sites = [
+    {
+        "sums": (torch.rand(3, 4, generator=gen, dtype=torch.float64) * 2 - 1) * 5,
+        "counts": torch.tensor([5.0, 0.0, 7.0], dtype=torch.float64),
+        "norm_sum": torch.tensor(30.0, dtype=torch.float64),
+    }
+    for _ in range(2)
+]
+vectors = [statistics_vector(site, scale=10.0) for site in sites]
+assert max(float(np.abs(v).max()) for v in vectors) <= 1.0  # inside the clipping range
+summed = statistics_from_mean((vectors[0].astype(np.float64) + vectors[1]) / 2, 2, 3, 10.0)
+assert torch.allclose(summed["sums"], sites[0]["sums"] + sites[1]["sums"], atol=1e-5)
+assert summed["counts"].tolist() == [10.0, 0.0, 14.0]
+assert abs(float(summed["norm_sum"]) - 60.0) < 1e-2
 print("ok")
 """
 
 
 @needs_flower
-def test_shortened_waits_and_packed_records_in_the_flower_environment():
+def test_shortened_waits_packed_records_and_statistics_vectors_in_the_flower_environment():
     done = subprocess.run(
         [str(flower_bin() / "python"), "-c", _CHECK_IN_FLOWER],
         cwd=REPO,

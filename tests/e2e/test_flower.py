@@ -87,9 +87,13 @@ def test_secure_aggregation_with_fedadam_matches_the_in_process_run(tmp_path: Pa
     """SecAgg+ is a transport of the shared loop: with FedAdam, a server learning rate and
     seeded sampling of 2 of 3 sites a round, every round's training loss matches the
     in-process run within 1e-3 and its val accuracy within one of the 200 val rows (SecAgg+
-    quantizes each update to 2**22 levels). No class-mean head with SecAgg+: it needs
-    per-site statistics."""
-    from pipelines.federated.fedavg import run_federation, start_classifier
+    quantizes each update to 2**22 levels). The class-mean head comes from the sites'
+    statistics summed under SecAgg+ too, as the in-process run's from the plain ones."""
+    from pipelines.federated.fedavg import (
+        init_head_from_class_means,
+        run_federation,
+        start_classifier,
+    )
     from pipelines.io import load_weights, read_image_table
     from pipelines.models.encoder import load_encoder
 
@@ -112,12 +116,12 @@ def test_secure_aggregation_with_fedadam_matches_the_in_process_run(tmp_path: Pa
     secure = [[float(v) for v in r.split(",")] for r in rows]  # round,val,loss,accepted,...
     state, _ = load_weights(paths.model_dir("federate"), "model")
 
-    # the same start model the stage builds, federated in process without the head init
+    # the same start model the stage builds, its head from the clients' class means
     model = start_classifier(load_encoder(paths.model_dir("pretrain")), 10, seed=0)
     clients = [read_image_table(p) for p in sorted((paths.partitions / "clients").glob("*"))]
     trained, plain = run_federation(
         model.config,
-        model.state_dict(),
+        init_head_from_class_means(model.config, model.state_dict(), clients, "cpu"),
         clients,
         read_image_table(paths.partitions / "val.parquet"),
         base,
