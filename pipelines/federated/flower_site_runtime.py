@@ -103,6 +103,7 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     ``--isolation`` is replaced by ``process``), its waits capped at ``poll_seconds``, with
     a forked SuperExec (:func:`run_superexec`) that dies with it."""
     _import_runtime(poll_seconds)
+    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     argv = list(supernode_argv)
@@ -110,8 +111,8 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     for i in reversed(isolation):
         del argv[i : i + (1 if "=" in argv[i] else 2)]
     argv += ["--isolation", "process"]
-    port = _flag_value(argv, "--port") or "9094"
-    host = _flag_value(argv, "--host") or "127.0.0.1"
+    port = _flag_value(argv, "--port") or str(SUPERNODE_UVICORN_DEFAULT_PORT)
+    host = _flag_value(argv, "--host") or UVICORN_DEFAULT_HOST
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (a bind address)
     supernode = os.getpid()
     die_with_parent = _death_signal_setter()
