@@ -277,7 +277,8 @@ def summary_status(stdout: str) -> dict[str, str]:
 
 
 def kill_pretrain_once_it_has_a_checkpoint(root: Path, process: subprocess.Popen) -> list[int]:
-    """SIGKILL the `lepton stage run pretrain` process (as an OOM kill would) once it has
+    """SIGKILL the `lepton stage run pretrain` process of the workspace ``root`` (as an OOM
+    kill would; another test's pretrain on the same machine is left alone) once it has
     saved an epoch's checkpoint; returns the PIDs killed."""
     import signal
     import time
@@ -287,9 +288,10 @@ def kill_pretrain_once_it_has_a_checkpoint(root: Path, process: subprocess.Popen
     while process.poll() is None:
         if list((root / ".lepton" / "checkpoints").glob("pretrain-*.safetensors")):
             killed = []
-            for found in psutil.process_iter(["cmdline"]):
+            for found in psutil.process_iter(["cmdline", "cwd"]):
                 command = " ".join(found.info["cmdline"] or [])
-                if "lepton stage run pretrain" in command:
+                ours = found.info["cwd"] and Path(found.info["cwd"]).resolve() == root.resolve()
+                if "lepton stage run pretrain" in command and ours:
                     os.kill(found.pid, signal.SIGKILL)
                     killed.append(found.pid)
             if killed:
