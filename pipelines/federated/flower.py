@@ -106,7 +106,6 @@ def make_client_app():
         ACCOUNTANT_KEY,
         RECORD_STEP,
         accountant_file,
-        save_accountant,
     )
 
     app = ClientApp()
@@ -148,8 +147,11 @@ def make_client_app():
         if ACCOUNTANT in info:  # stays at the site, for its next message
             spent = str(info.pop(ACCOUNTANT))
             context.state[ACCOUNTANT_STATE] = ConfigRecord({ACCOUNTANT: spent})
-            if saved is not None:
-                save_accountant(saved, spent)
+            if saved is not None:  # whole or not at all: a killed site keeps its last state
+                from pipelines.io import write_text_atomic
+
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(saved, spent)
         content = RecordDict({"info": ConfigRecord(info)})
         if metrics:
             content["metrics"] = MetricRecord(metrics)

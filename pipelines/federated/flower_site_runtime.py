@@ -64,18 +64,6 @@ def shorten_flower_waits(seconds: float = DEFAULT_POLL_SECONDS) -> None:
     defaults["backoff_cap"] = max(seconds, 1.0)
 
 
-def _death_signal_setter():
-    """A function that makes the kernel SIGKILL the calling process when its parent dies
-    (Linux ``prctl``), or None elsewhere; looked up here, called after a fork."""
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
 def _flag_value(argv: list[str], flag: str) -> str | None:
     """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None."""
     for i, arg in enumerate(argv):
@@ -106,6 +94,8 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from pipelines.federated.flower_deploy import die_with_parent as death_signal_setter
+
     argv = list(supernode_argv)
     isolation = [i for i, a in enumerate(argv) if a.startswith("--isolation")]
     for i in reversed(isolation):
@@ -115,7 +105,7 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     host = _flag_value(argv, "--host") or UVICORN_DEFAULT_HOST
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (a bind address)
     supernode = os.getpid()
-    die_with_parent = _death_signal_setter()
+    die_with_parent = death_signal_setter()  # looked up here, called after the fork
     if os.fork() == 0:  # before the SuperNode starts any thread
         try:
             if die_with_parent is not None:  # a SuperNode killed by SIGKILL takes it along

@@ -110,20 +110,6 @@ def accountant_file(node_config: dict[str, Any], key: str) -> Path | None:
     return Path(str(node_config["state"])) / f"accountant-{key}.json"
 
 
-def save_accountant(path: Path, state: str) -> None:
-    """Write the accountant's state to ``path`` whole or not at all (a killed site keeps its
-    last complete state)."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(state)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-
-
 def _accountant(config: dict[str, Any], first_use: bool = False):
     """The site's accountant from the state its ClientApp keeps; a new one only on
     ``first_use`` (the row-count release before round 1). A training round without it (a
