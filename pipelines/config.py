@@ -131,6 +131,10 @@ class PretrainParams(_Section):
     local_epochs: int = Field(10, ge=1, le=1000)  # federated only
     client_batch_size: int = Field(64, ge=4, le=65536)  # federated only
     client_temperature: float = Field(0.2, gt=0.0, le=10.0)  # federated only
+    # federated only: each client's fit ramps the round's rate up over its first steps (its
+    # AdamW starts afresh every round; full-rate first steps pulled the encoder below a
+    # random one's kNN probe for the first rounds)
+    client_warmup_steps: int = Field(20, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _ddp_needs_more_than_one_process(self) -> PretrainParams:

@@ -297,6 +297,7 @@ def make_server_app(package_dir: Path):
                 "task": "simclr",
                 "temperature": pretrain.client_temperature,
                 "weight-decay": pretrain.weight_decay,
+                "warmup-steps": pretrain.client_warmup_steps,
             }
         else:
             params = FederateParams.model_validate(spec["federate"])

@@ -72,6 +72,7 @@ def train(data: SiteData, config: dict[str, Any], arrays: Arrays) -> tuple[dict,
             train_ssl_client,
             temperature=float(config["temperature"]),
             weight_decay=float(config["weight-decay"]),
+            warmup_steps=int(config.get("warmup-steps", 0)),
         )
     new_state, size, loss = step(
         _state(arrays),

@@ -8,7 +8,10 @@ federate stage's (:func:`pipelines.federated.fedavg.run_federation`: seeded clie
 sampling, dropped and screened clients, the cosine client learning rate over the rounds),
 with ``pretrain.rounds``, ``pretrain.local_epochs``, ``pretrain.client_batch_size`` and
 ``pretrain.learning_rate``; NT-Xent negatives come from the client's own batch, at
-``pretrain.client_temperature``. The
+``pretrain.client_temperature``. Each client fit ramps the round's rate up over its first
+``pretrain.client_warmup_steps`` steps: its AdamW starts afresh every round, and full-rate
+first steps from fresh moments pulled the averaged encoder's kNN probe below that of the
+random encoder it started from (0.86 against 0.93 after 5 rounds on the digits). The
 encoder is unaffected by averaging artefacts of batch statistics: it uses GroupNorm.
 
 :func:`pretrain_federated` runs the clients in this process; :func:`pretrain_federated_on_flower`
@@ -64,14 +67,15 @@ def train_ssl_client(
     model_config: dict[str, Any],
     temperature: float,
     weight_decay: float,
+    warmup_steps: int = 0,
 ) -> tuple[dict[str, torch.Tensor], int, float]:
     """One client's SimCLR update: a Lightning fit of encoder + head on its own images.
 
     ``params.local_epochs`` epochs of AdamW at ``params.learning_rate`` (the round's rate,
-    no schedule inside the fit) on batches of ``params.batch_size`` of the client's rows
-    (at most its row count: NT-Xent needs a batch to contrast). Returns ``(state on CPU,
-    rows, mean NT-Xent of the last local epoch)``; an empty shard returns the global state,
-    0 rows and NaN.
+    reached by a linear ramp over the first ``warmup_steps`` optimizer steps) on batches of
+    ``params.batch_size`` of the client's rows (at most its row count: NT-Xent needs a batch
+    to contrast). Returns ``(state on CPU, rows, mean NT-Xent of the last local epoch)``;
+    an empty shard returns the global state, 0 rows and NaN.
     """
     from pipelines.federated.fedavg import client_loader, cpu_copy
     from pipelines.models.systems import SimCLRSystem, make_trainer
@@ -89,6 +93,7 @@ def train_ssl_client(
         weight_decay=weight_decay,
         seed=seed,
         cosine_schedule=False,
+        warmup_steps=warmup_steps,
     )
     batch_size = max(2, min(params.batch_size, rows))
     make_trainer(params.local_epochs, device).fit(
@@ -129,7 +134,10 @@ def pretrain_federated(
     first = clients[0].layout if isinstance(clients[0], TableStream) else clients[0]
     model = start_model(first.image_shape, first.channels, p, seed)
     trainer = functools.partial(
-        train_ssl_client, temperature=p.client_temperature, weight_decay=p.weight_decay
+        train_ssl_client,
+        temperature=p.client_temperature,
+        weight_decay=p.weight_decay,
+        warmup_steps=p.client_warmup_steps,
     )
 
     def report(round_index: int, row: dict[str, float]) -> None:

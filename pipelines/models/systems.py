@@ -228,12 +228,14 @@ class SimCLRSystem(_EpochLossSystem):
         cosine_schedule: bool = True,
         warmup_epochs: int = 0,
         total_epochs: int | None = None,
+        warmup_steps: int = 0,
     ):
         super().__init__(on_epoch_end)
         self.encoder = encoder
         self.head = head
         self.cosine_schedule = cosine_schedule
         self.warmup_epochs = warmup_epochs
+        self.warmup_steps = warmup_steps
         self.criterion = NTXentLoss(temperature)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -273,7 +275,12 @@ class SimCLRSystem(_EpochLossSystem):
             self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )
         if not self.cosine_schedule:  # a federated client: the server sets each round's rate
-            return optimizer
+            if self.warmup_steps <= 0:
+                return optimizer
+            ramp = torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0 / self.warmup_steps, total_iters=self.warmup_steps
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": ramp, "interval": "step"}}
         epochs = max(int(self.total_epochs or self.trainer.max_epochs or 1), 1)
         # stepped in on_train_epoch_end, where an epoch checkpoint can save it
         self.lr_schedule = warmup_cosine_schedule(optimizer, epochs, self.warmup_epochs)
