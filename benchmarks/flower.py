@@ -7,10 +7,10 @@ Runs the federate stage's ``run`` twice on the same digits shards, start encoder
 (``federate.runtime: simulation``, then ``flower``: a SuperLink and one SuperNode per shard
 on 127.0.0.1, started from ``.venv-flower``) and records each wall time, the per-round val
 accuracies (they should match) and the ratio. The Flower time includes starting the
-deployment (a warm worker per site), shipping the app, a ClientApp process per message and
-the SuperNodes' fixed 3 s idle poll, which dominate at digits scale (the JSON also splits
-the time to the first round from the time per later round); ``--local-epochs`` adds training per
-round to see the ratio fall.
+deployment (a SuperLink, per site a SuperNode and a warm worker), shipping the app and three
+messages each way a round through the SuperLink, which dominate at digits scale (the JSON
+also splits the time to the first round from the time per later round);
+``--local-epochs`` adds training per round to see the ratio fall.
 """
 
 from __future__ import annotations

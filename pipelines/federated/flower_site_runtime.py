@@ -12,8 +12,10 @@ module runs the same SuperNode and the same ClientApp runtime with two changes:
 - That SuperExec (Flower's loop) launches each ClientApp by forking a warm zygote that has
   already imported Flower and the Lepton app, instead of starting a process from scratch;
   each ClientApp still runs Flower's ``run_clientapp`` for exactly one message and exits.
-  The SuperNode, SuperExec, zygote and ClientApps are forks of one process that imported
-  all of it once, and each dies with its parent.
+  It connects once the SuperNode's runtime API listens (stock, it tries at once and backs
+  off 1, 2, 4 s with jitter: 2-4 s of each site's start-up). The SuperNode, SuperExec,
+  zygote and ClientApps are forks of one process that imported all of it once, and each
+  dies with its parent.
 
     python -m pipelines.federated.flower_site_runtime supernode [--poll-seconds S] \\
         -- <flower-supernode flags>
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -53,15 +56,17 @@ class _CappedSleeps:
 def shorten_flower_waits(seconds: float = DEFAULT_POLL_SECONDS) -> None:
     """Cap Flower's fixed waits in this process at ``seconds``: the SuperNode's message
     loop (3 s when a pull finds nothing, 0.5 s between looks for the ClientApp's reply) and
-    the first retry of an object pull that came too early (1 s, doubling up to 10 s: now
-    ``seconds``, doubling up to 1 s). A pull that finds nothing is retried as before."""
+    the retries of an object pull that came before its object (1 s, doubling up to 10 s:
+    now every ``seconds``; a ClientApp starts as soon as its message is there and its
+    objects often come later, so a wait doubling up to 1 s cost up to a second a message).
+    A pull that finds nothing is retried as before."""
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode import start_client_internal
 
     start_client_internal.time = _CappedSleeps(seconds)
     defaults = inflatable_utils.pull_objects.__kwdefaults__
     defaults["initial_backoff"] = seconds
-    defaults["backoff_cap"] = max(seconds, 1.0)
+    defaults["backoff_cap"] = seconds
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -80,8 +85,13 @@ def _import_runtime(poll_seconds: float) -> None:
     import flwr.supercore.superexec.run_superexec  # noqa: F401
     import flwr.supernode.cli.flower_supernode  # noqa: F401
     import flwr.supernode.runtime.run_clientapp  # noqa: F401
+    import httpcore  # noqa: F401 (each ClientApp's HTTP client imported it: 0.26 s a message)
+    import safetensors.numpy  # noqa: F401
 
     import pipelines.federated.flower  # noqa: F401 (the app's code)
+    import pipelines.federated.flower_secagg  # noqa: F401
+    import pipelines.federated.site_steps  # noqa: F401 (what a ClientApp runs, or calls)
+    import pipelines.federated.site_worker  # noqa: F401
 
     shorten_flower_waits(poll_seconds)
 
@@ -192,6 +202,27 @@ class _ForkExecutor:
         """Nothing to maintain."""
 
 
+def wait_until_listening(address: str, parent_pid: int, timeout: float = 300.0) -> bool:
+    """Wait until ``address`` (``host:port``) accepts TCP connections, looking every
+    20 ms; False when process ``parent_pid`` exits or ``timeout`` s pass first. The
+    SuperExec starts with its SuperNode: connecting before the SuperNode's runtime API
+    listens sends it into Flower's connection back-off (1, 2, 4 s with jitter)."""
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return True
+        except OSError:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                return False
+            time.sleep(0.02)
+    return False
+
+
 def run_superexec(runtime_api_address: str, parent_pid: int, die_with_parent=None) -> None:
     """Run Flower's SuperExec loop for ClientApps on ``runtime_api_address`` (insecure, as
     the stock SuperNode's own SuperExec on the same machine), launching each through a
@@ -207,6 +238,7 @@ def run_superexec(runtime_api_address: str, parent_pid: int, die_with_parent=Non
     os.close(read_fd)
     executor = _ForkExecutor(write_fd)
     flower_superexec.get_executor = lambda *_args, **_kwargs: executor
+    wait_until_listening(runtime_api_address, parent_pid)  # else Flower's own retries go on
     flower_superexec.run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=True,

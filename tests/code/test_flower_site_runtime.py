@@ -90,7 +90,7 @@ start_client_internal.time.sleep(3)  # the SuperNode's idle wait
 assert time.monotonic() - started < 0.5
 assert start_client_internal.time.monotonic() > 0  # the rest of `time` is untouched
 assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.05
-assert inflatable_utils.pull_objects.__kwdefaults__["backoff_cap"] == 1.0
+assert inflatable_utils.pull_objects.__kwdefaults__["backoff_cap"] == 0.05
 
 arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(7, dtype=np.int64)}
 record = _numpy_record(arrays)
@@ -145,3 +145,35 @@ def test_the_site_runtime_explains_itself():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "supernode" in done.stdout and "flower-supernode" in done.stdout
+
+
+def test_the_superexec_connects_once_its_supernode_listens_and_not_after_it_died():
+    """The SuperExec waits for the SuperNode's runtime API (looking every 20 ms) instead of
+    entering Flower's 1-2-4 s connection back-off; it gives up when the SuperNode exits."""
+    import os
+    import socket
+    import threading
+
+    from pipelines.federated.flower_site_runtime import wait_until_listening
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = socket.socket()
+
+    def listen_later() -> None:
+        time.sleep(0.3)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+    threading.Thread(target=listen_later, daemon=True).start()
+    started = time.monotonic()
+    assert wait_until_listening(f"127.0.0.1:{port}", os.getpid(), timeout=10)
+    assert 0.25 <= time.monotonic() - started < 1.0
+    server.close()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    started = time.monotonic()
+    assert not wait_until_listening(f"127.0.0.1:{port}", gone.pid, timeout=10)
+    assert time.monotonic() - started < 1.0
