@@ -9,12 +9,14 @@ fine-tuning with its defaults.
 
     .venv/bin/python benchmarks/federated_ssl.py [--case digits8|digits28]
         [--client-temperature T] [--federated KEY=VALUE ...] [--probe-every N]
-        [--out FILE.json]
+        [--seed S] [--skip-central] [--out FILE.json]
 
 ``--federated`` overrides a pretrain setting of the federated run (``local_epochs=5``,
-``rounds=60``, ``client_batch_size=128``); ``--probe-every N`` also records the federated
-encoder's kNN probe every N rounds (``federated_knn_by_round``; its pretrain seconds then
-include the probes).
+``rounds=60``, ``client_batch_size=128``, ``client_warmup_steps=0``); ``--probe-every N``
+also records the federated encoder's kNN probe every N rounds (``federated_knn_by_round``;
+its pretrain seconds then include the probes). ``--seed`` seeds the encoders' starts,
+training and fine-tuning (the split stays seed 42's); ``--skip-central`` leaves central
+SimCLR out.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ def main() -> int:
         help="pretrain settings of the federated run (e.g. local_epochs=5 rounds=60)",
     )
     parser.add_argument("--probe-every", type=int, default=0, help="kNN probe every N rounds")
+    parser.add_argument(
+        "--seed", type=int, default=42, help="seed of the encoders and fine-tuning (split: 42)"
+    )
+    parser.add_argument(
+        "--skip-central", action="store_true", help="only the federated and random encoders"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or REPO / "benchmarks" / "results" / f"federated_ssl_{args.case}.json"
@@ -104,15 +112,20 @@ def main() -> int:
         return build_encoder(config).eval(), []
 
     encoders = {
-        "central SimCLR (unlabeled pool)": lambda: pretrain(parts["unlabeled"], central, 42, "cpu"),
-        "federated SimCLR (clients' own shards)": lambda: pretrain_federated(
-            clients, federated, 42, "cpu", watch=probe_rounds
+        "central SimCLR (unlabeled pool)": lambda: pretrain(
+            parts["unlabeled"], central, args.seed, "cpu"
         ),
-        "random encoder": lambda: random_encoder(clients, central, 42),
+        "federated SimCLR (clients' own shards)": lambda: pretrain_federated(
+            clients, federated, args.seed, "cpu", watch=probe_rounds
+        ),
+        "random encoder": lambda: random_encoder(clients, central, args.seed),
     }
+    if args.skip_central:
+        del encoders["central SimCLR (unlabeled pool)"]
     payload: dict = {
         **header("federated_ssl"),
         "case": args.case,
+        "seed": args.seed,
         "client_rows": [len(c) for c in clients],
         "central": central.model_dump(include={"epochs", "batch_size", "learning_rate"}),
         "federated": federated.model_dump(
@@ -121,6 +134,7 @@ def main() -> int:
                 "local_epochs",
                 "client_batch_size",
                 "client_temperature",
+                "client_warmup_steps",
                 "learning_rate",
             }
         ),
@@ -132,8 +146,8 @@ def main() -> int:
         encoder, losses = make()
         seconds = time.perf_counter() - started
         probes = probe_encoder(encoder, labeled, val, central.knn_k, "cpu")
-        pl.seed_everything(42, verbose=False)
-        model, _ = federate(encoder, clients, val, FederateParams(), 42, "cpu")
+        pl.seed_everything(args.seed, verbose=False)
+        model, _ = federate(encoder, clients, val, FederateParams(), args.seed, "cpu")
         payload["encoders"][name] = {
             **{k: round(v, 4) for k, v in probes.items()},
             "fine_tuned_test_accuracy": round(evaluate_accuracy(model, test, "cpu"), 4),

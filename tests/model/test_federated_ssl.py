@@ -48,9 +48,9 @@ def test_federated_simclr_keeps_its_random_starts_knn_probe():
     """The partition defaults (5 clients, Dirichlet 0.5, seed 42) and the federated
     pretraining defaults but 10 rounds instead of 30: the kNN probe of the averaged encoder
     is at least that of the randomly initialised encoder it started from, up to one val row.
-    It is on a par with it, not reliably above (docs/benchmarks.md: other seeds start from
-    random encoders at 0.956 and 0.961); what this catches is a collapse, such as the dip to
-    0.86 after 5 rounds before client fits ramped their rate up (client_warmup_steps)."""
+    It is on a par with it, not reliably above (docs/benchmarks.md: from seed 1, 0.9500
+    against 0.9556); what this catches is a collapse, such as the dip below the random
+    start in the first rounds before client fits ramped their rate up (client_warmup_steps)."""
     from pipelines.config import PartitionParams
     from pipelines.federated.ssl import pretrain_federated, start_model
     from pipelines.stages.partition import partition
