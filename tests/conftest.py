@@ -16,7 +16,8 @@ def share_cores_between_workers() -> None:
     """Under pytest-xdist, give each worker (and the stages and Flower sites it starts) its
     share of the cores as torch threads, unless ``OMP_NUM_THREADS`` is set already. Two
     workers with a thread per core each on two cores made OpenMP's threads wait on each
-    other: 148 s for tests/model's training tests, 47 s at one thread a worker."""
+    other: tests/model's training tests took 131 s at two threads a worker, 52 s at one
+    (docs/reliability.md, "Runs side by side")."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 0:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
