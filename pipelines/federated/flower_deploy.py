@@ -87,6 +87,12 @@ def die_with_parent() -> Callable[[], None] | None:
     return set_death_signal
 
 
+def listens(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host``:``port`` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        return probe.connect_ex((host, port)) == 0
+
+
 def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
     """Return once something listens on 127.0.0.1:``port``; raise if ``process`` exits first
     or ``timeout`` passes."""
@@ -94,9 +100,8 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: floa
     while time.monotonic() - started < timeout:
         if process.poll() is not None:
             raise FlowerRuntimeError(f"{what} exited with code {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if listens("127.0.0.1", port):
+            return
         time.sleep(0.1)
     raise FlowerRuntimeError(f"{what} did not listen on port {port} within {timeout:g} s")
 

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -207,19 +206,19 @@ def wait_until_listening(address: str, parent_pid: int, timeout: float = 300.0) 
     20 ms; False when process ``parent_pid`` exits or ``timeout`` s pass first. The
     SuperExec starts with its SuperNode: connecting before the SuperNode's runtime API
     listens sends it into Flower's connection back-off (1, 2, 4 s with jitter)."""
+    from pipelines.federated.flower_deploy import listens
+
     host, port = address.rsplit(":", 1)
     host = host.strip("[]")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if listens(host, int(port)):
+            return True
         try:
-            with socket.create_connection((host, int(port)), timeout=1):
-                return True
-        except OSError:
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                return False
-            time.sleep(0.02)
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.02)
     return False
 
 

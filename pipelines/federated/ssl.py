@@ -11,7 +11,7 @@ with ``pretrain.rounds``, ``pretrain.local_epochs``, ``pretrain.client_batch_siz
 ``pretrain.client_temperature``. Each client fit ramps the round's rate up over its first
 ``pretrain.client_warmup_steps`` steps: its AdamW starts afresh every round, and full-rate
 first steps from fresh moments pulled the averaged encoder's kNN probe below that of the
-random encoder it started from (0.86 against 0.93 after 5 rounds on the digits). The
+random encoder it started from in the first rounds (docs/benchmarks.md). The
 encoder is unaffected by averaging artefacts of batch statistics: it uses GroupNorm.
 
 :func:`pretrain_federated` runs the clients in this process; :func:`pretrain_federated_on_flower`
