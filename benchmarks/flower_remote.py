@@ -7,7 +7,9 @@ three sites' rows, starts a TLS SuperLink with SuperNode authentication and thre
 `lepton site join` processes (each on its own NPZ file in its own folder), runs ingest →
 partition → pretrain → federate in remote mode in a fresh workspace (default params but
 ``federate.rounds``), then federates the same sites' prepared rows in process from the same
-encoder, and records both val accuracies, each site's held-out accuracy and the wall times.
+encoder (once more with ``federate.augment`` off, to show what the clients' random views
+cost at this number of rounds), and records the val accuracies, each site's held-out
+accuracy and the wall times.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def main() -> int:
         started = time.perf_counter()
         simulated = simulate_same_rows(root, tmp / "sites")
         simulation_seconds = time.perf_counter() - started
+        # the same, without the clients' random views: what augmentation costs at these rounds
+        unaugmented = simulate_same_rows(root, tmp / "sites", {"augment": False})
     result = {
         **header("flower_remote"),
         "sites": len(sites),
@@ -77,6 +81,7 @@ def main() -> int:
             "val_accuracy": round(simulated, 4),
             "seconds": round(simulation_seconds, 1),
         },
+        "simulation_same_rows_without_augment": {"val_accuracy": round(unaugmented, 4)},
         "accuracy_difference": round(remote["val_accuracy"] - simulated, 4),
     }
     write_json(args.out, result)

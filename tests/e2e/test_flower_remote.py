@@ -216,9 +216,12 @@ def test_remote_sites_train_without_their_rows_reaching_the_workspace(tmp_path: 
     assert not leaks, leaks
 
 
-def simulate_same_rows(root: Path, sites_folder: Path) -> float:
+def simulate_same_rows(
+    root: Path, sites_folder: Path, federate_overrides: dict | None = None
+) -> float:
     """The in-process federation over the sites' prepared rows (scaled as the run scaled
-    them), from the same encoder, seeds and params: its final val accuracy."""
+    them), from the same encoder, seeds and params (``federate_overrides`` on top): its
+    final val accuracy."""
     from pipelines.config import load_params
     from pipelines.federated.sites import load_site
     from pipelines.io import Paths, read_image_table, read_json
@@ -237,7 +240,7 @@ def simulate_same_rows(root: Path, sites_folder: Path) -> float:
         load_encoder(paths.model_dir("pretrain")),
         clients,
         read_image_table(paths.partitions / "val.parquet"),
-        params.federate,
+        params.federate.model_copy(update=federate_overrides or {}),
         params.common.seed,
         "cpu",
     )
