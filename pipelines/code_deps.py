@@ -8,6 +8,8 @@ imports inside ``pipelines/``, read with :mod:`ast` (nothing is imported or exec
 - the ``__init__.py`` of every package on the way, which Python runs on import;
 - files a module addresses from its own location, ``Path(__file__).parent / "app"``: the
   Flower apps that ``flwr run`` ships are code the stage runs without importing it;
+- a module named whole in a string, as in ``[python, "-m", "pipelines.x.y"]``: a process
+  the stage starts runs it;
 - not imports under ``if TYPE_CHECKING:``, which never run.
 
 Imports outside ``pipelines/`` (torch, mlflow, ...) are pinned by the lock files, not
@@ -124,6 +126,14 @@ def direct_dependencies(file: Path, root: Path = PACKAGE_DIR.parent) -> tuple[Pa
             target = _path_from_file(node, file)
             if target is not None and target.is_relative_to(root / PACKAGE):
                 found.update(_shipped_files(target))
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.startswith(PACKAGE + ".")
+            and node.value.replace(".", "").replace("_", "").isalnum()
+            and module_file(node.value, root) is not None
+        ):  # a module a started process runs (python -m)
+            found.update(_package_chain(node.value, root))
     found.discard(file)
     return tuple(sorted(found))
 

@@ -264,6 +264,9 @@ def make_server_app(package_dir: Path):
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from pipelines.federated.flower_deploy import exit_when_orphaned
+
+        exit_when_orphaned()  # before the imports, which take a while on a loaded machine
         from safetensors.torch import save
 
         from pipelines.config import FederateParams, PretrainParams

@@ -20,6 +20,7 @@ nothing here imports ``flwr``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -87,13 +88,34 @@ def die_with_parent() -> Callable[[], None] | None:
     return set_death_signal
 
 
+def exit_when_orphaned(grace_seconds: float = 5.0) -> None:
+    """Exit this process ``grace_seconds`` after its parent dies (a thread that watches).
+    The ServerApp calls it: stock Flower starts it under a SuperExec and only raises SIGINT
+    in it when that SuperExec goes; on a loaded machine its graceful exit, which tries to
+    reach the SuperLink that went first, could outlive a killed stage by more than a minute.
+    Without its SuperLink a ServerApp has nothing left to do."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        time.sleep(grace_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()
+
+
 def listens(host: str, port: int) -> bool:
     """Whether something accepts TCP connections on ``host``:``port`` now."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         return probe.connect_ex((host, port)) == 0
 
 
-def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+def wait_for_port(
+    port: int, process: subprocess.Popen | ForkedProcess, what: str, timeout: float = 60.0
+) -> None:
     """Return once something listens on 127.0.0.1:``port``; raise if ``process`` exits first
     or ``timeout`` passes."""
     started = time.monotonic()
@@ -188,15 +210,10 @@ def start_site_worker(
     socket_path: Path,
     node_config: dict[str, Any],
     log_path: Path,
-    threads_per_worker: int | None = None,
-    wait: bool = True,
 ) -> subprocess.Popen:
     """Start a site's warm worker (:mod:`pipelines.federated.site_worker`) with ``python``
-    (the Flower environment's) on ``socket_path``; returns once it listens (``wait``, else
-    at once: then call :func:`wait_for_worker`). ``threads_per_worker`` caps its torch
-    threads (several workers on one machine)."""
+    (the Flower environment's) on ``socket_path``; returns once it listens."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    threads = {"OMP_NUM_THREADS": str(threads_per_worker)} if threads_per_worker else {}
     process = subprocess.Popen(
         [
             str(python),
@@ -207,16 +224,17 @@ def start_site_worker(
         ],
         stdout=log_path.open("a"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **threads},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
         preexec_fn=die_with_parent(),
     )
-    if wait:
-        wait_for_worker(process, socket_path, log_path)
+    wait_for_worker(process, socket_path, log_path)
     return process
 
 
-def wait_for_worker(process: subprocess.Popen, socket_path: Path, log_path: Path) -> None:
+def wait_for_worker(
+    process: subprocess.Popen | ForkedProcess, socket_path: Path, log_path: Path
+) -> None:
     """Return once the warm worker ``process`` listens on ``socket_path``; raises (quoting
     its log) if it exits first or takes over 120 s."""
     started = time.monotonic()
@@ -387,11 +405,13 @@ class LoopbackDeployment(FlowerDeployment):
     """A SuperLink and one SuperNode per shard, on 127.0.0.1, insecure (tests and demos).
 
     Use as a context manager; the processes stop on exit. SuperNode ``i`` gets the node
-    config ``site="client_00i" client-index=i shard="<its shard>"`` and, with ``warm``
-    (default), a warm worker that holds its shard and torch (``worker="<socket>"``,
-    :mod:`pipelines.federated.site_worker`); with ``site_state``, the folder where the site
-    keeps what outlives a run (``state="<site_state>/client_00i"``: its record-level DP
-    accountants). The sites start on entry; :meth:`ready` waits for them.
+    config ``site="client_00i" client-index=i shard="<its shard>"`` and a warm worker that
+    holds its shard and torch (``worker="<socket>"``, :mod:`pipelines.federated.site_worker`);
+    with ``site_state``, the folder where the site keeps what outlives a run
+    (``state="<site_state>/client_00i"``: its record-level DP accountants). Every site is
+    forked from one host process that imported Flower, torch and the site code once
+    (:mod:`pipelines.federated.loopback_sites`). The sites start on entry; :meth:`ready`
+    waits for them.
     """
 
     def __init__(
@@ -399,7 +419,6 @@ class LoopbackDeployment(FlowerDeployment):
         shards: list[Path],
         home: Path,
         bin_dir: Path | None = None,
-        warm: bool = True,
         site_state: Path | None = None,
     ):
         import tempfile
@@ -408,26 +427,13 @@ class LoopbackDeployment(FlowerDeployment):
         super().__init__(home, f"127.0.0.1:{self.port}", None, bin_dir)
         self.shards = [Path(s).resolve() for s in shards]
         self.processes: list[subprocess.Popen] = []
-        self.nodes: dict[int, subprocess.Popen] = {}
-        self.workers: dict[int, subprocess.Popen] = {}
-        self.warm = warm
+        self.sites: dict[int, int] = {}  # shard index -> pid of its site's process group
+        self.host: subprocess.Popen | None = None
+        self._answers: dict[int, int] = {}
         self.site_state = Path(site_state).resolve() if site_state is not None else None
         self._site_waits: list[Callable[[], None]] = []
         # Unix socket paths must stay short: a private folder under the system's temp dir
-        self.sockets = Path(tempfile.mkdtemp(prefix="lepton-sites-")) if warm else None
-
-    def _start(self, argv: list[str], name: str) -> subprocess.Popen:
-        log = (self.home / "logs" / f"{name}.log").open("a")
-        process = subprocess.Popen(
-            argv,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
-        self.processes.append(process)
-        return process
+        self.sockets = Path(tempfile.mkdtemp(prefix="lepton-sites-"))
 
     def __enter__(self) -> LoopbackDeployment:
         self.check_installed("flower-superlink")
@@ -437,8 +443,19 @@ class LoopbackDeployment(FlowerDeployment):
             self.processes.append(
                 start_superlink(self.bin, self.port, self.home / "logs" / "superlink.log", self.env)
             )
-            # every site's processes start now; ready() waits for them (each imports torch
-            # or flwr, which overlaps with submitting the run)
+            self.host = subprocess.Popen(
+                [str(self.bin / "python"), "-m", "pipelines.federated.loopback_sites"],
+                env={**self.env, "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=(self.home / "logs" / "sites.log").open("a"),
+                text=True,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+            self.processes.append(self.host)
+            # every site starts now; ready() waits for them (the host imports torch and flwr
+            # once, which overlaps with submitting the run)
             self._site_waits = [
                 self.start_node(index, wait=False) for index in range(len(self.shards))
             ]
@@ -457,6 +474,19 @@ class LoopbackDeployment(FlowerDeployment):
             self.stop()
             raise
 
+    def _site_pid(self, index: int) -> int:
+        """The pid of site ``index``'s process group, once the host has forked it."""
+        while index not in self._answers:
+            line = self.host.stdout.readline()
+            if not line:
+                said = (self.home / "logs" / "sites.log").read_text()[-2000:]
+                raise FlowerRuntimeError(
+                    f"the loopback sites' host exited ({self.host.wait()}): {said}"
+                )
+            answer = json.loads(line)
+            self._answers[int(answer["index"])] = int(answer["pid"])
+        return self._answers.pop(index)
+
     def start_node(self, index: int, wait: bool = True) -> Callable[[], None]:
         """Start the SuperNode of shard ``index`` and its warm worker (again, after
         :meth:`kill_node`); returns once both listen (``wait``), else at once with the
@@ -468,40 +498,35 @@ class LoopbackDeployment(FlowerDeployment):
         }
         if self.site_state is not None:  # what the site keeps across runs (its accountants)
             config["state"] = str(self.site_state / config["site"])
-        if self.warm:
-            socket_path = self.sockets / f"{index}.sock"
-            socket_path.unlink(missing_ok=True)
-            worker = start_site_worker(  # K workers share this machine's cores
-                self.bin / "python",
-                socket_path,
-                config,
-                self.home / "logs" / f"worker_{index}.log",
-                threads_per_worker=max(1, (os.cpu_count() or 1) // len(self.shards)),
-                wait=False,
-            )
-            self.processes.append(worker)
-            self.workers[index] = worker
-            config["worker"] = str(socket_path)
+        socket_path = self.sockets / f"{index}.sock"
+        socket_path.unlink(missing_ok=True)
         node_port = free_port()
-        node = self._start(
-            [
-                *site_runtime_argv(self.bin),
+        logs = self.home / "logs"
+        request = {
+            "index": index,
+            "socket": str(socket_path),
+            "node_config": config,
+            "threads": max(1, (os.cpu_count() or 1) // len(self.shards)),  # sharing the cores
+            "log": str(logs / f"supernode_{index}.log"),
+            "worker_log": str(logs / f"worker_{index}.log"),
+            "supernode_args": [
                 "--insecure",
                 "--superlink",
                 self.address,
                 "--port",
                 str(node_port),
                 "--node-config",
-                node_config_text(config),
+                node_config_text({**config, "worker": str(socket_path)}),
             ],
-            f"supernode_{index}",
-        )
-        self.nodes[index] = node
+        }
+        self.host.stdin.write(json.dumps(request) + "\n")
+        self.host.stdin.flush()
 
         def wait_for_site() -> None:
-            if self.warm:
-                wait_for_worker(worker, socket_path, self.home / "logs" / f"worker_{index}.log")
-            wait_for_port(node_port, node, f"flower-supernode {index}")
+            pid = self.sites[index] = self._site_pid(index)
+            site = ForkedProcess(pid)
+            wait_for_worker(site, socket_path, logs / f"worker_{index}.log")
+            wait_for_port(node_port, site, f"flower-supernode {index}")
 
         if wait:
             wait_for_site()
@@ -510,22 +535,60 @@ class LoopbackDeployment(FlowerDeployment):
     def kill_node(self, index: int) -> None:
         """SIGKILL the SuperNode of shard ``index``, its ClientApps and its worker, as a
         crash of the site would."""
-        node = self.nodes.pop(index)
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait()
-        if (worker := self.workers.pop(index, None)) is not None:
-            worker.kill()
-            worker.wait()
+        site = ForkedProcess(self.sites.pop(index))
+        site.kill()
+        site.wait()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     def stop(self) -> None:
-        """Stop every process this deployment started (their process groups)."""
+        """Stop every site (its process group), then the host and the SuperLink."""
+        for pid in self.sites.values():
+            ForkedProcess(pid).terminate()
+        self.sites.clear()
+        if self.host is not None and self.host.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.host.stdin.close()
         stop_processes(self.processes)
         self.processes.clear()
-        if self.sockets is not None:
-            shutil.rmtree(self.sockets, ignore_errors=True)
+        shutil.rmtree(self.sockets, ignore_errors=True)
+
+
+class ForkedProcess:
+    """What :func:`wait_for_port` and :func:`wait_for_worker` need of a process that another
+    process forked (a loopback site): whether it is still up, and its process group's end."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """None while the process runs, else -1 (its parent reaps it, not this one)."""
+        try:
+            status = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            status = ""
+        if not status or status.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            self.returncode = -1
+        return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL its process group."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def terminate(self) -> None:
+        """SIGTERM its process group."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGTERM)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait until it is gone (up to ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return -1
 
 
 def encode_blob(data: bytes) -> str:

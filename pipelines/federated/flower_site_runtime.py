@@ -78,7 +78,7 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def _import_runtime(poll_seconds: float) -> None:
+def import_site_runtime(poll_seconds: float) -> None:
     """Import what the SuperNode, its SuperExec and every ClientApp run, once, before any
     fork (so that each forked process starts with it), and shorten Flower's waits."""
     import flwr.supercore.superexec.run_superexec  # noqa: F401
@@ -99,7 +99,7 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     """Run Flower's SuperNode with ``supernode_argv`` (``flower-supernode``'s flags; any
     ``--isolation`` is replaced by ``process``), its waits capped at ``poll_seconds``, with
     a forked SuperExec (:func:`run_superexec`) that dies with it."""
-    _import_runtime(poll_seconds)
+    import_site_runtime(poll_seconds)
     from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

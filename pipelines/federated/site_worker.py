@@ -73,6 +73,14 @@ def call(
     return header["info"], header["metrics"], out
 
 
+def import_site_steps() -> None:
+    """Import torch, Lightning and the site steps' modules (the client step imports some of
+    them lazily), so that the first message does not wait for them."""
+    import pipelines.federated.fedavg  # noqa: F401
+    import pipelines.federated.ssl  # noqa: F401
+    import pipelines.models.systems  # noqa: F401
+
+
 def serve(socket_path: str | Path, node_config: dict[str, Any]) -> None:
     """Worker side: answer messages one at a time until killed, with the site named by
     ``node_config`` (as a SuperNode's) loaded once per pixel range."""
@@ -89,10 +97,7 @@ def serve(socket_path: str | Path, node_config: dict[str, Any]) -> None:
         finally:
             os.umask(old)
         server.listen(4)
-        import pipelines.federated.fedavg  # noqa: F401 - torch and Lightning, before the first
-        import pipelines.federated.ssl  # noqa: F401 - message (which waits in the backlog)
-        import pipelines.models.systems  # noqa: F401 - (the client step imports it lazily)
-
+        import_site_steps()  # before the first message (which waits in the backlog)
         print(f"site worker for {node_config.get('site')} on {path}", flush=True)
         while True:
             connection, _ = server.accept()

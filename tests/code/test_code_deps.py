@@ -30,6 +30,7 @@ def package(tmp_path: Path) -> Path:
     write(tmp_path, "pipelines/lazy.py", "Y = 2\n")
     write(tmp_path, "pipelines/typing_only.py", "Z = 3\n")
     write(tmp_path, "pipelines/unused.py", "W = 4\n")
+    write(tmp_path, "pipelines/started.py", "V = 5\n")
     write(tmp_path, "pipelines/sub/__init__.py")
     write(tmp_path, "pipelines/sub/mod.py", "import json\n")
     write(tmp_path, "pipelines/app/pyproject.toml", "[project]\n")
@@ -45,6 +46,8 @@ def package(tmp_path: Path) -> Path:
         "if TYPE_CHECKING:\n"
         "    from pipelines.typing_only import Z\n"
         "APP = Path(__file__).resolve().parent.parent / 'app'\n"
+        "HOST = ['python', '-m', 'pipelines.started']\n"
+        "NOT_A_MODULE = 'pipelines.missing is not run'\n"
         "def run():\n"
         "    from pipelines import lazy\n"
         "    return lazy.Y\n",
@@ -65,6 +68,7 @@ def test_closure_follows_relative_lazy_package_and_shipped_files(package: Path):
         "pipelines/sub/mod.py",  # `from package import module`
         "pipelines/app/pyproject.toml",  # Path(__file__).parent.parent / "app"
         "pipelines/app/pkg/apps.py",
+        "pipelines/started.py",  # python -m pipelines.started
     }  # not typing_only.py (TYPE_CHECKING) nor unused.py
 
 

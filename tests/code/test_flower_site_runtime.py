@@ -5,6 +5,7 @@ all of it; these check each piece on its own."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from dataclasses import dataclass
@@ -177,3 +178,128 @@ def test_the_superexec_connects_once_its_supernode_listens_and_not_after_it_died
     started = time.monotonic()
     assert not wait_until_listening(f"127.0.0.1:{port}", gone.pid, timeout=10)
     assert time.monotonic() - started < 1.0
+
+
+def test_a_serverapp_whose_parent_died_exits_on_its_own(tmp_path: Path):
+    """exit_when_orphaned: a process whose parent is SIGKILLed exits after its grace
+    period, whatever it was doing (here: sleeping, as a blocked ServerApp would)."""
+    import os
+    import signal
+    import sys
+
+    pid_file = tmp_path / "child.pid"
+    child_code = (
+        "import os, sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from pipelines.federated.flower_deploy import exit_when_orphaned;"
+        "exit_when_orphaned(0.2); open(sys.argv[2], 'w').write(str(os.getpid()));"
+        "time.sleep(120)"
+    )
+    parent_code = (
+        "import subprocess, sys, time;"
+        f"subprocess.Popen([sys.executable, '-c', {child_code!r}, sys.argv[1], sys.argv[2]]);"
+        "time.sleep(120)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code, str(REPO), str(pid_file)], start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists() and "zombie" not in _status(child):
+            assert time.monotonic() < deadline, "the orphaned child is still running after 10 s"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
+def _status(pid: int) -> str:
+    """``/proc/PID/status`` ("" once the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+
+
+def _process_group(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+@needs_flower
+def test_a_loopback_site_is_one_process_group_that_the_host_forks(tmp_path: Path):
+    """The loopback sites' host forks a site on request and answers its pid: the site's
+    SuperNode and warm worker are one process group (so a kill of it is a crash of that
+    site, all of it), and the host exits when its requests end."""
+    import json
+    import os
+    import signal
+
+    from pipelines.federated.flower_deploy import ForkedProcess, free_port, node_config_text
+
+    socket_path = tmp_path / "0.sock"
+    config = {"site": "client_000", "client-index": 0, "shard": str(tmp_path / "shard.parquet")}
+    request = {
+        "index": 0,
+        "socket": str(socket_path),
+        "node_config": config,
+        "threads": 1,
+        "log": str(tmp_path / "supernode.log"),
+        "worker_log": str(tmp_path / "worker.log"),
+        "supernode_args": [
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{free_port()}",  # nobody there: the SuperNode keeps trying
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config_text({**config, "worker": str(socket_path)}),
+        ],
+    }
+    host = subprocess.Popen(
+        [str(flower_bin() / "python"), "-m", "pipelines.federated.loopback_sites"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "host.log").open("w"),
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        host.stdin.write(json.dumps(request) + "\n")
+        host.stdin.flush()
+        answer = json.loads(host.stdout.readline())
+        assert answer["index"] == 0
+        site = ForkedProcess(answer["pid"])
+        deadline = time.monotonic() + 120
+        while not socket_path.exists():
+            assert site.poll() is None, (tmp_path / "supernode.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the site's worker did not listen in 120 s"
+            time.sleep(0.1)
+        members = _process_group(answer["pid"])
+        assert answer["pid"] in members and len(members) >= 2, members  # SuperNode, worker, ...
+        site.kill()
+        site.wait()
+        deadline = time.monotonic() + 10
+        while _process_group(answer["pid"]):
+            assert time.monotonic() < deadline, _process_group(answer["pid"])
+            time.sleep(0.05)
+        host.stdin.close()
+        assert host.wait(timeout=30) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(host.pid, signal.SIGKILL)
