@@ -177,10 +177,13 @@ def start_superlink(
     tls: TLSFiles | None = None,
     host: str = "127.0.0.1",
     supernode_auth: bool = False,
+    own_superexec: bool = False,
 ) -> subprocess.Popen:
     """Start ``flower-superlink`` (one port for the Fleet, Control and ServerApp APIs), TLS
     with ``tls`` else insecure; ``supernode_auth`` admits only SuperNodes whose public key
-    was registered (``flwr supernode register``; needs TLS). Returns once it listens."""
+    was registered (``flwr supernode register``; needs TLS); ``own_superexec``: it starts no
+    SuperExec for ServerApps (``--isolation process``), the caller runs one. Returns once it
+    listens."""
     argv = [
         str(bin_dir / "flower-superlink"),
         *(tls.superlink_args() if tls else ["--insecure"]),
@@ -192,6 +195,8 @@ def start_superlink(
     ]
     if supernode_auth:
         argv.append("--enable-supernode-auth")
+    if own_superexec:
+        argv += ["--isolation", "process"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         argv,
@@ -410,8 +415,8 @@ class LoopbackDeployment(FlowerDeployment):
     with ``site_state``, the folder where the site keeps what outlives a run
     (``state="<site_state>/client_00i"``: its record-level DP accountants). Every site is
     forked from one host process that imported Flower, torch and the site code once
-    (:mod:`pipelines.federated.loopback_sites`). The sites start on entry; :meth:`ready`
-    waits for them.
+    (:mod:`pipelines.federated.loopback_sites`), as is the SuperLink's SuperExec, which forks
+    each ServerApp warm. The sites start on entry; :meth:`ready` waits for them.
     """
 
     def __init__(
@@ -437,12 +442,10 @@ class LoopbackDeployment(FlowerDeployment):
 
     def __enter__(self) -> LoopbackDeployment:
         self.check_installed("flower-superlink")
-        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
         self.write_connection()
         try:
-            self.processes.append(
-                start_superlink(self.bin, self.port, self.home / "logs" / "superlink.log", self.env)
-            )
             self.host = subprocess.Popen(
                 [str(self.bin / "python"), "-m", "pipelines.federated.loopback_sites"],
                 env={**self.env, "PYTHONUNBUFFERED": "1"},
@@ -454,6 +457,18 @@ class LoopbackDeployment(FlowerDeployment):
                 preexec_fn=die_with_parent(),
             )
             self.processes.append(self.host)
+            self.processes.append(  # while the host imports
+                start_superlink(
+                    self.bin,
+                    self.port,
+                    self.home / "logs" / "superlink.log",
+                    self.env,
+                    own_superexec=True,
+                )
+            )
+            self._request(  # the SuperLink's SuperExec: ServerApps forked warm too
+                {"index": -1, "superlink": self.address, "log": str(logs / "superexec.log")}
+            )
             # every site starts now; ready() waits for them (the host imports torch and flwr
             # once, which overlaps with submitting the run)
             self._site_waits = [
@@ -473,6 +488,11 @@ class LoopbackDeployment(FlowerDeployment):
         except BaseException:
             self.stop()
             raise
+
+    def _request(self, request: dict[str, Any]) -> None:
+        """Send the host one request (a site, or the SuperLink's SuperExec)."""
+        self.host.stdin.write(json.dumps(request) + "\n")
+        self.host.stdin.flush()
 
     def _site_pid(self, index: int) -> int:
         """The pid of site ``index``'s process group, once the host has forked it."""
@@ -519,8 +539,7 @@ class LoopbackDeployment(FlowerDeployment):
                 node_config_text({**config, "worker": str(socket_path)}),
             ],
         }
-        self.host.stdin.write(json.dumps(request) + "\n")
-        self.host.stdin.flush()
+        self._request(request)
 
         def wait_for_site() -> None:
             pid = self.sites[index] = self._site_pid(index)

@@ -126,11 +126,43 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     flower_supernode()
 
 
-def _zygote(read_fd: int, die_with_parent=None) -> None:
-    """Fork one ClientApp process for each launch request (a JSON line on ``read_fd``);
-    never returns. Single-threaded, so that forking is safe."""
+def _run_app(spec: dict[str, Any]) -> None:
+    """Run the ClientApp or ServerApp task of one launch request, as ``flwr-clientapp`` or
+    ``flwr-serverapp`` would (a ServerApp's output goes to the SuperLink's run log)."""
+    if spec.get("task") == "serverapp":
+        from queue import Queue
+
+        from flwr.supercore.logger import mirror_output_to_queue, restore_output
+        from flwr.superlink.runtime.run_serverapp import run_serverapp
+
+        log_queue: Queue[str | None] = Queue()
+        mirror_output_to_queue(log_queue)
+        try:
+            run_serverapp(
+                runtime_api_address=spec["runtime_api_address"],
+                log_queue=log_queue,
+                token=spec["token"],
+                insecure=True,
+                parent_pid=spec["parent_pid"],
+                runtime_dependency_install=False,
+            )
+        finally:
+            restore_output()
+        return
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+    run_clientapp(
+        runtime_api_address=spec["runtime_api_address"],
+        token=spec["token"],
+        insecure=True,
+        parent_pid=spec["parent_pid"],
+        runtime_dependency_install=False,
+    )
+
+
+def _zygote(read_fd: int, die_with_parent=None) -> None:
+    """Fork one app process for each launch request (a JSON line on ``read_fd``); never
+    returns. Single-threaded, so that forking is safe."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     with os.fdopen(read_fd, "r") as requests:
@@ -143,13 +175,7 @@ def _zygote(read_fd: int, die_with_parent=None) -> None:
                 if die_with_parent is not None:
                     die_with_parent()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                run_clientapp(
-                    runtime_api_address=spec["runtime_api_address"],
-                    token=spec["token"],
-                    insecure=True,
-                    parent_pid=spec["parent_pid"],
-                    runtime_dependency_install=False,
-                )
+                _run_app(spec)
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else 1
             except BaseException:  # noqa: BLE001 (the child must not return into the loop)
@@ -162,28 +188,33 @@ def _zygote(read_fd: int, die_with_parent=None) -> None:
 
 
 class _ForkExecutor:
-    """SuperExec executor that hands each ClientApp launch to the zygote."""
+    """SuperExec executor that hands each launch of its one task type (ClientApps at a
+    SuperNode, ServerApps at a SuperLink) to the zygote."""
 
-    def __init__(self, write_fd: int):
+    def __init__(self, write_fd: int, task: str = "clientapp"):
+        from flwr.supercore.constant import TaskType
+
         self.requests = os.fdopen(write_fd, "w", buffering=1)
+        self.task = task
+        self.task_type = TaskType.SERVER_APP if task == "serverapp" else TaskType.CLIENT_APP
 
     def get_eligible_capacity(self, supported_task_types, **_kwargs):
-        """Every supported task type can launch now."""
-        return supported_task_types, set()
+        """Its task type can launch now."""
+        return {t for t in supported_task_types if t == self.task_type}, set()
 
     def wait_for_capacity(self, *_args, **_kwargs) -> None:
         """No capacity gate."""
 
     def launch(self, spec):
         """Ask the zygote to fork the ClientApp of ``spec``."""
-        from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
-        if spec.task_type != TaskType.CLIENT_APP:
-            return LaunchResult.failed(f"this SuperExec runs ClientApps, not {spec.task_type}")
+        if spec.task_type != self.task_type:
+            return LaunchResult.failed(f"this SuperExec runs {self.task}s, not {spec.task_type}")
         self.requests.write(
             json.dumps(
                 {
+                    "task": self.task,
                     "runtime_api_address": spec.runtime_api_address,
                     "token": spec.token,
                     "parent_pid": spec.parent_pid,
@@ -222,10 +253,13 @@ def wait_until_listening(address: str, parent_pid: int, timeout: float = 300.0) 
     return False
 
 
-def run_superexec(runtime_api_address: str, parent_pid: int, die_with_parent=None) -> None:
-    """Run Flower's SuperExec loop for ClientApps on ``runtime_api_address`` (insecure, as
-    the stock SuperNode's own SuperExec on the same machine), launching each through a
-    forked zygote; exits when process ``parent_pid`` (the SuperNode) does."""
+def run_superexec(
+    runtime_api_address: str, parent_pid: int, die_with_parent=None, task: str = "clientapp"
+) -> None:
+    """Run Flower's SuperExec loop for ClientApps (``task="serverapp"``: ServerApps) on
+    ``runtime_api_address`` (insecure, as the stock SuperNode's or SuperLink's own SuperExec
+    on the same machine), launching each through a forked zygote; exits when process
+    ``parent_pid`` (the SuperNode, or whoever started it) does."""
     from flwr.supercore.superexec import run_superexec as flower_superexec
 
     read_fd, write_fd = os.pipe()
@@ -235,7 +269,7 @@ def run_superexec(runtime_api_address: str, parent_pid: int, die_with_parent=Non
         os.close(write_fd)
         _zygote(read_fd, die_with_parent)
     os.close(read_fd)
-    executor = _ForkExecutor(write_fd)
+    executor = _ForkExecutor(write_fd, task)
     flower_superexec.get_executor = lambda *_args, **_kwargs: executor
     wait_until_listening(runtime_api_address, parent_pid)  # else Flower's own retries go on
     flower_superexec.run_superexec(

@@ -15,6 +15,9 @@ of :mod:`pipelines.federated.flower_site_runtime` with its SuperExec and ClientA
 and the :mod:`pipelines.federated.site_worker` it hands messages to) and answers
 ``{"index", "pid"}`` on stdout: SIGKILL of that process group takes the whole site down,
 as a crash of the site would. Each site dies with the host, and the host with its parent.
+A request ``{"index", "superlink", "log"}`` forks the SuperLink's SuperExec for ServerApps
+instead (a SuperLink started with ``--isolation process``): the ServerApp, which imports
+torch too, is then forked warm as well.
 Remote sites run ``lepton site join`` instead, one process tree a site on its own machine.
 """
 
@@ -31,12 +34,48 @@ from pipelines.federated.flower_site_runtime import DEFAULT_POLL_SECONDS
 
 
 def _import_sites(poll_seconds: float) -> None:
-    """Import what a SuperNode, its ClientApps and a warm worker run, once."""
+    """Import what a SuperNode, its ClientApps, a warm worker and the ServerApp run, once."""
+    import flwr.superlink.runtime.run_serverapp  # noqa: F401
+
+    import pipelines.config  # noqa: F401 - the ServerApp's own imports
+    import pipelines.federated.flower_record  # noqa: F401
+    import pipelines.federated.strategies  # noqa: F401
+    import pipelines.models.encoder  # noqa: F401
     from pipelines.federated.flower_site_runtime import import_site_runtime
     from pipelines.federated.site_worker import import_site_steps
 
     import_site_runtime(poll_seconds)
     import_site_steps()
+
+
+def _run_serverapps(request: dict[str, Any], die_with_parent) -> None:
+    """In the forked child: the SuperLink's SuperExec for ServerApps, each forked from this
+    warm process (the loopback SuperLink runs with ``--isolation process``); never returns."""
+    from pipelines.federated.flower_site_runtime import run_superexec
+
+    host = os.getppid()
+    os.setsid()
+    code = 0
+    try:
+        _quiet_stdin()
+        if die_with_parent is not None:
+            die_with_parent()
+        _to_log(request["log"])
+        run_superexec(request["superlink"], host, die_with_parent, task="serverapp")
+    except BaseException:  # noqa: BLE001 - the child must not return into the host's loop
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _quiet_stdin() -> None:
+    """Point stdin at /dev/null: the host's requests are not the child's."""
+    quiet = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(quiet, 0)
+    os.close(quiet)
 
 
 def _to_log(path: str) -> None:
@@ -55,10 +94,7 @@ def _run_site(request: dict[str, Any], poll_seconds: float, die_with_parent) -> 
     from pipelines.federated.site_worker import serve
 
     os.setsid()
-    quiet = os.open(os.devnull, os.O_RDONLY)  # the host's requests are not the site's
-    os.dup2(quiet, 0)
-    os.close(quiet)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the host ignores its children's exits
+    _quiet_stdin()
     if die_with_parent is not None:
         die_with_parent()
     if os.fork() == 0:
@@ -108,6 +144,9 @@ def serve_sites(poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the host ignores its children's
+            if "superlink" in request:
+                _run_serverapps(request, die_with_parent)
             _run_site(request, poll_seconds, die_with_parent)
         print(json.dumps({"index": request["index"], "pid": pid}), flush=True)
 
