@@ -20,6 +20,9 @@ module runs the same SuperNode and the same ClientApp runtime with two changes:
     python -m pipelines.federated.flower_site_runtime supernode [--poll-seconds S] \\
         -- <flower-supernode flags>
 
+The same SuperExec and zygote also run a loopback SuperLink's ServerApps
+(``run_superexec(..., task="serverapp")``, forked by :mod:`pipelines.federated.loopback_sites`).
+
 Everything else (TLS, SuperNode authentication, node config, the Fleet API and every
 message) is Flower's own; a site may run stock ``flower-supernode`` instead (``lepton site
 join --stock-supernode``) and get the same results more slowly.
