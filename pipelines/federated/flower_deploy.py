@@ -434,6 +434,7 @@ class LoopbackDeployment(FlowerDeployment):
         self.processes: list[subprocess.Popen] = []
         self.sites: dict[int, int] = {}  # shard index -> pid of its site's process group
         self.host: subprocess.Popen | None = None
+        self.superexec: ForkedProcess | None = None  # the SuperLink's, for ServerApps
         self._answers: dict[int, int] = {}
         self.site_state = Path(site_state).resolve() if site_state is not None else None
         self._site_waits: list[Callable[[], None]] = []
@@ -485,6 +486,12 @@ class LoopbackDeployment(FlowerDeployment):
         try:
             while self._site_waits:
                 self._site_waits.pop(0)()
+            if self.superexec is None:
+                self.superexec = ForkedProcess(self._site_pid(-1))
+            if self.superexec.poll() is not None:
+                log = self.home / "logs" / "superexec.log"
+                said = log.read_text()[-2000:] if log.exists() else ""
+                raise FlowerRuntimeError(f"the SuperLink's SuperExec exited: {said}")
         except BaseException:
             self.stop()
             raise
