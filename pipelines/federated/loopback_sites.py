@@ -28,7 +28,8 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from pipelines.federated.flower_site_runtime import DEFAULT_POLL_SECONDS
 
@@ -48,27 +49,40 @@ def _import_sites(poll_seconds: float) -> None:
     import_site_steps()
 
 
-def _run_serverapps(request: dict[str, Any], die_with_parent) -> None:
-    """In the forked child: the SuperLink's SuperExec for ServerApps, each forked from this
-    warm process (the loopback SuperLink runs with ``--isolation process``); never returns."""
-    from pipelines.federated.flower_site_runtime import run_superexec
-
-    host = os.getppid()
-    os.setsid()
+def _exit_after(run: Callable[[], None]) -> NoReturn:
+    """In a forked child: call ``run``, then exit with its code (1 after an exception, whose
+    traceback goes to the child's log), so that the child never returns into the host's
+    loop."""
     code = 0
     try:
-        _quiet_stdin()
-        if die_with_parent is not None:
-            die_with_parent()
-        _to_log(request["log"])
-        run_superexec(request["superlink"], host, die_with_parent, task="serverapp")
-    except BaseException:  # noqa: BLE001 - the child must not return into the host's loop
+        run()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    except BaseException:  # noqa: BLE001
         import traceback
 
         traceback.print_exc()
         code = 1
     finally:
         os._exit(code)
+
+
+def _run_serverapps(request: dict[str, Any], die_with_parent) -> NoReturn:
+    """In the forked child: the SuperLink's SuperExec for ServerApps, each forked from this
+    warm process (the loopback SuperLink runs with ``--isolation process``)."""
+    from pipelines.federated.flower_site_runtime import run_superexec
+
+    host = os.getppid()
+
+    def superexec() -> None:
+        os.setsid()
+        _quiet_stdin()
+        if die_with_parent is not None:
+            die_with_parent()
+        _to_log(request["log"])
+        run_superexec(request["superlink"], host, die_with_parent, task="serverapp")
+
+    _exit_after(superexec)
 
 
 def _quiet_stdin() -> None:
@@ -88,45 +102,31 @@ def _to_log(path: str) -> None:
     os.close(log)
 
 
-def _run_site(request: dict[str, Any], poll_seconds: float, die_with_parent) -> None:
-    """In the forked site: start its worker, then run its SuperNode; never returns."""
+def _run_site(request: dict[str, Any], poll_seconds: float, die_with_parent) -> NoReturn:
+    """In the forked site: start its worker, then run its SuperNode."""
     from pipelines.federated.flower_site_runtime import run_supernode
     from pipelines.federated.site_worker import serve
 
-    os.setsid()
-    _quiet_stdin()
-    if die_with_parent is not None:
-        die_with_parent()
-    if os.fork() == 0:
-        code = 0
-        try:
-            if die_with_parent is not None:  # the worker goes with its SuperNode
-                die_with_parent()
-            _to_log(request["worker_log"])
-            import torch
+    def worker() -> None:
+        if die_with_parent is not None:  # the worker goes with its SuperNode
+            die_with_parent()
+        _to_log(request["worker_log"])
+        import torch
 
-            torch.set_num_threads(int(request["threads"]))  # several sites share the cores
-            serve(request["socket"], request["node_config"])
-        except BaseException:  # noqa: BLE001 - the child must not return into the host's loop
-            import traceback
+        torch.set_num_threads(int(request["threads"]))  # several sites share the cores
+        serve(request["socket"], request["node_config"])
 
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    code = 0
-    try:
+    def site() -> None:
+        os.setsid()
+        _quiet_stdin()
+        if die_with_parent is not None:
+            die_with_parent()
+        if os.fork() == 0:
+            _exit_after(worker)
         _to_log(request["log"])
         run_supernode(list(request["supernode_args"]), poll_seconds)
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    except BaseException:  # noqa: BLE001
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    finally:
-        os._exit(code)
+    _exit_after(site)
 
 
 def serve_sites(poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
