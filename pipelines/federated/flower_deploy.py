@@ -452,7 +452,7 @@ class LoopbackDeployment(FlowerDeployment):
                 env={**self.env, "PYTHONUNBUFFERED": "1"},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=(self.home / "logs" / "sites.log").open("a"),
+                stderr=(logs / "sites.log").open("a"),
                 text=True,
                 start_new_session=True,
                 preexec_fn=die_with_parent(),
@@ -462,7 +462,7 @@ class LoopbackDeployment(FlowerDeployment):
                 start_superlink(
                     self.bin,
                     self.port,
-                    self.home / "logs" / "superlink.log",
+                    logs / "superlink.log",
                     self.env,
                     own_superexec=True,
                 )
@@ -487,7 +487,7 @@ class LoopbackDeployment(FlowerDeployment):
             while self._site_waits:
                 self._site_waits.pop(0)()
             if self.superexec is None:
-                self.superexec = ForkedProcess(self._site_pid(-1))
+                self.superexec = ForkedProcess(self._forked_pid(-1))
             if self.superexec.poll() is not None:
                 log = self.home / "logs" / "superexec.log"
                 said = log.read_text()[-2000:] if log.exists() else ""
@@ -501,8 +501,9 @@ class LoopbackDeployment(FlowerDeployment):
         self.host.stdin.write(json.dumps(request) + "\n")
         self.host.stdin.flush()
 
-    def _site_pid(self, index: int) -> int:
-        """The pid of site ``index``'s process group, once the host has forked it."""
+    def _forked_pid(self, index: int) -> int:
+        """The pid of what the host forked for request ``index`` (a site's process group, or
+        the SuperExec at -1), once it has."""
         while index not in self._answers:
             line = self.host.stdout.readline()
             if not line:
@@ -549,7 +550,7 @@ class LoopbackDeployment(FlowerDeployment):
         self._request(request)
 
         def wait_for_site() -> None:
-            pid = self.sites[index] = self._site_pid(index)
+            pid = self.sites[index] = self._forked_pid(index)
             site = ForkedProcess(pid)
             wait_for_worker(site, socket_path, logs / f"worker_{index}.log")
             wait_for_port(node_port, site, f"flower-supernode {index}")
@@ -591,11 +592,9 @@ class ForkedProcess:
 
     def poll(self) -> int | None:
         """None while the process runs, else -1 (its parent reaps it, not this one)."""
-        try:
-            status = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            status = ""
-        if not status or status.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        from pipelines.workspaces import process_alive
+
+        if not process_alive(self.pid):
             self.returncode = -1
         return self.returncode
 

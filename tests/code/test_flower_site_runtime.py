@@ -187,6 +187,8 @@ def test_a_serverapp_whose_parent_died_exits_on_its_own(tmp_path: Path):
     import signal
     import sys
 
+    from pipelines.workspaces import process_alive
+
     pid_file = tmp_path / "child.pid"
     child_code = (
         "import os, sys, time; sys.path.insert(0, sys.argv[1]);"
@@ -211,20 +213,12 @@ def test_a_serverapp_whose_parent_died_exits_on_its_own(tmp_path: Path):
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{child}").exists() and "zombie" not in _status(child):
+        while process_alive(child):
             assert time.monotonic() < deadline, "the orphaned child is still running after 10 s"
             time.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
-
-
-def _status(pid: int) -> str:
-    """``/proc/PID/status`` ("" once the process is gone)."""
-    try:
-        return Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return ""
 
 
 def _process_group(pgid: int) -> list[int]:
