@@ -750,7 +750,9 @@ class RunLog:
 def _follow_stream(
     deployment: FlowerDeployment, run_id: str, follow: RunLog, timeout: float
 ) -> None:
-    """``flwr log RUN`` (it streams until the run ends): every line to ``follow``."""
+    """``flwr log RUN`` (it streams until the run ends): every line to ``follow``, up to the
+    result line (the ServerApp's last act; the run's end comes a second or two later, after
+    Flower flushes its logs and the stream's next look)."""
     import threading
 
     process = subprocess.Popen(
@@ -766,6 +768,8 @@ def _follow_stream(
     try:
         for line in process.stdout:
             follow.feed_line(line.rstrip("\n"))
+            if follow.result is not None:
+                break
     finally:
         watchdog.cancel()
         process.kill()
