@@ -127,8 +127,8 @@ class PretrainParams(_Section):
     # (FedAvg of encoder + projection head; pipelines/federated/ssl.py)
     mode: Literal["central", "federated"] = "central"
     runtime: Literal["simulation", "flower"] = "simulation"  # federated only
-    rounds: int = Field(30, ge=1, le=10_000)  # federated only
-    local_epochs: int = Field(10, ge=1, le=1000)  # federated only
+    rounds: int = Field(60, ge=1, le=10_000)  # federated only
+    local_epochs: int = Field(2, ge=1, le=1000)  # federated only
     client_batch_size: int = Field(256, ge=4, le=65536)  # federated only
     client_temperature: float = Field(0.2, gt=0.0, le=10.0)  # federated only
     # federated only: each client's fit ramps the round's rate up over its first steps (its

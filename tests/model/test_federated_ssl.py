@@ -44,13 +44,14 @@ def test_federated_simclr_learns_from_the_clients_rows(split):
 
 
 @pytest.mark.slow
-def test_federated_simclr_keeps_its_random_starts_knn_probe():
+def test_federated_simclr_beats_its_random_starts_knn_probe():
     """The partition defaults (5 clients, Dirichlet 0.5, seed 42) and the federated
-    pretraining defaults but 10 rounds instead of 30: the kNN probe of the averaged encoder
-    is at least that of the randomly initialised encoder it started from, up to one val row.
-    It is on a par with it, not reliably above (docs/benchmarks.md: from seed 1, 0.9500
-    against 0.9556); what this catches is a collapse, such as the dip below the random
-    start in the first rounds before client fits ramped their rate up (client_warmup_steps)."""
+    pretraining defaults: the kNN probe of the averaged encoder beats that of the randomly
+    initialised encoder it started from by more than one val row (measured: 0.9611 against
+    0.9333, five rows; docs/benchmarks.md). A collapse, such as the dip below the random
+    start in the first rounds before client fits ramped their rate up
+    (client_warmup_steps), or client fits long enough to drift apart on shards of a few
+    classes (10 local epochs left it level), fails it."""
     from pipelines.config import PartitionParams
     from pipelines.federated.ssl import pretrain_federated, start_model
     from pipelines.stages.partition import partition
@@ -59,7 +60,7 @@ def test_federated_simclr_keeps_its_random_starts_knn_probe():
     table = digits_table()
     parts = partition(table, PartitionParams(), 42)
     labeled = concat_tables(parts["clients"], 10)
-    p = PretrainParams(mode="federated", rounds=10)
+    p = PretrainParams(mode="federated")
 
     def knn(encoder) -> float:
         return probe_encoder(encoder, labeled, parts["val"], p.knn_k, "cpu")["val_knn_accuracy"]
@@ -67,7 +68,7 @@ def test_federated_simclr_keeps_its_random_starts_knn_probe():
     random_start = start_model(table.image_shape, table.channels, p, 42).encoder.eval()
     trained, _ = pretrain_federated(parts["clients"], p, 42, "cpu")
     one_row = 1 / len(parts["val"].labels)
-    assert knn(trained) >= knn(random_start) - one_row - 1e-9, (knn(trained), knn(random_start))
+    assert knn(trained) > knn(random_start) + one_row + 1e-9, (knn(trained), knn(random_start))
 
 
 def test_a_client_update_uses_only_that_clients_rows(split, monkeypatch):
