@@ -113,6 +113,15 @@ def listens(host: str, port: int) -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
+def log_tail(path: Path, chars: int = 2000) -> str:
+    """The last ``chars`` characters of the log at ``path`` ("" when it is not there), to
+    quote in an error about the process that wrote it."""
+    try:
+        return Path(path).read_text()[-chars:]
+    except OSError:
+        return ""
+
+
 def wait_for_port(
     port: int, process: subprocess.Popen | ForkedProcess, what: str, timeout: float = 60.0
 ) -> None:
@@ -245,8 +254,9 @@ def wait_for_worker(
     started = time.monotonic()
     while not Path(socket_path).exists():
         if process.poll() is not None:
-            said = log_path.read_text()[-2000:]
-            raise FlowerRuntimeError(f"the site worker exited ({process.returncode}): {said}")
+            raise FlowerRuntimeError(
+                f"the site worker exited ({process.returncode}): {log_tail(log_path)}"
+            )
         if time.monotonic() - started > 120:
             raise FlowerRuntimeError(
                 f"the site worker did not listen on {socket_path} within 120 s"
@@ -489,8 +499,7 @@ class LoopbackDeployment(FlowerDeployment):
             if self.superexec is None:
                 self.superexec = ForkedProcess(self._forked_pid(-1))
             if self.superexec.poll() is not None:
-                log = self.home / "logs" / "superexec.log"
-                said = log.read_text()[-2000:] if log.exists() else ""
+                said = log_tail(self.home / "logs" / "superexec.log")
                 raise FlowerRuntimeError(f"the SuperLink's SuperExec exited: {said}")
         except BaseException:
             self.stop()
@@ -507,7 +516,7 @@ class LoopbackDeployment(FlowerDeployment):
         while index not in self._answers:
             line = self.host.stdout.readline()
             if not line:
-                said = (self.home / "logs" / "sites.log").read_text()[-2000:]
+                said = log_tail(self.home / "logs" / "sites.log")
                 raise FlowerRuntimeError(
                     f"the loopback sites' host exited ({self.host.wait()}): {said}"
                 )
