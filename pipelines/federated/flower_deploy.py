@@ -756,15 +756,9 @@ class RunLog:
                 break
 
 
-def _follow_stream(
-    deployment: FlowerDeployment, run_id: str, follow: RunLog, timeout: float
-) -> None:
-    """``flwr log RUN`` (it streams until the run ends): every line to ``follow``, up to the
-    result line (the ServerApp's last act; the run's end comes a second or two later, after
-    Flower flushes its logs and the stream's next look)."""
-    import threading
-
-    process = subprocess.Popen(
+def _open_stream(deployment: FlowerDeployment, run_id: str) -> subprocess.Popen:
+    """Start ``flwr log RUN`` (it streams the run's log until the run ends)."""
+    return subprocess.Popen(
         [str(deployment.bin / "flwr"), "log", run_id, CONNECTION],
         env=deployment.env,
         stdout=subprocess.PIPE,
@@ -772,6 +766,22 @@ def _follow_stream(
         text=True,
         bufsize=1,
     )
+
+
+def _follow_stream(
+    deployment: FlowerDeployment,
+    run_id: str,
+    follow: RunLog,
+    timeout: float,
+    process: subprocess.Popen | None = None,
+) -> None:
+    """Feed every line of ``flwr log RUN`` (``process`` when already started, else a new
+    one) to ``follow``, up to the result line (the ServerApp's last act; the run's end comes
+    a second or two later, after Flower flushes its logs and the stream's next look); the
+    stream stops on return."""
+    import threading
+
+    process = process or _open_stream(deployment, run_id)
     watchdog = threading.Timer(timeout, process.kill)
     watchdog.start()
     try:
@@ -801,10 +811,18 @@ def run_flower_job(
         run_id = str(json.loads(submitted)["run-id"])
     except (json.JSONDecodeError, KeyError):
         raise FlowerRuntimeError(f"flwr run did not start a run: {submitted[-2000:]}") from None
-    deployment.ready()
+    # the log client starts while the deployment's processes still import (a core is idle
+    # then), not after, when its own start-up would slow the ServerApp's first exchanges
+    stream = _open_stream(deployment, run_id)
+    try:
+        deployment.ready()
+    except BaseException:
+        stream.kill()
+        stream.wait()
+        raise
     started = time.monotonic()
     follow = RunLog(on_row, on_checkpoint)
-    _follow_stream(deployment, run_id, follow, timeout)
+    _follow_stream(deployment, run_id, follow, timeout, stream)
     if follow.result is not None:  # the ServerApp's last act: the run completed
         return follow.result
     status = ""

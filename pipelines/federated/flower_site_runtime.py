@@ -60,15 +60,18 @@ def shorten_flower_waits(seconds: float = DEFAULT_POLL_SECONDS) -> None:
     loop (3 s when a pull finds nothing, 0.5 s between looks for the ClientApp's reply) and
     the retries of an object pull that came before its object (1 s, doubling up to 10 s:
     now every ``seconds``; a ClientApp starts as soon as its message is there and its
-    objects often come later, so a wait doubling up to 1 s cost up to a second a message).
-    A pull that finds nothing is retried as before."""
+    objects often come later, so its first wait cost about a second a message). A pull
+    that finds nothing is retried as before (up to 500 times an object)."""
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode import start_client_internal
 
     start_client_internal.time = _CappedSleeps(seconds)
-    defaults = inflatable_utils.pull_objects.__kwdefaults__
-    defaults["initial_backoff"] = seconds
-    defaults["backoff_cap"] = seconds
+    # pull_objects (a SuperNode's and a ServerApp's pulls) and the ClientApp's
+    # pull_and_inflate_object_from_tree, which passes its own defaults on to pull_objects
+    pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    for pull in pulls:
+        pull.__kwdefaults__["initial_backoff"] = seconds
+        pull.__kwdefaults__["backoff_cap"] = seconds
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

@@ -92,6 +92,11 @@ assert time.monotonic() - started < 0.5
 assert start_client_internal.time.monotonic() > 0  # the rest of `time` is untouched
 assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.05
 assert inflatable_utils.pull_objects.__kwdefaults__["backoff_cap"] == 0.05
+# what a ClientApp calls to pull its message, which passes its own defaults on
+from flwr.supernode.runtime import run_clientapp
+
+clientapp_pull = run_clientapp.pull_and_inflate_object_from_tree.__kwdefaults__
+assert clientapp_pull["initial_backoff"] == 0.05 and clientapp_pull["backoff_cap"] == 0.05
 
 arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(7, dtype=np.int64)}
 record = _numpy_record(arrays)
