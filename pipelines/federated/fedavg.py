@@ -261,9 +261,9 @@ def start_classifier(encoder: torch.nn.Module, num_classes: int, seed: int) -> C
     """The classifier a federation starts from: a copy of ``encoder`` and a new head, drawn
     after seeding every generator with ``seed`` (the same start on every runtime)."""
     from pipelines.models.encoder import build_encoder
-    from pipelines.models.systems import pl
+    from pipelines.models.seeding import seed_everything
 
-    pl.seed_everything(seed, verbose=False)
+    seed_everything(seed)
     start = build_encoder(encoder.config)
     start.load_state_dict(encoder.state_dict())
     return Classifier(start, num_classes)

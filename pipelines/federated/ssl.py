@@ -104,9 +104,9 @@ def train_ssl_client(
 
 def start_model(image_shape: tuple[int, int], channels: int, p: PretrainParams, seed: int):
     """The seeded start of federated SimCLR: a fresh encoder + projection head."""
-    from pipelines.models.systems import pl
+    from pipelines.models.seeding import seed_everything
 
-    pl.seed_everything(seed, verbose=False)
+    seed_everything(seed)
     encoder = build_encoder(
         encoder_config_for(image_shape, channels, p.embedding_dim, p.colour_input)
     )

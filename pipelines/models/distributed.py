@@ -206,13 +206,14 @@ def _worker(spec_path: Path) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipelines.models.systems import make_trainer, pl
+    from pipelines.models.seeding import seed_everything
+    from pipelines.models.systems import make_trainer
 
     spec = json.loads(spec_path.read_text())
     p = spec["params"]
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    pl.seed_everything(spec["seed"], verbose=False)  # same initial weights on every rank
+    seed_everything(spec["seed"])  # same initial weights on every rank
 
     def on_epoch(epoch: int, loss: float) -> None:
         if rank == 0:

@@ -78,11 +78,11 @@ def pretrain(
         encoder_config_for,
         to_tensor,
     )
+    from pipelines.models.seeding import seed_everything
     from pipelines.models.systems import (
         SimCLRSystem,
         batch_loader,
         make_trainer,
-        pl,
         shuffle_generator,
     )
 
@@ -99,7 +99,7 @@ def pretrain(
                 "raise common.memory_budget_mb above its size or use strategy 'single'"
             )
         return _pretrain_ddp(unlabeled, config, p, seed, device, on_epoch, checkpoint)
-    pl.seed_everything(seed, verbose=False)
+    seed_everything(seed)
     encoder = build_encoder(config)
     head = ProjectionHead(p.embedding_dim, p.projection_dim)
     system = SimCLRSystem(
