@@ -10,17 +10,23 @@ accuracies (they should match) and the ratio. The Flower time includes starting 
 deployment (a SuperLink, per site a SuperNode and a warm worker), shipping the app and three
 messages each way a round through the SuperLink, which dominate at digits scale (the JSON
 also splits the time to the first round from the time per later round);
-``--local-epochs`` adds training per round to see the ratio fall.
+``--local-epochs`` adds training per round to see the ratio fall. Each run also records the
+CPU seconds of the stage's process and of every process under it, by process (the
+deployment's parts are named; ``cores_busy`` is CPU seconds over wall seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,6 +63,70 @@ class _Tracker:
         return lambda *args, **kwargs: None
 
 
+def _name_of(process: psutil.Process, previous: str = "") -> str:
+    """A process's name now (the parts that the deployment forks rename themselves), with
+    ``flwr``'s command (``flwr run``, ``flwr log``) and the SuperLink's script (its comm is
+    cut at 15 characters) spelled out; ``previous`` where the command is gone (a zombie)."""
+    name, cmdline = process.name(), process.cmdline()
+    if not cmdline:  # exited, not yet reaped
+        return previous or name
+    command = [Path(part).name for part in cmdline[1:3]]
+    if name == "flwr":
+        return " ".join(["flwr", *command[1:]])
+    if command[:1] == ["flower-superlink"]:
+        return "flower-superlink"
+    return name
+
+
+class CpuSampler:
+    """CPU seconds of this process and of every process under it, by process name, read
+    every ``interval`` s while in use (a process that lives shorter than that can be
+    missed). The loopback deployment names the parts it forks (``supernode-0``,
+    ``site-worker-0``, ``superexec``, ``app-zygote``, ``clientapp``, ``serverapp``; the
+    index is dropped here); ``flwr`` runs are told apart by their command."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._me = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for process in self._me.children(recursive=True):
+                try:
+                    with process.oneshot():
+                        name = _name_of(process, self.seen.get(process.pid, ("",))[0])
+                        times = process.cpu_times()
+                        self.seen[process.pid] = (name, times.user + times.system)
+                except psutil.Error:
+                    pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> CpuSampler:
+        times = self._me.cpu_times()
+        self._own = times.user + times.system
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        times = self._me.cpu_times()
+        self.own = times.user + times.system - self._own
+
+    def by_process(self) -> dict[str, float]:
+        """CPU seconds by process name (``this process``: the stage's), largest first."""
+        totals: dict[str, float] = {"this process": self.own}
+        for name, seconds in self.seen.values():
+            if seconds < 0.005:  # short helpers (uname, file) that Python's platform runs
+                continue
+            key = re.sub(r"-\d+$", "", name)
+            totals[key] = totals.get(key, 0.0) + seconds
+        return dict(sorted(((k, round(v, 2)) for k, v in totals.items()), key=lambda kv: -kv[1]))
+
+
 def make_workspace(root: Path, clients: int) -> Paths:
     """Digits: val (300 rows) and ``clients`` IID shards of the rest; an untrained encoder."""
     return make_federation_workspace(
@@ -88,8 +158,10 @@ def main() -> int:
             tracker = _Tracker()
             print(f"{runtime} ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
-            metrics = federate.run(params, paths, tracker)
+            with CpuSampler() as cpu:
+                metrics = federate.run(params, paths, tracker)
             seconds = time.perf_counter() - started
+            by_process = cpu.by_process()
             per_round = tracker.seconds_per_round()
             runs[runtime] = {
                 "seconds": round(seconds, 2),
@@ -97,6 +169,9 @@ def main() -> int:
                 "seconds_to_first_round": round(tracker.arrivals[0] - started, 2),
                 "val_accuracy_per_round": tracker.rounds,
                 "val_accuracy": round(metrics["val_accuracy"], 4),
+                "cpu_seconds": round(sum(by_process.values()), 2),
+                "cores_busy": round(sum(by_process.values()) / seconds, 2),
+                "cpu_seconds_by_process": by_process,
             }
     payload = {
         **header("flower"),

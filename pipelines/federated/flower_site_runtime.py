@@ -74,6 +74,20 @@ def shorten_flower_waits(seconds: float = DEFAULT_POLL_SECONDS) -> None:
         pull.__kwdefaults__["backoff_cap"] = seconds
 
 
+def name_process(name: str) -> None:
+    """Show this process as ``name`` (its first 15 bytes) in ``ps``, ``top`` and
+    ``/proc/PID/comm``: the parts of a site (SuperNode, SuperExec, zygote, ClientApps,
+    worker), forked from one Python process, are told apart by it. Linux only (else
+    nothing)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
+
+
 def _flag_value(argv: list[str], flag: str) -> str | None:
     """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None."""
     for i, arg in enumerate(argv):
@@ -123,6 +137,7 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     die_with_parent = death_signal_setter()  # looked up here, called after the fork
     if os.fork() == 0:  # before the SuperNode starts any thread
         try:
+            name_process("superexec")
             if die_with_parent is not None:  # a SuperNode killed by SIGKILL takes it along
                 die_with_parent()
             run_superexec(f"{host}:{port}", supernode, die_with_parent)
@@ -181,6 +196,7 @@ def _zygote(read_fd: int, die_with_parent=None) -> None:
                 if die_with_parent is not None:
                     die_with_parent()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                name_process(spec.get("task", "clientapp"))
                 _run_app(spec)
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else 1
@@ -270,6 +286,7 @@ def run_superexec(
 
     read_fd, write_fd = os.pipe()
     if os.fork() == 0:  # before any thread exists
+        name_process("app-zygote")
         if die_with_parent is not None:
             die_with_parent()
         os.close(write_fd)
@@ -306,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     node.add_argument("supernode_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+    name_process("supernode")
     run_supernode(rest, args.poll_seconds)
 
 

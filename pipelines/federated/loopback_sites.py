@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from pipelines.federated.flower_site_runtime import DEFAULT_POLL_SECONDS
+from pipelines.federated.flower_site_runtime import DEFAULT_POLL_SECONDS, name_process
 
 
 def _import_sites(poll_seconds: float) -> None:
@@ -76,6 +76,7 @@ def _run_serverapps(request: dict[str, Any], die_with_parent) -> NoReturn:
 
     def superexec() -> None:
         os.setsid()
+        name_process("superexec")
         _quiet_stdin()
         if die_with_parent is not None:
             die_with_parent()
@@ -108,6 +109,7 @@ def _run_site(request: dict[str, Any], poll_seconds: float, die_with_parent) -> 
     from pipelines.federated.site_worker import serve
 
     def worker() -> None:
+        name_process(f"site-worker-{request['index']}")
         if die_with_parent is not None:  # the worker goes with its SuperNode
             die_with_parent()
         _to_log(request["worker_log"])
@@ -118,6 +120,7 @@ def _run_site(request: dict[str, Any], poll_seconds: float, die_with_parent) -> 
 
     def site() -> None:
         os.setsid()
+        name_process(f"supernode-{request['index']}")
         _quiet_stdin()
         if die_with_parent is not None:
             die_with_parent()
@@ -134,6 +137,7 @@ def serve_sites(poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
     stdin closes (see the module's docstring)."""
     from pipelines.federated.flower_deploy import die_with_parent as death_signal_setter
 
+    name_process("lepton-sites")
     _import_sites(poll_seconds)
     die_with_parent = death_signal_setter()  # looked up here, called after the fork
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sites are reaped by the kernel

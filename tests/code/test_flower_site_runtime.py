@@ -226,6 +226,15 @@ def test_a_serverapp_whose_parent_died_exits_on_its_own(tmp_path: Path):
             os.killpg(parent.pid, signal.SIGKILL)
 
 
+def _names(pids: list[int]) -> set[str]:
+    """The names (``/proc/PID/comm``) of the processes ``pids`` that still run."""
+    names = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            names.add(Path(f"/proc/{pid}/comm").read_text().strip())
+    return names
+
+
 def _process_group(pgid: int) -> list[int]:
     """The live processes of process group ``pgid``."""
     members = []
@@ -243,7 +252,7 @@ def _process_group(pgid: int) -> list[int]:
 def test_a_loopback_site_is_one_process_group_that_the_host_forks(tmp_path: Path):
     """The loopback sites' host forks a site on request and answers its pid: the site's
     SuperNode and warm worker are one process group (so a kill of it is a crash of that
-    site, all of it), and the host exits when its requests end."""
+    site, all of it), each part named in ps, and the host exits when its requests end."""
     import json
     import os
     import signal
@@ -291,6 +300,12 @@ def test_a_loopback_site_is_one_process_group_that_the_host_forks(tmp_path: Path
             time.sleep(0.1)
         members = _process_group(answer["pid"])
         assert answer["pid"] in members and len(members) >= 2, members  # SuperNode, worker, ...
+        # each part shows under its own name in ps (they are all forks of one Python)
+        parts = {"supernode-0", "site-worker-0", "superexec", "app-zygote"}
+        deadline = time.monotonic() + 30
+        while not parts <= (names := _names(_process_group(answer["pid"]))):
+            assert time.monotonic() < deadline, names
+            time.sleep(0.1)
         site.kill()
         site.wait()
         deadline = time.monotonic() + 10
