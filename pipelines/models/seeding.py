@@ -1,7 +1,9 @@
 """Seeding every generator a run draws from, without importing Lightning.
 
 Lightning's ``seed_everything`` does the same, but importing Lightning takes seconds, which
-a Flower ServerApp (forked before its host imports Lightning) would pay just to seed.
+a process that trains nothing would pay just to seed: the stage's own process on Flower, or a
+ServerApp that Flower's SuperExec starts fresh at a remote SuperLink and that builds the
+record-level classifier (:func:`pipelines.federated.fedavg.start_classifier`).
 """
 
 from __future__ import annotations
