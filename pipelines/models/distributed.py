@@ -70,9 +70,10 @@ def fit_distributed(
     table ``table_path``; return ``(encoder on CPU in eval mode, losses per epoch, result)``.
     On a node other than node 0 the encoder is None: node 0 holds the result.
 
-    With a ``checkpoint`` file (one node) every epoch is saved into it and a saved fit
-    resumes after its last epoch, to the same weights on the CPU
-    (:class:`~pipelines.models.resume.EpochCheckpoint`). ``result`` holds ``world_size``
+    With a ``checkpoint`` file every epoch is saved into it (by rank 0: on node 0) and a
+    saved fit resumes after its last epoch, to the same weights on the CPU
+    (:class:`~pipelines.models.resume.EpochCheckpoint`); over several nodes every rank
+    resumes from node 0's file (:func:`node_zero_checkpoint`). ``result`` holds ``world_size``
     and the rows each rank trained on. A failed process is a RuntimeError with the tail of
     the launcher's output.
     """
@@ -226,7 +227,7 @@ def _worker(spec_path: Path) -> None:
         from pipelines.models.resume import EpochCheckpoint, saved_module_state
 
         checkpoint = Checkpoint(Path(spec["checkpoint"]))
-        saved = checkpoint.load()
+        saved = node_zero_checkpoint(checkpoint, p["num_nodes"], spec["accelerator"])
         callbacks = [EpochCheckpoint(checkpoint, {}, saved)]
         done = callbacks[0].done_epochs
         if done and rank == 0:
@@ -256,6 +257,38 @@ def _worker(spec_path: Path) -> None:
     gathered = trainer.strategy.all_gather(rows).reshape(-1).tolist()
     if trainer.global_rank == 0:
         write_result(spec, trained, system.history, trainer.world_size, gathered)
+
+
+def node_zero_checkpoint(checkpoint, num_nodes: int, accelerator: str):
+    """What every rank resumes from (``(tensors, meta)`` or None): its node's own
+    ``checkpoint`` on one node. Over several nodes only rank 0, on node 0, writes the file
+    (the nodes share no disk), so rank 0 reads it and sends its bytes to every rank: the
+    process group is opened here, before Lightning, which then uses it (gloo on the CPU,
+    NCCL on CUDA, where the bytes go over a gloo group of their own)."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.checkpoints import checkpoint_from_bytes
+
+    if num_nodes == 1:
+        return checkpoint.load()
+    if not dist.is_initialized():
+        if accelerator == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if accelerator == "cuda" else "gloo")
+    group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    data = checkpoint.read_bytes() if dist.get_rank() == 0 else None
+    size = torch.tensor([len(data) if data is not None else -1], dtype=torch.int64)
+    dist.broadcast(size, src=0, group=group)
+    if int(size) < 0:
+        return None
+    buffer = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data is not None
+        else torch.empty(int(size), dtype=torch.uint8)
+    )
+    dist.broadcast(buffer, src=0, group=group)
+    return checkpoint_from_bytes(buffer.numpy().tobytes())
 
 
 def write_result(spec, trained, history: list[float], world_size: int, rows_per_rank) -> None:

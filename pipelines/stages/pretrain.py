@@ -59,9 +59,9 @@ def pretrain(
 ) -> tuple[Encoder | None, list[float]]:
     """SimCLR-pretrain a fresh encoder on ``unlabeled.images``; returns ``(encoder, losses)``.
 
-    With a ``checkpoint`` (one device, an in-memory or a streamed pool, or DDP on one node)
-    every epoch is saved, and a saved fit resumes after its last epoch with the same result,
-    bit for bit on the CPU (:mod:`pipelines.models.resume`).
+    With a ``checkpoint`` (one device, an in-memory or a streamed pool, or DDP on one or
+    several nodes) every epoch is saved, and a saved fit resumes after its last epoch with the
+    same result, bit for bit on the CPU (:mod:`pipelines.models.resume`).
 
     ``augment_config`` replaces the default views (:class:`~pipelines.models.augment.
     AugmentConfig`; benchmarks compare views with it, the stage keeps the default).
@@ -154,8 +154,8 @@ def _pretrain_ddp(
     checkpoint: Checkpoint | None = None,
 ) -> tuple[Encoder | None, list[float]]:
     """:func:`pretrain` in DDP processes (:mod:`pipelines.models.distributed`); with a
-    ``checkpoint`` (one node: the stage passes none for several) the fit saves every epoch
-    and resumes from a saved one."""
+    ``checkpoint`` the fit saves every epoch (on node 0) and resumes from a saved one (over
+    several nodes, every node from node 0's)."""
     import tempfile
 
     from pipelines.models.devices import resolve_accelerator
@@ -258,9 +258,8 @@ def run(params: Params, paths: Paths, tracker: StageTracker) -> dict[str, float]
         " (read from disk in chunks)" if isinstance(unlabeled, TableStream) else "",
     )
     start = time.perf_counter()
-    checkpoint = None  # resumes after a kill (DDP over several nodes starts afresh)
-    if p.strategy == "single" or p.num_nodes == 1:
-        checkpoint = open_stage_checkpoint(paths.root, "pretrain", params)
+    # resumes after a kill (DDP over several nodes: from node 0's checkpoint)
+    checkpoint = open_stage_checkpoint(paths.root, "pretrain", params)
     encoder, losses = pretrain(
         unlabeled,
         p,

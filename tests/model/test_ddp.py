@@ -120,3 +120,98 @@ def test_ddp_pretrain_killed_mid_fit_resumes_to_the_same_encoder(digits, tmp_pat
     assert resumed_losses == losses
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+_NODE_SCRIPT = """
+import logging
+import sys
+from pathlib import Path
+from safetensors.torch import save_file
+from pipelines.checkpoints import Checkpoint
+from pipelines.config import PretrainParams
+from pipelines.io import read_image_table
+from pipelines.stages.pretrain import pretrain
+logging.basicConfig(level=logging.INFO)  # rank 0's progress lines
+p = PretrainParams.model_validate_json(sys.argv[1])
+checkpoint = Checkpoint(Path(sys.argv[3]))
+encoder, _ = pretrain(read_image_table(sys.argv[2]), p, 42, "cpu", checkpoint=checkpoint)
+if encoder is not None:  # node 0
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, sys.argv[4])
+"""
+
+
+def test_ddp_pretrain_over_two_nodes_killed_resumes_from_node_zeros_checkpoint(digits, tmp_path):
+    """Two nodes of one rank each (two stage processes sharing no folder, on loopback):
+    SIGKILL both once node 0 saved an epoch; node 1 has no checkpoint of its own, the rerun
+    resumes every rank from node 0's, to the weights of one uninterrupted node of two
+    ranks (one torch thread a rank on both)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pipelines.checkpoints import Checkpoint
+    from pipelines.federated.flower_deploy import free_port
+    from pipelines.io import write_image_table
+    from pipelines.stages.pretrain import pretrain
+    from tests.conftest import REPO
+
+    one_node = PretrainParams(strategy="ddp", devices=2, epochs=6, batch_size=64, embedding_dim=16)
+    reference, _ = pretrain(digits, one_node, 42, "cpu")
+    two_nodes = one_node.model_copy(update={"devices": 1, "num_nodes": 2})
+    write_image_table(digits, tmp_path / "pool.parquet")
+    checkpoints = [Checkpoint(tmp_path / f"node{i}" / "pretrain.safetensors") for i in (0, 1)]
+    out = tmp_path / "encoder.safetensors"
+
+    def start_nodes() -> list[subprocess.Popen]:
+        port = str(free_port())
+        return [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _NODE_SCRIPT,
+                    two_nodes.model_dump_json(),
+                    str(tmp_path / "pool.parquet"),
+                    str(checkpoints[rank].path),
+                    str(out),
+                ],
+                cwd=REPO,
+                env={
+                    **os.environ,
+                    "NODE_RANK": str(rank),
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port,
+                    "OMP_NUM_THREADS": "1",  # as torchrun sets it for two ranks on one node
+                },
+                stdout=(tmp_path / f"node{rank}.log").open("a"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+            for rank in (0, 1)
+        ]
+
+    nodes = start_nodes()
+    deadline = time.monotonic() + 300
+    while (saved := checkpoints[0].load()) is None or saved[1]["epoch"] < 2:
+        assert all(n.poll() is None for n in nodes), (tmp_path / "node0.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for node in nodes:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+    killed_at = checkpoints[0].load()[1]["epoch"]
+    assert 2 <= killed_at < 6 and checkpoints[0].load()[1]["world_size"] == 2
+    assert checkpoints[1].load() is None  # node 1 never wrote one
+
+    nodes = start_nodes()
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=300) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    assert f"resuming after epoch {killed_at} of 6" in (tmp_path / "node0.log").read_text()
+    resumed = load_file(out)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed[key], value), key
