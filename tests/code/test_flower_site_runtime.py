@@ -97,6 +97,9 @@ from flwr.supernode.runtime import run_clientapp
 
 clientapp_pull = run_clientapp.pull_and_inflate_object_from_tree.__kwdefaults__
 assert clientapp_pull["initial_backoff"] == 0.05 and clientapp_pull["backoff_cap"] == 0.05
+# a missing object is given up after Flower's time limit, not after 500 short waits
+for defaults in (clientapp_pull, inflatable_utils.pull_objects.__kwdefaults__):
+    assert defaults["max_tries_per_object"] is None and defaults["max_time"] >= 3600
 
 arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(7, dtype=np.int64)}
 record = _numpy_record(arrays)
