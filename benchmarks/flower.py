@@ -162,6 +162,7 @@ def main() -> int:
                 metrics = federate.run(params, paths, tracker)
             seconds = time.perf_counter() - started
             by_process = cpu.by_process()
+            cpu_seconds = sum(by_process.values())
             per_round = tracker.seconds_per_round()
             runs[runtime] = {
                 "seconds": round(seconds, 2),
@@ -169,8 +170,8 @@ def main() -> int:
                 "seconds_to_first_round": round(tracker.arrivals[0] - started, 2),
                 "val_accuracy_per_round": tracker.rounds,
                 "val_accuracy": round(metrics["val_accuracy"], 4),
-                "cpu_seconds": round(sum(by_process.values()), 2),
-                "cores_busy": round(sum(by_process.values()) / seconds, 2),
+                "cpu_seconds": round(cpu_seconds, 2),
+                "cores_busy": round(cpu_seconds / seconds, 2),
                 "cpu_seconds_by_process": by_process,
             }
     payload = {

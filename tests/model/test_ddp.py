@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,52 +77,6 @@ def test_ddp_classifier_fit_starts_from_the_given_weights(digits, tmp_path):
     assert not torch.equal(model.state_dict()["head.weight"], start["head.weight"])
 
 
-def test_ddp_pretrain_killed_mid_fit_resumes_to_the_same_encoder(digits, tmp_path):
-    """SIGKILL the DDP fit (torchrun and both ranks) once an epoch is saved; the rerun
-    resumes after it, each rank with its own generators, to the same weights."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import torch
-
-    from pipelines.checkpoints import Checkpoint
-    from pipelines.io import write_image_table
-    from pipelines.stages.pretrain import pretrain
-
-    p = PretrainParams(strategy="ddp", devices=2, epochs=8, batch_size=64, embedding_dim=16)
-    reference, losses = pretrain(digits, p, 42, "cpu")
-
-    write_image_table(digits, tmp_path / "pool.parquet")
-    checkpoint = Checkpoint(tmp_path / "pretrain.safetensors")
-    script = (
-        "import sys; from pipelines.checkpoints import Checkpoint;"
-        "from pipelines.config import PretrainParams;"
-        "from pipelines.io import read_image_table;"
-        "from pipelines.stages.pretrain import pretrain;"
-        f"p = PretrainParams.model_validate_json({p.model_dump_json()!r});"
-        f"pretrain(read_image_table({str(tmp_path / 'pool.parquet')!r}), p, 42, 'cpu',"
-        f" checkpoint=Checkpoint(__import__('pathlib').Path({str(checkpoint.path)!r})))"
-    )
-    attempt = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
-    deadline = time.monotonic() + 300
-    while (saved := checkpoint.load()) is None or saved[1]["epoch"] < 2:
-        assert attempt.poll() is None, "the fit ended before it was killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(attempt.pid, signal.SIGKILL)
-    attempt.wait()
-    killed_at = checkpoint.load()[1]["epoch"]
-    assert 2 <= killed_at < 8 and checkpoint.load()[1]["world_size"] == 2
-
-    resumed, resumed_losses = pretrain(digits, p, 42, "cpu", checkpoint=checkpoint)
-    assert resumed_losses == losses
-    for key, value in reference.state_dict().items():
-        assert torch.equal(resumed.state_dict()[key], value), key
-
-
 _NODE_SCRIPT = """
 import logging
 import sys
@@ -140,16 +95,80 @@ if encoder is not None:  # node 0
 """
 
 
+def _start_pretrain(p, pool: Path, checkpoint: Path, out: Path, log: Path, env=None):
+    """The pretrain of ``p`` on ``pool`` in a process of its own (a session: SIGKILL of its
+    group takes torchrun and the ranks), saving into ``checkpoint``; node 0 writes the
+    encoder to ``out``."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    argv = [sys.executable, "-c", _NODE_SCRIPT, p.model_dump_json(), str(pool), str(checkpoint)]
+    return subprocess.Popen(
+        [*argv, str(out)],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _kill_once_saved(checkpoint, processes, log: Path, epoch: int = 2) -> None:
+    """SIGKILL every process group of ``processes`` once ``checkpoint`` holds ``epoch``
+    (all must still run until then; 300 s at most)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + 300
+    while (saved := checkpoint.load()) is None or saved[1]["epoch"] < epoch:
+        assert all(p.poll() is None for p in processes), (
+            "the fit ended before it was killed:\n" + log.read_text()[-3000:]
+        )
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for process in processes:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_ddp_pretrain_killed_mid_fit_resumes_to_the_same_encoder(digits, tmp_path):
+    """SIGKILL the DDP fit (torchrun and both ranks) once an epoch is saved; the rerun
+    resumes after it, each rank with its own generators, to the same weights."""
+
+    import torch
+
+    from pipelines.checkpoints import Checkpoint
+    from pipelines.io import write_image_table
+    from pipelines.stages.pretrain import pretrain
+
+    p = PretrainParams(strategy="ddp", devices=2, epochs=8, batch_size=64, embedding_dim=16)
+    reference, losses = pretrain(digits, p, 42, "cpu")
+
+    write_image_table(digits, tmp_path / "pool.parquet")
+    checkpoint = Checkpoint(tmp_path / "pretrain.safetensors")
+    log = tmp_path / "attempt.log"
+    attempt = _start_pretrain(
+        p, tmp_path / "pool.parquet", checkpoint.path, tmp_path / "unused.safetensors", log
+    )
+    _kill_once_saved(checkpoint, [attempt], log)
+    killed_at = checkpoint.load()[1]["epoch"]
+    assert 2 <= killed_at < 8 and checkpoint.load()[1]["world_size"] == 2
+
+    resumed, resumed_losses = pretrain(digits, p, 42, "cpu", checkpoint=checkpoint)
+    assert resumed_losses == losses
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
 def test_ddp_pretrain_over_two_nodes_killed_resumes_from_node_zeros_checkpoint(digits, tmp_path):
     """Two nodes of one rank each (two stage processes sharing no folder, on loopback):
     SIGKILL both once node 0 saved an epoch; node 1 has no checkpoint of its own, the rerun
     resumes every rank from node 0's, to the weights of one uninterrupted node of two
     ranks (one torch thread a rank on both)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     import torch
     from safetensors.torch import load_file
@@ -158,7 +177,6 @@ def test_ddp_pretrain_over_two_nodes_killed_resumes_from_node_zeros_checkpoint(d
     from pipelines.federated.flower_deploy import free_port
     from pipelines.io import write_image_table
     from pipelines.stages.pretrain import pretrain
-    from tests.conftest import REPO
 
     one_node = PretrainParams(strategy="ddp", devices=2, epochs=6, batch_size=64, embedding_dim=16)
     reference, _ = pretrain(digits, one_node, 42, "cpu")
@@ -167,43 +185,26 @@ def test_ddp_pretrain_over_two_nodes_killed_resumes_from_node_zeros_checkpoint(d
     checkpoints = [Checkpoint(tmp_path / f"node{i}" / "pretrain.safetensors") for i in (0, 1)]
     out = tmp_path / "encoder.safetensors"
 
-    def start_nodes() -> list[subprocess.Popen]:
+    def start_nodes() -> list:
         port = str(free_port())
         return [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _NODE_SCRIPT,
-                    two_nodes.model_dump_json(),
-                    str(tmp_path / "pool.parquet"),
-                    str(checkpoints[rank].path),
-                    str(out),
-                ],
-                cwd=REPO,
-                env={
-                    **os.environ,
+            _start_pretrain(
+                two_nodes,
+                tmp_path / "pool.parquet",
+                checkpoints[rank].path,
+                out,
+                tmp_path / f"node{rank}.log",
+                {
                     "NODE_RANK": str(rank),
                     "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": port,
                     "OMP_NUM_THREADS": "1",  # as torchrun sets it for two ranks on one node
                 },
-                stdout=(tmp_path / f"node{rank}.log").open("a"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+            )
             for rank in (0, 1)
         ]
 
-    nodes = start_nodes()
-    deadline = time.monotonic() + 300
-    while (saved := checkpoints[0].load()) is None or saved[1]["epoch"] < 2:
-        assert all(n.poll() is None for n in nodes), (tmp_path / "node0.log").read_text()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    for node in nodes:
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait()
+    _kill_once_saved(checkpoints[0], start_nodes(), tmp_path / "node0.log")
     killed_at = checkpoints[0].load()[1]["epoch"]
     assert 2 <= killed_at < 6 and checkpoints[0].load()[1]["world_size"] == 2
     assert checkpoints[1].load() is None  # node 1 never wrote one
