@@ -107,13 +107,25 @@ def run_stage(name: str, root: Path, overrides: list[str] | None = None) -> dict
     return metrics
 
 
+def _die_of_sigterm() -> None:
+    """End this process as SIGTERM ends one without a handler. Lightning turns a SIGTERM
+    during a fit into ``SystemExit(None)`` at its next step, which would end the stage with
+    exit code 0 and let DVC take the previous outputs for the new ones."""
+    import signal
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 @stage_app.command("run")
 def stage_run(
     name: str = typer.Argument(..., help="Stage name, as in `lepton stage list`."),
     set_: list[str] = typer.Option([], "--set", help="Override a param: section.key=value."),
 ) -> None:
     """Run one stage now (this is the command dvc.yaml runs for each stage)."""
-    from pipelines import runlog, tracking
+    from pipelines import runlog, stage_runner, tracking
     from pipelines.registry import STAGE_NAMES
 
     _setup_logging()
@@ -122,7 +134,8 @@ def stage_run(
     root = _root()
     key = tracking.pipeline_run_key()
     os.environ["LEPTON_PIPELINE_RUN"] = key
-    log.info("%s stage %s started (pipeline run %s)", MARK, name, key)
+    forked = ", forked by the stage runner" if stage_runner.FORKED_BY_RUNNER else ""
+    log.info("%s stage %s started (pipeline run %s%s)", MARK, name, key, forked)
     start = time.perf_counter()
     try:
         metrics = run_stage(name, root, set_)
@@ -139,10 +152,33 @@ def stage_run(
             root, key, {"stage": name, "status": "failed", "seconds": seconds, "error": repr(exc)}
         )
         raise
+    except SystemExit as exc:
+        if type(exc).__name__ != "SIGTERMException":
+            raise
+        seconds = time.perf_counter() - start
+        runlog.append_record(
+            root, key, {"stage": name, "status": "failed", "seconds": seconds, "error": "SIGTERM"}
+        )
+        log.error("%s stage %s stopped by SIGTERM after %.1f s", MARK, name, seconds)
+        _die_of_sigterm()
     seconds = time.perf_counter() - start
     runlog.append_record(root, key, {"stage": name, "status": "ran", "seconds": seconds})
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
     log.info("%s stage %s done in %.1f s: %s", MARK, name, seconds, shown)
+
+
+@stage_app.command("runner")
+def stage_runner(
+    socket_path: Path = typer.Argument(..., help="Unix socket to listen on (a short path)."),
+) -> None:
+    """Keep a warm process that runs `lepton stage run` by forking (no start-up imports).
+
+    `lepton run` starts one for its run. For your own `dvc repro`: start it, then
+    `export LEPTON_STAGE_RUNNER=SOCKET_PATH` where DVC runs. Stops on SIGTERM or Ctrl-C.
+    """
+    from pipelines.stage_runner import serve
+
+    serve(str(socket_path))
 
 
 @stage_app.command("list")
@@ -509,6 +545,19 @@ def run_pipeline(
         _run_and_report(root, key, via, workspaces.locked_environment(root))
 
 
+def _stage_runner(work: Path, env: dict[str, str], log_file: Path):
+    """The warm stage runner of a run in ``work`` (``runtime.stage_runner``), as a context
+    that yields the variables pointing its stages to it; ``{}`` when it is off."""
+    import contextlib
+
+    from pipelines.config import load_params
+    from pipelines.stage_runner import running
+
+    if not load_params(work / "params.yaml").runtime.stage_runner:
+        return contextlib.nullcontext({})
+    return running(work, env, log_file)
+
+
 def _run_and_report(
     work: Path, key: str, via: str, extra_env: dict[str, str], seed_airflow: Path | None = None
 ) -> None:
@@ -528,7 +577,8 @@ def _run_and_report(
     else:
         typer.echo(f"Running `dvc repro` (pipeline run {key}); full log: {log_file}")
         argv = [str(Path(sys.executable).parent / "dvc"), "repro"]
-    code = stream(argv, env, work, log_file)
+    with _stage_runner(work, env, log_file.with_name(f"{key}.stage-runner.log")) as runner_env:
+        code = stream(argv, {**env, **runner_env}, work, log_file)
     rows = runlog.summary_rows(work, key)
     typer.echo("")
     typer.echo(runlog.format_table(rows, ("stage", "status", "duration", "headline metric")))
@@ -624,5 +674,14 @@ def airflow_passthrough(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    """Entry point of the ``lepton`` console script."""
+    """Entry point of the ``lepton`` console script. ``lepton stage run`` goes to the warm
+    stage runner that ``LEPTON_STAGE_RUNNER`` names, when one answers there
+    (:mod:`pipelines.stage_runner`)."""
+    runner = os.environ.get("LEPTON_STAGE_RUNNER")
+    if runner and sys.argv[1:3] == ["stage", "run"]:
+        from pipelines.stage_runner import run_in_runner
+
+        code = run_in_runner(runner, sys.argv)
+        if code is not None:
+            raise SystemExit(code)
     app()

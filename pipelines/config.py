@@ -47,6 +47,9 @@ class RuntimeParams(_Section):
     docker_image: str = Field("lepton-pipelines:latest", min_length=1)
     docker_gpus: int = Field(-1, ge=-1, le=64)
     docker_network_mode: str = "bridge"
+    # lepton run: stages forked from one warm process that imported MLflow, torch and
+    # Lightning once (pipelines/stage_runner.py); false = each stage a fresh process
+    stage_runner: bool = True
 
 
 class IngestParams(_Section):

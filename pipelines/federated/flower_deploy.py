@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import LeptonError
+from pipelines.processes import die_with_parent
 
 if TYPE_CHECKING:
     from pipelines.checkpoints import Checkpoint
@@ -66,26 +67,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """The ``preexec_fn`` of the processes a run starts (SuperLink, SuperNodes, site
-    workers): the kernel SIGKILLs the child when the process that started it dies, so a
-    stage killed by SIGKILL (an OOM kill, a preempted node) leaves no Flower process behind.
-    None where there is no ``prctl`` (not Linux). The C function is looked up here, in the
-    parent: the child only calls it (no import or lock between fork and exec)."""
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    death_signal = int(signal.SIGKILL)
-
-    def set_death_signal() -> None:
-        prctl(1, death_signal)  # PR_SET_PDEATHSIG
-
-    return set_death_signal
 
 
 def exit_when_orphaned(grace_seconds: float = 5.0) -> None:

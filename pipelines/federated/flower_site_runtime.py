@@ -38,6 +38,8 @@ import sys
 import time
 from typing import Any
 
+from pipelines.processes import name_process
+
 DEFAULT_POLL_SECONDS = 0.05
 
 
@@ -77,20 +79,6 @@ def shorten_flower_waits(seconds: float = DEFAULT_POLL_SECONDS) -> None:
         pull.__kwdefaults__["max_tries_per_object"] = None  # bounded by max_time instead
 
 
-def name_process(name: str) -> None:
-    """Show this process as ``name`` (its first 15 bytes) in ``ps``, ``top`` and
-    ``/proc/PID/comm``: the parts of a site (SuperNode, SuperExec, zygote, ClientApps,
-    worker), forked from one Python process, are told apart by it. Linux only (else
-    nothing)."""
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
-
-
 def _flag_value(argv: list[str], flag: str) -> str | None:
     """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None."""
     for i, arg in enumerate(argv):
@@ -126,7 +114,7 @@ def run_supernode(supernode_argv: list[str], poll_seconds: float) -> None:
     from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from pipelines.federated.flower_deploy import die_with_parent as death_signal_setter
+    from pipelines.processes import die_with_parent as death_signal_setter
 
     argv = list(supernode_argv)
     isolation = [i for i, a in enumerate(argv) if a.startswith("--isolation")]

@@ -31,7 +31,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from pipelines.federated.flower_site_runtime import DEFAULT_POLL_SECONDS, name_process
+from pipelines.federated.flower_site_runtime import DEFAULT_POLL_SECONDS
+from pipelines.processes import name_process
 
 
 def _import_sites(poll_seconds: float) -> None:
@@ -135,7 +136,7 @@ def _run_site(request: dict[str, Any], poll_seconds: float, die_with_parent) -> 
 def serve_sites(poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
     """Fork one site for each request line on stdin, answering its pid on stdout, until
     stdin closes (see the module's docstring)."""
-    from pipelines.federated.flower_deploy import die_with_parent as death_signal_setter
+    from pipelines.processes import die_with_parent as death_signal_setter
 
     name_process("lepton-sites")
     _import_sites(poll_seconds)

@@ -192,12 +192,8 @@ def run_site(
     import signal
     import subprocess
 
-    from pipelines.federated.flower_deploy import (
-        die_with_parent,
-        flower_env,
-        start_site_worker,
-        stop_processes,
-    )
+    from pipelines.federated.flower_deploy import flower_env, start_site_worker, stop_processes
+    from pipelines.processes import die_with_parent
 
     processes: list[subprocess.Popen] = []
 

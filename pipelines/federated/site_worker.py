@@ -126,7 +126,7 @@ def serve(socket_path: str | Path, node_config: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.federated.site_worker SOCKET NODE_CONFIG_JSON``."""
-    from pipelines.federated.flower_site_runtime import name_process
+    from pipelines.processes import name_process
 
     args = sys.argv[1:] if argv is None else argv
     name_process("site-worker")

@@ -1,5 +1,6 @@
-"""A small RGB set through the whole pipeline (`dvc repro`), and the registered model loaded
-back with `mlflow.pyfunc` predicting on RGB input."""
+"""A small RGB set through the whole pipeline (`lepton run --via dvc`: `dvc repro` with the
+stages forked from a warm stage runner), and the registered model loaded back with
+`mlflow.pyfunc` predicting on RGB input."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def test_rgb_class_folders_run_end_to_end_and_serve_rgb(tmp_path: Path):
     # colour digits need more steps than the tiny grayscale runs to leave chance
     overrides["federate"] = {"rounds": 6, "local_epochs": 2}
     root = make_workspace(tmp_path / "ws", overrides)
-    done = run([str(BIN / "dvc"), "repro"], root, timeout=1200)
+    # `dvc repro`, its stages forked from the run's warm stage runner
+    done = run([str(BIN / "lepton"), "run", "--via", "dvc"], root, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     manifest = json.loads((root / "data/raw/manifest.json").read_text())

@@ -10,12 +10,14 @@ import json
 import os
 import re
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipelines.registry import SOURCE_PROBE, STAGES
+from pipelines.stages.register import ONNX_MODEL_PACKAGES
 from tests.conftest import BIN, TINY_OVERRIDES, make_workspace, wait_for_http, workspace_env
 
 pytestmark = pytest.mark.slow
@@ -101,6 +103,11 @@ def check_mlflow(root: Path, parent_tag: str | None = None, key_prefix: str = ""
     assert version.tags["variant"] in version.description
     assert version.tags["lepton.data_sha256"] in version.description
     assert "Test accuracy" in version.description
+    if version.tags["variant"] != "quantum_hybrid":  # an ONNX file: its pinned requirements
+        uri = client.get_model_version_download_uri("lepton-digits", version.version)
+        wanted = [f"{name}=={metadata.version(name)}" for name in ONNX_MODEL_PACKAGES]
+        requirements = Path(uri.removeprefix("file://")) / "requirements.txt"
+        assert requirements.read_text().split() == wanted
 
 
 def serve_and_ask(root: Path, images) -> dict:
@@ -340,6 +347,7 @@ def test_nightly_airflow_runs_see_a_changed_csv_source(tiny_workspace: Path):
     assert sorted(r.info.status for r in attempts) == ["FINISHED", "KILLED"]
     assert set(summary_status(first.stdout).values()) == {"ran"}
     assert "make mlflow-ui" in first.stdout
+    assert "stage pretrain started" in first.stdout and "forked by the stage runner" in first.stdout
     assert "ingest: first data: 1000 rows" in first.stdout
     check_outputs(root)
     check_mlflow(root, parent_tag="airflow")
@@ -430,12 +438,13 @@ RECORD_DP_EPSILON_3 = {
 
 
 def test_record_level_dp_at_epsilon_3_runs_through_and_registers(tmp_path: Path):
-    """The documented ε = 3 override, whole pipeline through `dvc repro`: the model is
-    registered and promoted past the DP floor, tagged with its unit, ε and δ."""
+    """The documented ε = 3 override, whole pipeline through `dvc repro` (`lepton run --via
+    dvc`: the stages forked from its stage runner): the model is registered and promoted
+    past the DP floor, tagged with its unit, ε and δ."""
     overrides = {**TINY_OVERRIDES, **RECORD_DP_EPSILON_3}
     overrides["register"] = {}  # the default floors: 0.95, and 0.9 under record DP
     root = make_workspace(tmp_path / "ws", overrides)
-    done = run([str(BIN / "dvc"), "repro"], root)
+    done = run([str(BIN / "lepton"), "run", "--via", "dvc"], root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     federate = json.loads((root / "reports/federate.json").read_text())
     assert federate["dp_unit"] == "record" and 2.9 < federate["epsilon"] <= 3.0
