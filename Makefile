@@ -51,7 +51,7 @@ test:  ## lint, registry/dvc.yaml sync, then every test (unit, data, model, DAG,
 	@$(MAKE) --no-print-directory -j 2 setup flower-setup
 	$(BIN)/ruff check .
 	$(BIN)/lepton dvc render --check
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=30; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
 
 test-fast: setup  ## unit tests only (no whole-pipeline runs)
 	$(BIN)/python -m pytest -q -m "not slow"
