@@ -168,7 +168,7 @@ def stage_run(
 
 
 @stage_app.command("runner")
-def stage_runner(
+def stage_runner_command(
     socket_path: Path = typer.Argument(..., help="Unix socket to listen on (a short path)."),
 ) -> None:
     """Keep a warm process that runs `lepton stage run` by forking (no start-up imports).
