@@ -47,15 +47,16 @@ from pathlib import Path
 from typing import Any
 
 RUNNER_ENV = "LEPTON_STAGE_RUNNER"
-# in the order the stages need them: ingest's first
-WARM_MODULES = (
+# what every stage imports (MLflow and its store; ingest's scikit-learn): at start
+WARM_AT_START = (
     "pipelines.tracking",
     "mlflow",
     "mlflow.store.tracking.sqlalchemy_store",
     "sklearn.datasets",
-    "torch",
-    "pipelines.models.systems",  # Lightning
 )
+# then torch, Lightning and each stage's module, once a first stage has come: a run whose
+# stages are all up to date (DVC starts none) costs no more than the imports above
+WARM_AFTER_FIRST_STAGE = ("torch", "pipelines.models.systems")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _MESSAGE_BYTES = 1 << 20  # a request: argv, cwd and the environment
 FORKED_BY_RUNNER = False  # True in a stage that a runner forked
@@ -160,6 +161,7 @@ class StageRunner:
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.children: dict[int, socket.socket | None] = {}  # pid: its client's connection
         self.clients: dict[socket.socket, int | None] = {}  # connection: its child's pid
+        self.forked = 0  # stages forked so far
         self.set_death_signal = die_with_parent()
         self.woken, self.wake = os.pipe()
         os.set_blocking(self.woken, False)
@@ -235,6 +237,7 @@ class StageRunner:
         for fd in fds:
             os.close(fd)
         self.children[pid] = connection
+        self.forked += 1
         try:
             connection.send(_message({"pid": pid}))
         except OSError:  # the client is gone: so is its stage
@@ -355,10 +358,15 @@ def _run_cli(argv: list[str]) -> int:
     return code
 
 
-def serve(socket_path: str, warm_modules: tuple[str, ...] = WARM_MODULES) -> None:
-    """Listen on ``socket_path``, import ``warm_modules`` and every stage's module (serving
-    requests between imports), then serve until SIGTERM. The socket is there from the
-    start: a client that connects during the imports waits in the backlog."""
+def serve(socket_path: str) -> None:
+    """Listen on ``socket_path`` and serve until SIGTERM: import :data:`WARM_AT_START` at
+    once, and :data:`WARM_AFTER_FIRST_STAGE` and every stage's module once a first stage
+    was forked, serving requests between imports. The socket is there from the start: a
+    client that connects during an import waits in the backlog. After each group of
+    imports the objects so far are frozen (``gc.freeze``), so that the children's garbage
+    collections do not write to, and copy, the pages they share with the runner."""
+    import gc
+
     from pipelines.processes import name_process
     from pipelines.registry import STAGES
 
@@ -366,21 +374,24 @@ def serve(socket_path: str, warm_modules: tuple[str, ...] = WARM_MODULES) -> Non
     runner = StageRunner(socket_path)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    started = time.perf_counter()
     stage_modules = tuple(stage.entry_point.split(":")[0] for stage in STAGES)
+    groups = [("at start", WARM_AT_START), ("", (*WARM_AFTER_FIRST_STAGE, *stage_modules))]
     try:
-        for name in (*warm_modules, *stage_modules):
-            runner.serve_once(0)
-            if stopping:
-                return
-            import_module(name)
-        print(
-            f"stage runner ready on {socket_path} ({time.perf_counter() - started:.1f} s of"
-            " imports)",
-            file=sys.stderr,
-            flush=True,
-        )
         while not stopping:
+            if groups and (groups[0][0] or runner.forked):
+                label, modules = groups.pop(0)
+                started = time.perf_counter()
+                for name in modules:
+                    runner.serve_once(0)
+                    if stopping:
+                        return
+                    import_module(name)
+                gc.freeze()
+                label = label or "after the first stage"
+                seconds = time.perf_counter() - started
+                print(f"stage runner on {socket_path}: imports {label} took {seconds:.1f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                continue
             runner.serve_once(1.0)
     finally:
         runner.stop()
