@@ -2,18 +2,20 @@
 child for each ``lepton stage run``, so that a stage starts working at once.
 
 A stage in a fresh process spends most of its time importing (``lepton stage run register``
-on tiny params: about 6 s of MLflow, its SQLite store and torch before 3 s of work; pretrain
-and federate add Lightning). ``lepton run`` starts a runner for the length of its run and
-passes its socket to the run's tasks in ``LEPTON_STAGE_RUNNER``; anyone can start one for
-their own ``dvc repro`` (``lepton stage runner SOCKET``, then export the variable).
+on tiny params: about 6 s of MLflow, its SQLite store and torch before 2 s of work; pretrain
+and federate add Lightning; ``benchmarks/stage_runner.py``). ``lepton run`` starts a runner
+for the length of its run and passes its socket to the run's tasks in
+``LEPTON_STAGE_RUNNER``; anyone can start one for their own ``dvc repro`` (``lepton stage
+runner SOCKET``, then export the variable).
 
 How a stage runs in it:
 
 - the ``lepton stage run`` process that DVC starts (the client) connects to the socket and
   sends its arguments, working directory and environment, with its stdin, stdout and stderr
   (``SCM_RIGHTS``);
-- the runner forks; the child takes them on, runs the stage as the client would have
-  (:func:`pipelines.cli.main`), with its output going straight to the client's, and exits;
+- the runner forks; the child takes them on, runs the stage as the client would have (the
+  ``lepton`` command line, ``pipelines.cli.app``), its output going straight to the
+  client's, and exits;
   the runner sends the client the child's exit status, and the client exits with it (killed
   by a signal: the client kills itself with the same signal);
 - SIGTERM, SIGINT and SIGHUP to the client are passed on to the child; a client that dies
