@@ -89,14 +89,20 @@ def serve(socket_path: str | Path, node_config: dict[str, Any]) -> None:
 
     path = Path(socket_path)
     path.unlink(missing_ok=True)
+    # bound and listening under another name, then renamed: the path appears only once a
+    # connection to it is accepted (a ClientApp that came between bind and listen was
+    # refused)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
     loaded: dict[str, Any] = {}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         old = os.umask(0o177)  # the socket file: this user only
         try:
-            server.bind(str(path))
+            server.bind(str(staging))
         finally:
             os.umask(old)
         server.listen(4)
+        os.replace(staging, path)
         import_site_steps()  # before the first message (which waits in the backlog)
         print(f"site worker for {node_config.get('site')} on {path}", flush=True)
         while True:
