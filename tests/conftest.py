@@ -69,24 +69,63 @@ def make_workspace(target: Path, overrides: dict | None = None) -> Path:
     return target
 
 
-def workspace_env(root: Path) -> dict[str, str]:
-    """Environment for commands run in a test workspace (its own MLflow and Airflow)."""
+# the session's warm stage runner (``warm_stage_runner``): its variable, while it runs
+SESSION_RUNNER_ENV: dict[str, str] = {}
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without Airflow's, MLflow's and Lepton's variables, with
+    the venv's scripts first on PATH."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_", "LEPTON_"))
     }
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    env["LEPTON_WORKSPACE"] = str(root)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def run_stage(root: Path, stage: str, timeout: float | None = None) -> str:
+def workspace_env(root: Path, stage_runner: bool = True) -> dict[str, str]:
+    """Environment for commands run in a test workspace (its own MLflow and Airflow). Its
+    ``lepton stage run``s are forked from the session's warm stage runner, as ``lepton run``
+    forks its tasks' stages, unless ``stage_runner`` is false (each stage then starts in a
+    process of its own, as under a plain ``dvc repro``)."""
+    env = clean_env()
+    env["LEPTON_WORKSPACE"] = str(root)
+    if stage_runner:
+        env.update(SESSION_RUNNER_ENV)
+    return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_stage_runner(tmp_path_factory):
+    """One warm stage runner (``pipelines.stage_runner``) for the session (for each xdist
+    worker): the stages that tests start through :func:`workspace_env` are forked from it
+    instead of importing MLflow, torch and Lightning again, seconds of CPU each. Tests of
+    a stage in its own process ask for ``workspace_env(root, stage_runner=False)``;
+    ``LEPTON_TEST_FRESH_STAGES=1`` turns the runner off for the whole session."""
+    from pipelines.stage_runner import running
+
+    if os.environ.get("LEPTON_TEST_FRESH_STAGES"):
+        yield
+        return
+    folder = tmp_path_factory.mktemp("stage-runner")
+    with running(folder, clean_env(), folder / "runner.log") as runner_env:
+        SESSION_RUNNER_ENV.update(runner_env)
+        try:
+            yield
+        finally:
+            SESSION_RUNNER_ENV.clear()
+
+
+def run_stage(
+    root: Path, stage: str, timeout: float | None = None, stage_runner: bool = True
+) -> str:
     """``lepton stage run <stage>`` in workspace ``root``; returns its output (stdout, then
-    stderr), fails with it."""
+    stderr), fails with it. ``stage_runner`` as in :func:`workspace_env`."""
     done = subprocess.run(
         [str(BIN / "lepton"), "stage", "run", stage],
         cwd=root,
-        env=workspace_env(root),
+        env=workspace_env(root, stage_runner),
         capture_output=True,
         text=True,
         timeout=timeout,

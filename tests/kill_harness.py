@@ -88,13 +88,14 @@ class StageTiming:
     per_unit: float
 
 
-def timed_run(root: Path, stage: str) -> StageTiming:
-    """Run the stage once to the end and time it (see :class:`StageTiming`)."""
+def timed_run(root: Path, stage: str, stage_runner: bool = True) -> StageTiming:
+    """Run the stage once to the end and time it (see :class:`StageTiming`);
+    ``stage_runner`` as in :func:`tests.conftest.workspace_env`."""
     began = time.monotonic()
     proc = subprocess.Popen(
         [str(BIN / "lepton"), "stage", "run", stage],
         cwd=root,
-        env=workspace_env(root),
+        env=workspace_env(root, stage_runner),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -126,6 +127,7 @@ def kill_until_done(
     kills: int = 10,
     seed: int = 0,
     as_airflow_task: bool = False,
+    stage_runner: bool = True,
 ) -> KillSeries:
     """Run ``lepton stage run <stage>`` in ``root`` until ``kills`` attempts have been
     killed; the next one runs to its end. After each kill the outputs are compared with
@@ -148,7 +150,13 @@ def kill_until_done(
 
     ``as_airflow_task``: run what the DAG's task runs instead, ``python -m
     pipelines.stage_task <stage>`` (``dvc repro --single-item``), each attempt with the next
-    try number, as Airflow's retries do."""
+    try number, as Airflow's retries do.
+
+    ``stage_runner``: each attempt is forked from the test session's warm stage runner (as
+    ``lepton run`` runs its stages; the attempt's client is what is killed, and the runner
+    kills the forked stage with it) instead of starting in a process of its own, which
+    imports MLflow, torch and Lightning first (the kills during start-up then come in
+    those imports)."""
     rng = np.random.default_rng(seed)
     series = KillSeries()
     start = time.monotonic()
@@ -157,7 +165,7 @@ def kill_until_done(
         log_path = root / ".lepton" / f"kill-{stage}-{attempt}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = [str(BIN / "lepton"), "stage", "run", stage]
-        env = workspace_env(root)
+        env = workspace_env(root, stage_runner)
         if as_airflow_task:
             argv = [str(BIN / "python"), "-m", "pipelines.stage_task", stage]
             env.update(LEPTON_TASK_TRY=str(attempt + 1), LEPTON_DVC=str(BIN / "dvc"))

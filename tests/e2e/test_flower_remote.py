@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipelines.federated.flower_deploy import flower_bin
-from tests.conftest import BIN, make_workspace, workspace_env
+from tests.conftest import BIN, make_workspace, run_stage
 
 pytestmark = [
     pytest.mark.slow,
@@ -145,20 +145,11 @@ def remote_workspace(
     return make_workspace(folder / "ws", params)
 
 
-def run_server_stages(root: Path, runner_log: Path) -> None:
+def run_server_stages(root: Path) -> None:
     """ingest to federate in the central workspace ``root``, each `lepton stage run` forked
-    from a warm stage runner, as `lepton run` runs them."""
-    from pipelines.stage_runner import running
-
-    with running(root, workspace_env(root), runner_log) as runner_env:
-        assert runner_env, runner_log.read_text()
-        for stage in ("ingest", "compress", "partition", "pretrain", "federate"):
-            done = subprocess.run(
-                [str(BIN / "lepton"), "stage", "run", stage],
-                cwd=root, env={**workspace_env(root), **runner_env},
-                capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            assert done.returncode == 0, (stage, done.stderr[-4000:])
+    from the session's warm stage runner, as `lepton run` runs them."""
+    for stage in ("ingest", "compress", "partition", "pretrain", "federate"):
+        run_stage(root, stage, timeout=900)
 
 
 def test_remote_sites_train_without_their_rows_reaching_the_workspace(tmp_path: Path):
@@ -175,7 +166,7 @@ def test_remote_sites_train_without_their_rows_reaching_the_workspace(tmp_path: 
                 "federation": {"site_wait_seconds": 120},
             },
         )
-        run_server_stages(root, tmp_path / "stage-runner.log")
+        run_server_stages(root)
 
     # partition wrote no client shard; federate reports each site
     assert not list((root / "data/partitions/clients").glob("*.parquet"))
@@ -310,7 +301,7 @@ def test_record_level_dp_at_remote_sites_releases_only_noisy_counts_heads_and_ep
                 "federation": {"site_wait_seconds": 120},
             },
         )
-        run_server_stages(root, tmp_path / "stage-runner.log")
+        run_server_stages(root)
 
     metrics = json.loads((root / "reports/federate.json").read_text())
     assert metrics["dp_unit"] == "record" and 2.9 < metrics["epsilon"] <= 3.0

@@ -166,11 +166,11 @@ def check_served(root: Path) -> None:
 DVC_LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")
 
 
-def start(argv: list[str], root: Path, log: Path) -> subprocess.Popen:
-    """``argv`` in ``root`` in the background, its output into ``log``."""
-    return subprocess.Popen(
-        argv, cwd=root, env=workspace_env(root), stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
+def start(argv: list[str], root: Path, log: Path, stage_runner: bool = True) -> subprocess.Popen:
+    """``argv`` in ``root`` in the background, its output into ``log``; ``stage_runner`` as
+    in :func:`tests.conftest.workspace_env`."""
+    env = workspace_env(root, stage_runner)
+    return subprocess.Popen(argv, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def wait_for_text(log: Path, text: str, process: subprocess.Popen, seconds: float = 300) -> None:
@@ -188,10 +188,11 @@ def test_dvc_repro_runs_then_skips_everything_and_pushes(tiny_workspace: Path, t
     (it meets DVC's lock, waits, then finds every stage done) and one `--isolated` with
     other params, started once pretrain is done (its own workspace restores ingest to
     pretrain from the shared cache, runs the rest with 1 round, logs to the same MLflow
-    store). All finish, none shows a DVC lock error, and each keeps its own params."""
+    store). All finish, none shows a DVC lock error, and each keeps its own params.
+    `dvc repro` starts each stage in a process of its own, as for a user who runs it."""
     root = tiny_workspace
     logs = {name: tmp_path / f"{name}.log" for name in ("repro", "here", "isolated")}
-    first = start([str(BIN / "dvc"), "repro"], root, logs["repro"])
+    first = start([str(BIN / "dvc"), "repro"], root, logs["repro"], stage_runner=False)
     wait_for_text(logs["repro"], "Running stage 'ingest'", first)
     here = start([str(BIN / "lepton"), "run", "--via", "dvc"], root, logs["here"])
     # DVC has stored pretrain's outputs and lock entry once it starts the next stage

@@ -1,7 +1,9 @@
 """SIGKILL a stage anywhere: its previous outputs stay whole, and the rerun resumes.
 
 For pretrain and federate, each in one workspace, run as DVC and Airflow run them
-(``lepton stage run``): an uninterrupted run gives the reference weights; a shorter run
+(``lepton stage run``, forked from the test session's warm stage runner as ``lepton run``
+forks them; the plain federate series starts each attempt in a process of its own, as a
+bare ``dvc repro`` does): an uninterrupted run gives the reference weights; a shorter run
 leaves *previous outputs*; then attempts of the longer config are killed at seeded random
 moments (start-up, the epochs or rounds, checkpoint writes, the final output writes), five
 times per stage, and one more attempt finishes (tests/kill_harness.py). After every kill
@@ -60,17 +62,20 @@ def kill_and_check(
     seed: int,
     as_airflow_task: bool = False,
     same: tuple[str, ...] = (),
+    stage_runner: bool = True,
 ):
     """The kill series of the module docstring for ``stage`` (``total`` epochs or rounds);
-    the files in ``same`` must also end as the uninterrupted run wrote them."""
+    the files in ``same`` must also end as the uninterrupted run wrote them.
+    ``stage_runner``: every run is forked from the session's warm stage runner (else each
+    starts in a process of its own)."""
     outputs = [f"models/{stage}", f"reports/{stage}.json"]
-    timing = timed_run(root, stage)
+    timing = timed_run(root, stage, stage_runner)
     reference = (root / weights).read_bytes()
     reference_files = outputs_digest(root, list(same))
     assert checkpoint_progress(root, stage) == 0, "the checkpoint is cleared after the commit"
 
     set_param(root, stage, unit, 3)
-    run_stage(root, stage)
+    run_stage(root, stage, stage_runner=stage_runner)
     previous = outputs_digest(root, outputs)
     assert (root / weights).read_bytes() != reference
 
@@ -85,6 +90,7 @@ def kill_and_check(
         kills=KILLS,
         seed=seed,
         as_airflow_task=as_airflow_task,
+        stage_runner=stage_runner,
     )
     assert len(series.kills) == KILLS, (timing, series.kills)
     for number, kill in enumerate(series.kills):
@@ -103,7 +109,9 @@ def kill_and_check(
 def test_federate_killed_again_and_again_resumes_to_the_same_weights(tmp_path):
     root = stage_workspace(tmp_path)
     weights = "models/federate/model.safetensors"
-    kill_and_check(root, "federate", "rounds", 8, weights, seed=7)
+    # each attempt in a process of its own, as under a plain `dvc repro`: kills during
+    # start-up come in the imports too (the other series fork from the warm stage runner)
+    kill_and_check(root, "federate", "rounds", 8, weights, seed=7, stage_runner=False)
     assert json.loads((root / "reports/federate.json").read_text())["rounds"] == 8
 
 
