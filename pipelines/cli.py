@@ -547,14 +547,19 @@ def run_pipeline(
 
 def _stage_runner(work: Path, env: dict[str, str], log_file: Path):
     """The warm stage runner of a run in ``work`` (``runtime.stage_runner``), as a context
-    that yields the variables pointing its stages to it; ``{}`` when it is off."""
+    that yields the variables pointing its stages to it: the runner that ``env``'s
+    ``LEPTON_STAGE_RUNNER`` names when one answers there (one started for a shell, an
+    Airflow scheduler or a test session), else one started for the block; ``{}`` when the
+    setting is off."""
     import contextlib
 
     from pipelines.config import load_params
-    from pipelines.stage_runner import running
+    from pipelines.stage_runner import RUNNER_ENV, answers, running
 
     if not load_params(work / "params.yaml").runtime.stage_runner:
         return contextlib.nullcontext({})
+    if (existing := env.get(RUNNER_ENV)) and answers(existing):
+        return contextlib.nullcontext({RUNNER_ENV: existing})
     return running(work, env, log_file)
 
 
@@ -666,11 +671,23 @@ def summary(key: str = typer.Option("", help="Pipeline run key; default: the lat
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
 def airflow_passthrough(ctx: typer.Context) -> None:
-    """Run an airflow command against the workspace (`lepton airflow standalone`)."""
+    """Run an airflow command against the workspace (`lepton airflow standalone`). The
+    commands that run DAG tasks (`standalone`, `scheduler`) get a warm stage runner for
+    their lifetime, as `lepton run` does (``runtime.stage_runner``); its log is
+    `.lepton/logs/airflow.stage-runner.log`."""
+    import contextlib
+
     root = _root()
     env = _airflow_env(root)
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    raise typer.Exit(subprocess.call(airflow_command(list(ctx.args), root), env=env, cwd=root))
+    runs_tasks = ctx.args[:1] in (["standalone"], ["scheduler"])
+    log_file = root / ".lepton" / "logs" / "airflow.stage-runner.log"
+    runner = _stage_runner(root, env, log_file) if runs_tasks else contextlib.nullcontext({})
+    with runner as runner_env:
+        code = subprocess.call(
+            airflow_command(list(ctx.args), root), env={**env, **runner_env}, cwd=root
+        )
+    raise typer.Exit(code)
 
 
 def main() -> None:

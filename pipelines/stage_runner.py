@@ -100,6 +100,16 @@ def _connect(socket_path: str) -> socket.socket | None:
     return connection
 
 
+def answers(socket_path: str) -> bool:
+    """Whether a runner listens at ``socket_path`` (``lepton run`` then uses that one
+    instead of starting its own)."""
+    connection = _connect(socket_path)
+    if connection is None:
+        return False
+    connection.close()  # the runner drops a client that sent nothing
+    return True
+
+
 def run_in_runner(socket_path: str, argv: list[str]) -> int | None:
     """Run ``argv`` (``lepton stage run …``) in the runner at ``socket_path``, with this
     process's working directory, environment and standard streams. Returns the exit code,

@@ -25,6 +25,22 @@ def share_cores_between_workers() -> None:
 
 share_cores_between_workers()
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Run the slow tests (whole pipelines, training loops, Flower deployments: a minute or
+    more each) before the quick ones, end-to-end and model tests first, each group in its
+    collection order. pytest-xdist's workers then end on quick tests, at about the same
+    time, instead of one worker running a last long test while the other has nothing left."""
+    order = {"e2e": 0, "model": 1}
+
+    def rank(item) -> tuple[int, int]:
+        if item.get_closest_marker("slow") is None:
+            return (1, 0)
+        return (0, order.get(Path(str(item.path)).parent.name, 2))
+
+    items.sort(key=rank)  # stable: collection order within a group
+
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKSPACE_FILES = ("dags", "pipelines", "params.yaml", "dvc.yaml", ".dvcignore", "pyproject.toml")

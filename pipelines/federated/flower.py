@@ -37,6 +37,7 @@ uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -186,6 +187,30 @@ def make_client_app():
 REPLY_POLL_SECONDS = 0.05
 
 
+LAST_PULL_SECONDS = 0.5  # the least a pull may wait for a reply's content
+
+
+@contextlib.contextmanager
+def object_pulls_within(seconds: float | None):
+    """Within the block, Flower's pulls of message content (``pull_objects``) in this
+    process give up after ``seconds`` (at least :data:`LAST_PULL_SECONDS`; ``None``: as
+    set) instead of Flower's time limit. Outside Flower's environment: nothing to bound."""
+    try:
+        from flwr.supercore.inflatable import inflatable_utils
+    except ImportError:
+        yield
+        return
+    defaults = inflatable_utils.pull_objects.__kwdefaults__
+    before = defaults["max_time"]
+    if seconds is not None:
+        bound = max(seconds, LAST_PULL_SECONDS)
+        defaults["max_time"] = bound if before is None else min(before, bound)
+    try:
+        yield
+    finally:
+        defaults["max_time"] = before
+
+
 class PollingGrid:
     """Flower's ``Grid`` whose ``send_and_receive`` asks the SuperLink for replies every
     ``poll_seconds`` (Flower's waits 3 s between asks, a floor under every round); everything
@@ -198,16 +223,29 @@ class PollingGrid:
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
         """Push ``messages`` and pull their replies until all came or ``timeout`` s passed
-        (``None``: wait for all), as ``Grid.send_and_receive`` does."""
+        (``None``: wait for all), as ``Grid.send_and_receive`` does.
+
+        A pull fetches each reply's content too, and waits for content still being sent:
+        a site killed while it sent its reply left content that never comes. That wait is
+        held to the time left (else Flower's, up to hours, or until the SuperLink drops
+        the upload, minutes: ``object_pulls_within``), and once the time is up the replies
+        that came during the last pull are still taken (one more pull), so one dead site
+        neither holds the round past its timeout nor costs the others their updates."""
         waiting = set(self._grid.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list = []
-        while timeout is None or time.time() < end:
-            got = list(self._grid.pull_messages(waiting))
+        last = False
+        while True:
+            left = None if timeout is None else end - time.time()
+            with object_pulls_within(left):
+                got = list(self._grid.pull_messages(waiting))
             replies.extend(got)
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not waiting:
+            if not waiting or last:
                 break
+            if timeout is not None and time.time() >= end:
+                last = True  # what came while the pull waited
+                continue
             time.sleep(self.poll_seconds)
         return replies
 

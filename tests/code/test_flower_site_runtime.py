@@ -75,6 +75,33 @@ def test_polling_grid_gives_up_at_its_timeout_with_what_came():
     assert 0.3 <= time.monotonic() - started < 1.5
 
 
+class _BlockedPullGrid(_SlowGrid):
+    """The first pull waits ``block`` s (on a dead site's reply content, say) and brings
+    nothing; the replies in ``answered`` come meanwhile."""
+
+    def __init__(self, block: float, answered: set[str]):
+        super().__init__(0.0, answered)
+        self.block = block
+
+    def pull_messages(self, ids):
+        if self.pulls == 0:
+            self.pulls += 1
+            time.sleep(self.block)
+            return []
+        return super().pull_messages(ids)
+
+
+def test_polling_grid_takes_the_replies_that_came_while_a_pull_outlasted_its_timeout():
+    """A pull that waited past the round's timeout (a site killed while sending its reply
+    leaves content that never comes) does not cost the other sites their replies: one more
+    pull takes what came meanwhile, then the round goes on without the rest."""
+    grid = _BlockedPullGrid(block=0.4, answered={"b"})
+    started = time.monotonic()
+    replies = PollingGrid(grid, poll_seconds=0.02).send_and_receive(["a", "b"], timeout=0.2)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["b"]
+    assert grid.pulls == 2 and time.monotonic() - started < 1.0
+
+
 _CHECK_IN_FLOWER = """
 import time
 import numpy as np
@@ -100,6 +127,17 @@ assert clientapp_pull["initial_backoff"] == 0.05 and clientapp_pull["backoff_cap
 # a missing object is given up after Flower's time limit, not after 500 short waits
 for defaults in (clientapp_pull, inflatable_utils.pull_objects.__kwdefaults__):
     assert defaults["max_tries_per_object"] is None and defaults["max_time"] >= 3600
+# the ServerApp's pulls of reply content are held to the round's time left, then restored
+from pipelines.federated.flower import object_pulls_within
+
+limit = inflatable_utils.pull_objects.__kwdefaults__["max_time"]
+with object_pulls_within(12.5):
+    assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == 12.5
+with object_pulls_within(-3.0):  # the time is up: one short last look
+    assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == 0.5
+with object_pulls_within(None):
+    assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == limit
+assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == limit
 
 arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(7, dtype=np.int64)}
 record = _numpy_record(arrays)

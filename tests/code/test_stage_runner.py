@@ -132,3 +132,41 @@ def test_a_runner_refuses_another_installation(runner, monkeypatch):
     )
     argv = ["lepton", "stage", "list"]
     assert stage_runner.run_in_runner(runner[stage_runner.RUNNER_ENV], argv) is None
+
+
+def test_airflow_standalone_runs_its_tasks_with_a_stage_runner(tiny_workspace: Path, monkeypatch):
+    """`lepton airflow standalone` (and `scheduler`) hand their DAG runs' tasks a warm stage
+    runner for their lifetime, as `lepton run` does; other airflow commands get none; a
+    runner that already answers on ``LEPTON_STAGE_RUNNER`` is used instead of a new one."""
+    from typer.testing import CliRunner
+
+    from pipelines import cli
+
+    seen = []
+
+    def call(argv, env, cwd):
+        socket_path = env.get(stage_runner.RUNNER_ENV)
+        seen.append(
+            (argv[1:], socket_path, bool(socket_path) and stage_runner.answers(socket_path))
+        )
+        return 0
+
+    monkeypatch.setattr(cli.subprocess, "call", call)
+    monkeypatch.delenv(stage_runner.RUNNER_ENV, raising=False)
+    workspace = {"LEPTON_WORKSPACE": str(tiny_workspace)}
+    for args in (["standalone"], ["dags", "list"]):
+        result = CliRunner().invoke(cli.app, ["airflow", *args], env=workspace)
+        assert result.exit_code == 0, result.output
+    (standalone, its_socket, answered), listed = seen
+    assert standalone == ["standalone"] and answered, seen
+    assert listed == (["dags", "list"], None, False)
+    assert not stage_runner.answers(its_socket)  # stopped with the command
+    assert (tiny_workspace / ".lepton/logs/airflow.stage-runner.log").exists()
+
+    seen.clear()
+    with stage_runner.running(
+        tiny_workspace, workspace_env(tiny_workspace), tiny_workspace / "r.log"
+    ) as ours:
+        result = CliRunner().invoke(cli.app, ["airflow", "scheduler"], env={**workspace, **ours})
+        assert result.exit_code == 0, result.output
+    assert seen == [(["scheduler"], ours[stage_runner.RUNNER_ENV], True)]

@@ -18,7 +18,14 @@ import yaml
 
 from pipelines.registry import SOURCE_PROBE, STAGES
 from pipelines.stages.register import ONNX_MODEL_PACKAGES
-from tests.conftest import BIN, TINY_OVERRIDES, make_workspace, wait_for_http, workspace_env
+from tests.conftest import (
+    BIN,
+    SESSION_RUNNER_ENV,
+    TINY_OVERRIDES,
+    make_workspace,
+    wait_for_http,
+    workspace_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -349,6 +356,9 @@ def test_nightly_airflow_runs_see_a_changed_csv_source(tiny_workspace: Path):
     assert set(summary_status(first.stdout).values()) == {"ran"}
     assert "make mlflow-ui" in first.stdout
     assert "stage pretrain started" in first.stdout and "forked by the stage runner" in first.stdout
+    # `lepton run` used the runner its environment named (the session's) instead of its own
+    own_runner_logs = list((root / ".lepton" / "logs").glob("*.stage-runner.log"))
+    assert bool(own_runner_logs) != bool(SESSION_RUNNER_ENV), own_runner_logs
     assert "ingest: first data: 1000 rows" in first.stdout
     check_outputs(root)
     check_mlflow(root, parent_tag="airflow")
