@@ -9,7 +9,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 MLFLOW_PORT ?= 5000
 # pytest-xdist workers for `make test`: two overlap one test's waits (Flower's polls, DVC and
-# process start-ups) with another's work on a 2-core runner
+# process start-ups) with another's work on a 2-core runner. Each worker takes the next test
+# when it is free (--dist load --maxschedchunk 1) and tests/conftest.py puts the slow ones
+# first, so the workers end on quick tests at about the same time
 TEST_WORKERS ?= 2
 # Flower (federate.runtime: flower) pins protobuf, typer and rich below the main environment's,
 # so its SuperLink, SuperNodes and apps get their own venv.
@@ -51,7 +53,7 @@ test:  ## lint, registry/dvc.yaml sync, then every test (unit, data, model, DAG,
 	@$(MAKE) --no-print-directory -j 2 setup flower-setup
 	$(BIN)/ruff check .
 	$(BIN)/lepton dvc render --check
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=30; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1 --durations=30; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$code
 
 test-fast: setup  ## unit tests only (no whole-pipeline runs)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -29,8 +29,10 @@ share_cores_between_workers()
 def pytest_collection_modifyitems(config, items) -> None:
     """Run the slow tests (whole pipelines, training loops, Flower deployments: a minute or
     more each) before the quick ones, end-to-end and model tests first, each group in its
-    collection order. pytest-xdist's workers then end on quick tests, at about the same
-    time, instead of one worker running a last long test while the other has nothing left."""
+    collection order. pytest-xdist's workers, each taking the next test when it is free
+    (``make test``: ``--dist load --maxschedchunk 1``), then end on quick tests at about the
+    same time, instead of one worker running a last long test while the other has nothing
+    left."""
     order = {"e2e": 0, "model": 1}
 
     def rank(item) -> tuple[int, int]:

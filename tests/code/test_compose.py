@@ -113,8 +113,15 @@ def test_celery_variant_has_cpu_and_gpu_workers_and_no_shared_writable_workspace
     services = merged_celery_stack()
     assert "redis" in services
     workers = {n: s for n, s in services.items() if "celery worker" in str(s.get("command"))}
-    queues = {n: s["command"].split("--queues ")[1].split()[0] for n, s in workers.items()}
+    queues = {
+        n: s["command"].split("--queues ")[1].split()[0].strip("'") for n, s in workers.items()
+    }
     assert sorted(queues.values()) == ["default", "gpu"]
+    for name, worker in workers.items():  # a warm stage runner beside each worker
+        socket_path = worker["environment"]["LEPTON_STAGE_RUNNER"]
+        assert socket_path.startswith("/tmp/"), name
+        assert 'lepton stage runner "$$LEPTON_STAGE_RUNNER" &' in worker["command"], name
+        assert "exec airflow celery worker" in worker["command"], name
     gpu = next(s for n, s in workers.items() if queues[n] == "gpu")
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"]
