@@ -170,3 +170,9 @@ def test_airflow_standalone_runs_its_tasks_with_a_stage_runner(tiny_workspace: P
         result = CliRunner().invoke(cli.app, ["airflow", "scheduler"], env={**workspace, **ours})
         assert result.exit_code == 0, result.output
     assert seen == [(["scheduler"], ours[stage_runner.RUNNER_ENV], True)]
+
+    seen.clear()  # a broken params.yaml: Airflow still starts (its tasks report the error)
+    (tiny_workspace / "params.yaml").write_text("federate: {rounds: -1}\n")
+    result = CliRunner().invoke(cli.app, ["airflow", "standalone"], env=workspace)
+    assert result.exit_code == 0, result.output
+    assert seen == [(["standalone"], None, False)] and "no stage runner" in result.output
