@@ -387,11 +387,14 @@ def serve(socket_path: str) -> None:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     stage_modules = tuple(stage.entry_point.split(":")[0] for stage in STAGES)
-    groups = [("at start", WARM_AT_START), ("", (*WARM_AFTER_FIRST_STAGE, *stage_modules))]
+    groups = [  # (when, whether it waits for a first stage, what)
+        ("at start", False, WARM_AT_START),
+        ("after the first stage", True, (*WARM_AFTER_FIRST_STAGE, *stage_modules)),
+    ]
     try:
         while not stopping:
-            if groups and (groups[0][0] or runner.forked):
-                label, modules = groups.pop(0)
+            if groups and (not groups[0][1] or runner.forked):
+                label, _, modules = groups.pop(0)
                 started = time.perf_counter()
                 for name in modules:
                     runner.serve_once(0)
@@ -399,7 +402,6 @@ def serve(socket_path: str) -> None:
                         return
                     import_module(name)
                 gc.freeze()
-                label = label or "after the first stage"
                 seconds = time.perf_counter() - started
                 print(f"stage runner on {socket_path}: imports {label} took {seconds:.1f} s",
                       file=sys.stderr, flush=True)  # fmt: skip

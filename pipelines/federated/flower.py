@@ -234,18 +234,14 @@ class PollingGrid:
         waiting = set(self._grid.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list = []
-        last = False
         while True:
             left = None if timeout is None else end - time.time()
             with object_pulls_within(left):
                 got = list(self._grid.pull_messages(waiting))
             replies.extend(got)
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not waiting or last:
-                break
-            if timeout is not None and time.time() >= end:
-                last = True  # what came while the pull waited
-                continue
+            if not waiting or (left is not None and left <= 0):
+                break  # all came, or this was the pull after the time was up
             time.sleep(self.poll_seconds)
         return replies
 
